@@ -1,0 +1,543 @@
+r"""The math of Batch Normalization and Dropout: one readable reference implementation.
+
+Every other path in normdrop (the fast kernels, the modules) is tested against this file, and this
+file is tested against ``torch.nn.functional`` and float64 math. Semantics follow PyTorch exactly;
+where they differ it is on purpose and documented here (see ``batch_norm`` on non-finite input).
+
+Batch Normalization, for an input of shape ``(N, C, *)`` and one channel ``c``, with
+``m = N * prod(*)`` values per channel (Ioffe & Szegedy 2015, Algorithm 1 and 2)::
+
+    training:  mu   = mean(x)                       over every dim but 1
+               var  = mean((x - mu)^2)              biased: it normalizes the batch
+               y    = gamma * (x - mu) / sqrt(var + eps) + beta
+               running_mean <- (1 - momentum) * running_mean + momentum * mu
+               running_var  <- (1 - momentum) * running_var  + momentum * var * m / (m - 1)
+    inference: y    = gamma * (x - running_mean) / sqrt(running_var + eps) + beta
+
+Dropout (inverted, Srivastava et al. 2014 with the scaling moved to training time)::
+
+    training:  y = x * b / (1 - p),   b ~ Bernoulli(1 - p), one draw per element
+                                      (per (sample, channel) for the channel-wise variants)
+    inference: y = x
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import Tensor
+
+from normdrop.errors import InputError, InputTypeError
+
+__all__ = [
+    "alpha_dropout",
+    "batch_norm",
+    "batch_statistics",
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "feature_alpha_dropout",
+]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# SELU's negative saturation value, -scale * alpha (Klambauer et al. 2017), as ATen spells it.
+_SELU_SATURATION = 1.7580993408473766
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes and dtypes
+# --------------------------------------------------------------------------------------------
+
+
+def _reduction_dims(input: Tensor) -> list[int]:
+    """Every dim but the channel dim 1: statistics are per channel."""
+    return [0, *range(2, input.dim())]
+
+
+def _per_channel(values: Tensor, ndim: int) -> Tensor:
+    """View a (C,) tensor as (1, C, 1, ..., 1) so it broadcasts against an ndim-D input."""
+    return values.reshape(1, -1, *([1] * (ndim - 2)))
+
+
+def _compute_dtype(input: Tensor) -> torch.dtype:
+    """float16/bfloat16 inputs are normalized in float32, as PyTorch does."""
+    return torch.float32 if input.dtype in _LOW_PRECISION else input.dtype
+
+
+def _values_per_channel(input: Tensor) -> int:
+    return input.numel() // input.shape[1] if input.shape[1] else 0
+
+
+# --------------------------------------------------------------------------------------------
+# Batch Normalization
+# --------------------------------------------------------------------------------------------
+
+
+def batch_statistics(input: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of an ``(N, C, *)`` input, by two passes.
+
+    Two passes (mean first, then the mean of squared deviations) stay exact for data with a
+    large offset, where ``E[x^2] - E[x]^2`` loses every significant digit in float32.
+    float16/bfloat16 inputs give float32 statistics. Returns two ``(C,)`` tensors.
+    """
+    x = input.to(_compute_dtype(input))
+    dims = _reduction_dims(x)
+    mean = x.mean(dims)
+    centered = x - _per_channel(mean, x.dim())
+    var = (centered * centered).mean(dims)
+    return mean, var
+
+
+def _check_batch_norm_args(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> None:
+    if not isinstance(input, Tensor):
+        raise InputTypeError(
+            f"batch_norm: input must be a torch.Tensor, got {type(input).__name__}"
+        )
+    if not input.is_floating_point():
+        raise InputTypeError(
+            "batch_norm: input must be a floating-point tensor (float16, bfloat16, float32 or "
+            f"float64), got dtype {input.dtype}"
+        )
+    if input.dim() < 2:
+        raise InputError(
+            "batch_norm: input must have shape (N, C, *) with at least 2 dims, "
+            f"got shape {tuple(input.shape)}"
+        )
+    channels = input.shape[1]
+    named = {
+        "running_mean": running_mean,
+        "running_var": running_var,
+        "weight": weight,
+        "bias": bias,
+    }
+    for name, tensor in named.items():
+        if tensor is None:
+            continue
+        if not isinstance(tensor, Tensor):
+            raise InputTypeError(
+                f"batch_norm: {name} must be a torch.Tensor or None, got {type(tensor).__name__}"
+            )
+        if tensor.shape != (channels,):
+            raise InputError(
+                f"batch_norm: {name} must have shape (C,) = ({channels},) to match "
+                f"input.shape[1], got shape {tuple(tensor.shape)}"
+            )
+        if tensor.device != input.device:
+            raise InputError(
+                f"batch_norm: {name} is on {tensor.device} but input is on {input.device}; "
+                "move them to the same device"
+            )
+        allowed = {input.dtype, torch.float32} if input.dtype in _LOW_PRECISION else {input.dtype}
+        if tensor.dtype not in allowed:
+            expected = " or ".join(sorted(str(d) for d in allowed))
+            raise InputTypeError(
+                f"batch_norm: {name} has dtype {tensor.dtype} but input has dtype {input.dtype}; "
+                f"expected {expected}"
+            )
+    if (running_mean is None) != (running_var is None):
+        raise InputError("batch_norm: pass both running_mean and running_var, or neither")
+    if not isinstance(eps, numbers.Real) or math.isnan(eps):
+        raise InputTypeError(f"batch_norm: eps must be a real number, got {eps!r}")
+    if training:
+        if eps <= 0:
+            raise InputError(f"batch_norm: eps must be positive during training, got {eps}")
+        if _values_per_channel(input) == 1:
+            # Same rule and message as torch.nn.functional.batch_norm: the variance of one
+            # value is 0 and the output would be all beta.
+            raise InputError(
+                "Expected more than 1 value per channel when training, "
+                f"got input size {input.size()}"
+            )
+        if running_mean is not None and not (
+            isinstance(momentum, numbers.Real) and 0.0 <= momentum <= 1.0
+        ):
+            raise InputError(f"batch_norm: momentum must be a number in [0, 1], got {momentum!r}")
+    else:
+        if eps < 0:
+            raise InputError(f"batch_norm: eps must be non-negative, got {eps}")
+        if running_mean is None:
+            raise InputError(
+                "batch_norm: running_mean and running_var are required when training=False "
+                "(inference normalizes with them); pass training=True to use batch statistics"
+            )
+
+
+@torch.no_grad()
+def _update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """Exponential moving average of the batch statistics, with the unbiased variance.
+
+    A channel whose batch statistics are NaN or Inf keeps its running statistics: one bad batch
+    would otherwise poison every later evaluation, silently. The batch output itself still
+    carries the NaN, as in PyTorch, so the loss shows it. On CPU a warning names the event.
+    """
+    if count < 2:  # empty batch: nothing to learn (PyTorch leaves the buffers alone too)
+        return
+    unbiased_var = var * (count / (count - 1))
+    finite = torch.isfinite(mean) & torch.isfinite(unbiased_var)
+    new_mean = (1 - momentum) * running_mean + momentum * mean
+    new_var = (1 - momentum) * running_var + momentum * unbiased_var
+    running_mean.copy_(torch.where(finite, new_mean, running_mean))
+    running_var.copy_(torch.where(finite, new_var, running_var))
+    # On an accelerator the check would cost a host sync per layer per step; skip it there.
+    if running_mean.device.type == "cpu" and not bool(finite.all()):
+        warnings.warn(
+            "batch_norm: non-finite batch statistics (NaN or Inf in the input); the running "
+            "statistics of the affected channels were left unchanged",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    """``y = (x - mean) * invstd * weight + bias`` with BatchNorm's analytic backward.
+
+    ``mean`` and ``invstd`` are constants to autograd. In training they are the batch
+    statistics, so the backward adds their dependence on ``x``; with ``xhat = (x - mean) * invstd``
+    and ``m`` values per channel (sums over every dim but 1)::
+
+        dL/dx     = weight * invstd * (dy - sum(dy) / m - xhat * sum(dy * xhat) / m)
+        dL/dgamma = sum(dy * xhat)
+        dL/dbeta  = sum(dy)
+
+    In inference the statistics are fixed and ``dL/dx = weight * invstd * dy``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        input: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        training: bool,
+        eps: float,
+    ) -> Tensor:
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.training, ctx.eps = training, eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _normalize(input, weight, bias, mean, invstd)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        input, weight, mean, invstd = ctx.saved_tensors
+        x = input.to(_compute_dtype(input))
+        grad = grad_output.to(x.dtype)
+        dims, ndim = _reduction_dims(x), x.dim()
+        if ctx.training and torch.is_grad_enabled():
+            # create_graph=True: the statistics must be functions of x for double backward.
+            mean = x.mean(dims)
+            invstd = torch.rsqrt(x.var(dims, unbiased=False) + ctx.eps)
+        xhat = (x - _per_channel(mean, ndim)) * _per_channel(invstd, ndim)
+        sum_grad = grad.sum(dims)
+        sum_grad_xhat = (grad * xhat).sum(dims)
+        scale = invstd if weight is None else invstd * weight.to(x.dtype)
+
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            if ctx.training:
+                count = _values_per_channel(x)
+                grad = (
+                    grad
+                    - _per_channel(sum_grad / count, ndim)
+                    - xhat * _per_channel(sum_grad_xhat / count, ndim)
+                )
+            grad_input = (grad * _per_channel(scale, ndim)).to(input.dtype)
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = sum_grad_xhat.to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = sum_grad.to(ctx.bias_dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def _normalize(
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor
+) -> Tensor:
+    """``(x - mean) * invstd * weight + bias`` per channel, computed in float32 for half inputs.
+
+    ``x - mean`` comes first: the folded form ``x * scale + shift`` cancels catastrophically
+    when the data carry a large offset.
+    """
+    x = input.to(_compute_dtype(input))
+    ndim = x.dim()
+    scale = invstd if weight is None else invstd * weight.to(x.dtype)
+    out = (x - _per_channel(mean, ndim)) * _per_channel(scale, ndim)
+    if bias is not None:
+        out = out + _per_channel(bias.to(x.dtype), ndim)
+    return out.to(input.dtype)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Batch Normalization of an ``(N, C, *)`` input, per channel; same contract as
+    :func:`torch.nn.functional.batch_norm`.
+
+    Args:
+        input: ``(N, C, *)``, floating point. float16/bfloat16 are normalized in float32.
+        running_mean, running_var: ``(C,)`` buffers, or both ``None``. Updated in place when
+            ``training``; used for normalization when not.
+        weight, bias: ``(C,)`` affine parameters gamma and beta, or ``None`` (1 and 0).
+        training: normalize with the batch statistics (and update the running ones) if True,
+            with the running statistics if False.
+        momentum: weight of the new batch in the running averages, in [0, 1].
+        eps: added to the variance before the square root; positive.
+
+    Returns:
+        A tensor of the input's shape, dtype and memory format.
+
+    Deviation from PyTorch, on purpose: a channel whose batch statistics are NaN or Inf does not
+    update its running statistics (PyTorch writes the NaN into them). The output still shows the
+    NaN. See ``_update_running_stats``.
+    """
+    _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if training:
+        with torch.no_grad():
+            mean, var = batch_statistics(input)
+        if running_mean is not None:
+            _update_running_stats(
+                running_mean, running_var, mean, var, _values_per_channel(input), momentum
+            )
+    else:
+        mean, var = running_mean, running_var
+    compute = _compute_dtype(input)
+    invstd = torch.rsqrt(var.detach().to(compute) + eps)
+    mean = mean.detach().to(compute)
+    return _BatchNormFunction.apply(input, weight, bias, mean, invstd, training, eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Dropout
+# --------------------------------------------------------------------------------------------
+
+
+def _check_dropout_p(name: str, p: float) -> None:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise InputTypeError(f"{name}: p must be a number in [0, 1], got {p!r}")
+    if not 0.0 <= p <= 1.0:  # also rejects NaN
+        raise InputError(f"{name}: dropout probability p has to be between 0 and 1, but got {p}")
+
+
+def _check_dropout_args(name: str, input: Tensor, p: float) -> None:
+    if not isinstance(input, Tensor):
+        raise InputTypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise InputTypeError(
+            f"{name}: input must be a floating-point tensor, got dtype {input.dtype}"
+        )
+    _check_dropout_p(name, p)
+
+
+def _feature_noise_shape(input: Tensor) -> tuple[int, ...]:
+    """One mask value per (sample, channel): (N, C, 1, ..., 1)."""
+    return (input.shape[0], input.shape[1], *([1] * (input.dim() - 2)))
+
+
+def _dropout(
+    input: Tensor,
+    p: float,
+    training: bool,
+    inplace: bool,
+    generator: torch.Generator | None,
+    channelwise: bool,
+    alpha: bool,
+) -> Tensor:
+    """The one dropout formula behind every public variant.
+
+    The keep mask is ``Bernoulli(1 - p)`` drawn with ``bernoulli_`` in the input's dtype, exactly
+    as ATen draws it on CPU, so the same seed gives the same mask as ``torch.nn``.
+    """
+    if p == 0 or not training or input.numel() == 0:
+        return input
+    if p == 1:  # input * 0, not zeros: NaN stays NaN, as in PyTorch
+        return input.mul_(0) if inplace else input * 0
+    keep = 1.0 - p
+    shape = _feature_noise_shape(input) if channelwise else input.shape
+    noise = torch.empty(shape, dtype=input.dtype, device=input.device)
+    noise.bernoulli_(keep, generator=generator)
+    if not alpha:
+        noise.div_(keep)
+        return input.mul_(noise) if inplace else input * noise
+    # Alpha dropout: dropped units take SELU's saturation value -alpha', then the affine map
+    # a * x + b restores zero mean and unit variance (Klambauer et al. 2017, eq. 9-10).
+    a = 1.0 / math.sqrt((_SELU_SATURATION**2 * p + 1) * keep)
+    shift = (noise - 1) * (_SELU_SATURATION * a) + _SELU_SATURATION * a * p
+    noise.mul_(a)
+    return input.mul_(noise).add_(shift) if inplace else input * noise + shift
+
+
+def dropout(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Zero each element with probability ``p`` and scale the rest by ``1 / (1 - p)``.
+
+    Same contract as :func:`torch.nn.functional.dropout`; ``generator`` draws the mask (the
+    global generator when ``None``). In eval mode, or with ``p == 0``, the input itself is
+    returned.
+    """
+    _check_dropout_args("dropout", input, p)
+    return _dropout(input, p, training, inplace, generator, channelwise=False, alpha=False)
+
+
+def _channelwise_dropout(
+    input: Tensor,
+    p: float,
+    training: bool,
+    inplace: bool,
+    generator: torch.Generator | None,
+    batched_rank: int,
+) -> Tensor:
+    """Channel-wise dropout of a ``batched_rank``-D input, or of one rank less (no batch dim)."""
+    batched = input.dim() == batched_rank
+    if not batched:
+        input = input.unsqueeze_(0) if inplace else input.unsqueeze(0)
+    result = _dropout(input, p, training, inplace, generator, channelwise=True, alpha=False)
+    if not batched:
+        result = result.squeeze_(0) if inplace else result.squeeze(0)
+    return result
+
+
+def dropout1d(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Zero whole channels of an ``(N, C, L)`` or ``(C, L)`` input with probability ``p``."""
+    _check_dropout_args("dropout1d", input, p)
+    if input.dim() not in (2, 3):
+        raise InputError(
+            f"dropout1d: input must have shape (N, C, L) or (C, L), got {input.dim()}-D input "
+            f"of shape {tuple(input.shape)}; use dropout for element-wise dropout"
+        )
+    return _channelwise_dropout(input, p, training, inplace, generator, 3)
+
+
+def dropout2d(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Zero whole channels of an ``(N, C, H, W)`` input with probability ``p``.
+
+    As in PyTorch, a 3-D input is read as ``(N, C, L)`` (channel-wise 1-D dropout) with a
+    warning, and other ranks are accepted with a deprecation warning.
+    """
+    _check_dropout_args("dropout2d", input, p)
+    if input.dim() < 2:
+        raise InputError(
+            f"dropout2d: input must have at least 2 dims, got shape {tuple(input.shape)}"
+        )
+    if input.dim() not in (3, 4):
+        warnings.warn(
+            f"dropout2d: received a {input.dim()}-D input; dropout2d expects (N, C, H, W). "
+            "Use dropout for element-wise dropout.",
+            UserWarning,
+            stacklevel=2,
+        )
+    if input.dim() == 3:
+        warnings.warn(
+            "dropout2d: received a 3-D input and read it as (N, C, L), dropping whole channels "
+            "as dropout1d does (PyTorch's behaviour); use dropout1d to say so",
+            UserWarning,
+            stacklevel=2,
+        )
+    return _dropout(input, p, training, inplace, generator, channelwise=True, alpha=False)
+
+
+def dropout3d(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Zero whole channels of an ``(N, C, D, H, W)`` or ``(C, D, H, W)`` input with probability ``p``."""
+    _check_dropout_args("dropout3d", input, p)
+    if input.dim() < 1:
+        raise InputError(
+            f"dropout3d: input must have at least 1 dim, got shape {tuple(input.shape)}"
+        )
+    if input.dim() not in (4, 5):
+        warnings.warn(
+            f"dropout3d: received a {input.dim()}-D input; dropout3d expects (N, C, D, H, W) or "
+            "(C, D, H, W). Use dropout for element-wise dropout.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return _channelwise_dropout(input, p, training, inplace, generator, 5)
+
+
+def alpha_dropout(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = False,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Dropout for self-normalizing (SELU) networks: keeps zero mean and unit variance.
+
+    Dropped elements are set to SELU's saturation value and the result is mapped by ``a x + b``
+    so that a standard-normal input keeps mean 0 and variance 1. ``training`` defaults to False,
+    as in PyTorch.
+    """
+    _check_dropout_args("alpha_dropout", input, p)
+    return _dropout(input, p, training, inplace, generator, channelwise=False, alpha=True)
+
+
+def feature_alpha_dropout(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = False,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Alpha dropout of whole channels of an ``(N, C, *)`` input."""
+    _check_dropout_args("feature_alpha_dropout", input, p)
+    if input.dim() < 2:
+        raise InputError(
+            "feature_alpha_dropout: input must have shape (N, C, *) with at least 2 dims, "
+            f"got shape {tuple(input.shape)}"
+        )
+    return _dropout(input, p, training, inplace, generator, channelwise=True, alpha=True)

@@ -1,0 +1,146 @@
+"""BatchNorm modules, drop-in replacements for ``torch.nn.BatchNorm{1,2,3}d``.
+
+Each class subclasses its ``torch.nn`` counterpart, so parameters, buffers, ``state_dict`` keys,
+checkpoint loading, ``reset_parameters`` and every ``isinstance`` check of the ecosystem
+(``update_bn``, weight-decay filters, ``convert_sync_batchnorm``, model initializers) are those
+of PyTorch. What normdrop owns is the argument checks and the forward: the math in
+:func:`normdrop.functional.batch_norm`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from normdrop import functional as F
+from normdrop.errors import InputError, InputTypeError
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+def _check_batch_norm_config(num_features: int, eps: float, momentum: float | None) -> None:
+    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+        raise InputTypeError(f"num_features must be a positive int, got {num_features!r}")
+    if num_features <= 0:
+        raise InputError(f"num_features must be a positive int, got {num_features}")
+    if not isinstance(eps, numbers.Real) or math.isnan(eps) or eps <= 0:
+        raise InputError(f"eps must be a positive number, got {eps!r}")
+    if momentum is not None and not (isinstance(momentum, numbers.Real) and 0 <= momentum <= 1):
+        raise InputError(
+            f"momentum must be a number in [0, 1] or None (cumulative average), got {momentum!r}"
+        )
+
+
+class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    r"""Batch Normalization over the channel dim 1 of an ``(N, C, *)`` input.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    In training, mean and (biased) variance are those of the batch, per channel, and the
+    running estimates move by ``momentum`` towards them (with the unbiased variance); with
+    ``momentum=None`` they are the cumulative average over ``num_batches_tracked`` batches. In
+    eval mode the running estimates normalize, unless ``track_running_stats=False``, in which
+    case batch statistics are used in both modes.
+
+    Args:
+        num_features: C, the number of channels.
+        eps: added to the variance for stability; positive.
+        momentum: in [0, 1], or None for a cumulative moving average.
+        affine: learn ``weight`` (gamma) and ``bias`` (beta).
+        track_running_stats: keep ``running_mean``, ``running_var``, ``num_batches_tracked``.
+        bias: with ``affine``, learn ``bias`` too (keyword-only, as in ``torch.nn``).
+
+    Subclasses only say which input ranks they take.
+    """
+
+    _input_ranks: tuple[int, ...] = ()
+    _input_shapes: str = ""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        _check_batch_norm_config(num_features, eps, momentum)
+        # bias=False (a learned scale without shift) exists since torch 2.13; older torch
+        # rejects the keyword, so it is passed only when asked for.
+        only_if_asked = {} if bias else {"bias": False}
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **only_if_asked
+        )
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        name = type(self).__name__
+        if not isinstance(input, Tensor):
+            raise InputTypeError(
+                f"{name}: input must be a torch.Tensor, got {type(input).__name__}"
+            )
+        if input.dim() not in self._input_ranks:
+            raise InputError(
+                f"{name} expects input of shape {self._input_shapes}, got {input.dim()}-D input "
+                f"of shape {tuple(input.shape)}"
+            )
+        if input.shape[1] != self.num_features:
+            raise InputError(
+                f"{name}(num_features={self.num_features}) got input with {input.shape[1]} "
+                f"channels (dim 1) in shape {tuple(input.shape)}"
+            )
+
+    def _momentum_for_this_batch(self) -> float:
+        """The running-average factor: ``momentum``, or 1/t at batch t for ``momentum=None``."""
+        if self.momentum is None:
+            return 1.0 / (float(self.num_batches_tracked) + 1.0)
+        return self.momentum
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        updates_running_stats = self.training and self.track_running_stats
+        momentum = self._momentum_for_this_batch() if updates_running_stats else 0.0
+        # Buffers normalize in eval; in training they are passed only to be updated.
+        use_buffers = not self.training or self.track_running_stats
+        use_batch_stats = self.training or self.running_mean is None
+        output = F.batch_norm(
+            input,
+            self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+        )
+        if updates_running_stats:
+            self.num_batches_tracked.add_(1)
+        return output
+
+
+class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
+    """BatchNorm over ``(N, C)`` or ``(N, C, L)`` input; see :class:`_BatchNorm`."""
+
+    _input_ranks = (2, 3)
+    _input_shapes = "(N, C) or (N, C, L)"
+
+
+class BatchNorm2d(_BatchNorm, torch.nn.BatchNorm2d):
+    """BatchNorm over ``(N, C, H, W)`` input; see :class:`_BatchNorm`."""
+
+    _input_ranks = (4,)
+    _input_shapes = "(N, C, H, W)"
+
+
+class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
+    """BatchNorm over ``(N, C, D, H, W)`` input; see :class:`_BatchNorm`."""
+
+    _input_ranks = (5,)
+    _input_shapes = "(N, C, D, H, W)"
