@@ -81,16 +81,19 @@ def _values_per_channel(input: Tensor) -> int:
 def batch_statistics(input: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of an ``(N, C, *)`` input, by two passes.
 
-    Two passes (mean first, then the mean of squared deviations) stay exact for data with a
-    large offset, where ``E[x^2] - E[x]^2`` loses every significant digit in float32.
-    float16/bfloat16 inputs give float32 statistics. Returns two ``(C,)`` tensors.
+    The corrected two-pass algorithm (Chan, Golub & LeVeque 1983): a first pass gives the mean,
+    the second the deviations ``d = x - mean``, their mean ``c`` (the rounding error of the first
+    pass) and ``var = mean(d^2) - c^2``. It stays exact for data with a large offset, where
+    ``E[x^2] - E[x]^2`` loses every significant digit in float32. float16/bfloat16 inputs give
+    float32 statistics. Returns two ``(C,)`` tensors.
     """
     x = input.to(_compute_dtype(input))
     dims = _reduction_dims(x)
     mean = x.mean(dims)
     centered = x - _per_channel(mean, x.dim())
-    var = (centered * centered).mean(dims)
-    return mean, var
+    correction = centered.mean(dims)
+    var = (centered * centered).mean(dims) - correction * correction
+    return mean + correction, var
 
 
 def _check_batch_norm_args(
@@ -491,7 +494,8 @@ def dropout3d(
     *,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Zero whole channels of an ``(N, C, D, H, W)`` or ``(C, D, H, W)`` input with probability ``p``."""
+    """Zero whole channels of an ``(N, C, D, H, W)`` or ``(C, D, H, W)`` input, each with
+    probability ``p``."""
     _check_dropout_args("dropout3d", input, p)
     if input.dim() < 1:
         raise InputError(

@@ -1,0 +1,21 @@
+"""Shared test configuration: hypothesis profiles and small helpers."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+
+# CI runs on 2 cores; a few dozen generated cases per property keep the suite within budget while
+# still covering shapes and settings. NORMDROP_HYPOTHESIS=thorough for a deeper local run.
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("thorough", max_examples=300, deadline=None)
+settings.load_profile(os.environ.get("NORMDROP_HYPOTHESIS", "ci"))
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

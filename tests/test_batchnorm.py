@@ -1,0 +1,485 @@
+"""BatchNorm: normdrop against torch.nn (the oracle) and float64 math, on generated cases."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import normdrop
+from normdrop import functional as NF
+from normdrop.backend import BACKENDS
+from normdrop.errors import InputError, InputTypeError
+
+from _helpers import assert_close_scaled, tolerance
+
+PAIRS = {
+    1: (normdrop.nn.BatchNorm1d, torch.nn.BatchNorm1d),
+    2: (normdrop.nn.BatchNorm2d, torch.nn.BatchNorm2d),
+    3: (normdrop.nn.BatchNorm3d, torch.nn.BatchNorm3d),
+}
+
+
+@st.composite
+def bn_cases(draw):
+    """A layer kind, an input shape it takes (batch 2..64, odd sizes) and its settings."""
+    kind = draw(st.sampled_from([1, 1, 2, 3]))
+    channels = draw(st.integers(1, 6))
+    batch = draw(st.integers(2, 64))
+    spatial_rank = {1: draw(st.sampled_from([0, 1])), 2: 2, 3: 3}[kind]
+    budget = max(1, 4096 // (batch * channels))  # keeps each case small
+    spatial = []
+    for _ in range(spatial_rank):
+        size = draw(st.integers(1, max(1, min(9, int(budget ** (1 / spatial_rank))))))
+        spatial.append(size)
+    shape = (batch, channels, *spatial)
+    return {
+        "kind": kind,
+        "shape": shape,
+        "momentum": draw(st.sampled_from([0.1, 0.5, None])),
+        "affine": draw(st.booleans()),
+        "track": draw(st.booleans()),
+        "dtype": draw(st.sampled_from([torch.float32, torch.float64])),
+        "channels_last": kind >= 2 and draw(st.booleans()),
+        "backend": draw(st.sampled_from(BACKENDS)),
+        "offset": draw(st.sampled_from([0.0, 3.0])),
+    }
+
+
+def _make_pair(case):
+    ours_cls, torch_cls = PAIRS[case["kind"]]
+    kwargs = {
+        "momentum": case["momentum"],
+        "affine": case["affine"],
+        "track_running_stats": case["track"],
+        "dtype": case["dtype"],
+    }
+    channels = case["shape"][1]
+    ours, reference = ours_cls(channels, **kwargs), torch_cls(channels, **kwargs)
+    if case["affine"]:  # non-trivial affine parameters, the same in both
+        with torch.no_grad():
+            reference.weight.uniform_(0.5, 1.5)
+            reference.bias.uniform_(-0.5, 0.5)
+    ours.load_state_dict(reference.state_dict())
+    return ours, reference
+
+
+def _input(case, generator):
+    x = torch.randn(case["shape"], dtype=case["dtype"], generator=generator) * 2 + case["offset"]
+    if case["channels_last"]:
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        x = x.contiguous(memory_format=fmt)
+    return x
+
+
+def _step(module, x, grad):
+    x = x.clone().requires_grad_(True)
+    y = module(x)
+    y.backward(grad)
+    return y, x.grad
+
+
+def _assert_same_state(ours, reference, rtol):
+    for name, expected in reference.state_dict().items():
+        actual = ours.state_dict()[name]
+        if expected.dtype == torch.long:
+            assert torch.equal(actual, expected), name
+        else:
+            assert_close_scaled(actual, expected, rtol)
+
+
+@given(bn_cases())
+def test_modules_match_torch_over_steps_and_modes(case):
+    """Outputs, input/weight/bias gradients and every buffer agree with torch.nn after three
+    training steps and in eval mode, for every rank, setting, dtype, layout and backend."""
+    generator = torch.Generator().manual_seed(hash(str(case)) % 2**31)
+    ours, reference = _make_pair(case)
+    rtol = tolerance(case["dtype"])
+    with normdrop.use_backend(case["backend"]):
+        for training in (True, True, True, False):
+            ours.train(training)
+            reference.train(training)
+            x = _input(case, generator)
+            grad = torch.randn(x.shape, dtype=x.dtype, generator=generator)
+            y_ours, gx_ours = _step(ours, x, grad)
+            y_ref, gx_ref = _step(reference, x, grad)
+            assert y_ours.dtype == y_ref.dtype and y_ours.shape == y_ref.shape
+            assert_close_scaled(y_ours, y_ref, rtol)
+            assert_close_scaled(gx_ours, gx_ref, rtol)
+            if case["affine"]:
+                assert_close_scaled(ours.weight.grad, reference.weight.grad, rtol)
+                assert_close_scaled(ours.bias.grad, reference.bias.grad, rtol)
+            _assert_same_state(ours, reference, rtol)
+            if case["channels_last"]:
+                fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+                assert y_ours.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradcheck_float64(training, affine):
+    """The analytic backward equals finite differences, in training and in eval mode, and the
+    double backward (gradient penalties) too."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.rand(3, dtype=torch.float64, generator=generator) + 0.5
+    bias = torch.randn(3, dtype=torch.float64, generator=generator)
+    weight.requires_grad_(affine)
+    bias.requires_grad_(affine)
+    running_mean = torch.randn(3, dtype=torch.float64, generator=generator)
+    running_var = torch.rand(3, dtype=torch.float64, generator=generator) + 0.5
+
+    def fn(x, weight, bias):
+        return NF.batch_norm(
+            x, running_mean.clone(), running_var.clone(), weight, bias, training=training
+        )
+
+    assert torch.autograd.gradcheck(fn, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(fn, (x, weight, bias))
+
+
+def test_analytic_backward_is_not_autograd_through_statistics():
+    """The training backward is our autograd.Function, not a graph of mean/var ops."""
+    x = torch.randn(4, 3, requires_grad=True)
+    y = NF.batch_norm(x, None, None, training=True)
+    assert type(y.grad_fn).__name__ == "_BatchNormFunctionBackward"
+
+
+def test_functional_matches_torch_functional():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 4, 5, generator=generator)
+    weight, bias = torch.rand(4, generator=generator), torch.randn(4, generator=generator)
+    for training in (True, False):
+        stats_ours = (torch.randn(4, generator=generator), torch.rand(4, generator=generator) + 1)
+        stats_ref = tuple(s.clone() for s in stats_ours)
+        ours = NF.batch_norm(x, *stats_ours, weight, bias, training, 0.3, 1e-3)
+        ref = torch.nn.functional.batch_norm(x, *stats_ref, weight, bias, training, 0.3, 1e-3)
+        assert_close_scaled(ours, ref, 1e-5)
+        for a, b in zip(stats_ours, stats_ref, strict=True):
+            assert_close_scaled(a, b, 1e-6)
+    # training without buffers: batch statistics only
+    assert_close_scaled(
+        NF.batch_norm(x, None, None, training=True),
+        torch.nn.functional.batch_norm(x, None, None, training=True),
+        1e-5,
+    )
+
+
+def test_running_variance_is_unbiased_and_batch_is_normalized_with_biased():
+    """Float64 oracle written out: the batch uses var/m, the running estimate var/(m-1)."""
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    running_mean, running_var = (
+        torch.zeros(2, dtype=torch.float64),
+        torch.ones(2, dtype=torch.float64),
+    )
+    y = NF.batch_norm(x, running_mean, running_var, training=True, momentum=1.0, eps=1e-5)
+    values = x.transpose(0, 1).reshape(2, -1)
+    m = values.shape[1]
+    mean = values.sum(1) / m
+    biased = ((values - mean[:, None]) ** 2).sum(1) / m
+    torch.testing.assert_close(running_mean, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(running_var, biased * m / (m - 1), rtol=1e-12, atol=1e-12)
+    expected = (x - mean[None, :, None]) / torch.sqrt(biased[None, :, None] + 1e-5)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_momentum_none_is_cumulative_average():
+    bn = normdrop.nn.BatchNorm1d(3, momentum=None, dtype=torch.float64)
+    batches = [torch.randn(7, 3, dtype=torch.float64) * (i + 1) + i for i in range(5)]
+    for batch in batches:
+        bn(batch)
+    torch.testing.assert_close(bn.running_mean, torch.stack([b.mean(0) for b in batches]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([b.var(0) for b in batches]).mean(0))
+    assert bn.num_batches_tracked.item() == 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_statistics_exact_for_large_offsets(backend):
+    """x = 1e4 + randn in float32: the naive E[x^2] - E[x]^2 would lose every digit of the
+    variance; two passes keep it, against a float64 computation on the same float32 values."""
+    generator = torch.Generator().manual_seed(2)
+    x = 1e4 + torch.randn(64, 8, 16, 16, generator=generator)
+    mean, var = NF.batch_statistics(x)
+    x64 = x.double()
+    torch.testing.assert_close(var.double(), x64.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=0)
+    torch.testing.assert_close(mean.double(), x64.mean((0, 2, 3)), rtol=1e-7, atol=0)
+
+    naive = (x * x).mean((0, 2, 3)) - x.mean((0, 2, 3)) ** 2  # what not to do
+    assert (naive.double() - x64.var((0, 2, 3), unbiased=False)).abs().max() > 0.1
+
+    bn = normdrop.nn.BatchNorm2d(8)
+    with normdrop.use_backend(backend):
+        y = bn(x)
+    expected = (x64 - x64.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
+        x64.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5
+    )
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=2e-3)  # ulp(1e4) ~ 1e-3
+    unbiased = x64.var((0, 2, 3), unbiased=True)
+    torch.testing.assert_close(bn.running_var.double(), 0.9 + 0.1 * unbiased, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_input_with_float32_parameters(dtype, backend):
+    """float16/bfloat16 input, float32 parameters and statistics: output in the input dtype,
+    statistics in float32 and equal to the float32 computation on the same values."""
+    x = (torch.randn(16, 4, 5, 5) * 3 + 100).to(dtype)
+    ours, reference = normdrop.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+    with normdrop.use_backend(backend):
+        y = ours(x.clone().requires_grad_())
+    y_ref = reference(x.clone().requires_grad_())
+    assert y.dtype == dtype and ours.running_mean.dtype == torch.float32
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=1e-2, atol=1e-2)
+    x32 = x.float()
+    expected_mean = 0.9 * 0 + 0.1 * x32.mean((0, 2, 3))
+    torch.testing.assert_close(ours.running_mean, expected_mean, rtol=1e-6, atol=1e-6)
+    y.float().sum().backward()  # the backward runs in float32 and returns the input dtype
+
+
+def test_half_parameters_work_like_torch():
+    x = torch.randn(8, 3).half()
+    ours, reference = normdrop.nn.BatchNorm1d(3).half(), torch.nn.BatchNorm1d(3).half()
+    torch.testing.assert_close(ours(x), reference(x), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ours.running_var, reference.running_var, rtol=1e-3, atol=1e-3)
+
+
+def test_track_running_stats_false_uses_batch_statistics_in_eval():
+    x = torch.randn(10, 3) * 4 + 2
+    ours = normdrop.nn.BatchNorm1d(3, track_running_stats=False).eval()
+    reference = torch.nn.BatchNorm1d(3, track_running_stats=False).eval()
+    assert ours.running_mean is None
+    assert_close_scaled(ours(x), reference(x), 1e-5)
+    assert ours(x).mean(0).abs().max() < 1e-5  # normalized with its own statistics
+
+
+def test_bias_false_learns_scale_only():
+    ours, reference = normdrop.nn.BatchNorm1d(3, bias=False), torch.nn.BatchNorm1d(3, bias=False)
+    assert ours.bias is None and set(ours.state_dict()) == set(reference.state_dict())
+    x = torch.randn(6, 3)
+    assert_close_scaled(ours(x), reference(x), 1e-5)
+
+
+def test_empty_batch_like_torch():
+    ours, reference = normdrop.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    x = torch.randn(0, 3, requires_grad=True)
+    y = ours(x)
+    assert y.shape == reference(x).shape == (0, 3)
+    _assert_same_state(ours, reference, 0)
+    y.sum().backward()
+    assert x.grad.shape == (0, 3)
+
+
+# ---------------------------------------------------------------------------------- ecosystem
+
+
+def test_isinstance_and_state_dict_round_trip():
+    for ours_cls, torch_cls in PAIRS.values():
+        ours, reference = ours_cls(5), torch_cls(5)
+        assert isinstance(ours, torch.nn.modules.batchnorm._BatchNorm)
+        assert isinstance(ours, torch_cls)
+        assert list(ours.state_dict()) == list(reference.state_dict())
+        assert repr(ours) == repr(reference)
+        trained = torch_cls(5)
+        shape = (
+            (4, 5)
+            if torch_cls is torch.nn.BatchNorm1d
+            else (4, 5) + (3,) * (2 if torch_cls is torch.nn.BatchNorm2d else 3)
+        )
+        trained(torch.randn(shape) + 1)  # non-default buffers
+        ours.load_state_dict(trained.state_dict())  # torch -> normdrop
+        back = torch_cls(5)
+        back.load_state_dict(ours.state_dict())  # normdrop -> torch
+        for key, value in trained.state_dict().items():
+            assert torch.equal(back.state_dict()[key], value), key
+        x = torch.randn(shape)
+        torch.testing.assert_close(ours.eval()(x), trained.eval()(x))
+
+
+def test_checkpoint_without_num_batches_tracked_loads():
+    """Checkpoints from before PyTorch 0.4.1 lack num_batches_tracked; torch's loader fills it."""
+    state = torch.nn.BatchNorm1d(3).state_dict()
+    del state["num_batches_tracked"]
+    state._metadata = {"": {"version": 1}}
+    bn = normdrop.nn.BatchNorm1d(3)
+    bn.load_state_dict(state)
+    assert bn.num_batches_tracked.item() == 0
+
+
+def test_whole_model_checkpoint_both_ways(tmp_path):
+    def model(bn, drop):
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), bn(4), torch.nn.ReLU(), drop(0.2), torch.nn.Flatten()
+        )
+
+    reference = model(torch.nn.BatchNorm2d, torch.nn.Dropout)
+    reference(torch.randn(8, 3, 6, 6))
+    torch.save(reference.state_dict(), tmp_path / "model.pt")
+    ours = model(normdrop.nn.BatchNorm2d, normdrop.nn.Dropout)
+    ours.load_state_dict(torch.load(tmp_path / "model.pt"))
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(ours.eval()(x), reference.eval()(x))
+
+
+def test_update_bn_from_torch_works_on_our_modules():
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(4, 6), normdrop.nn.BatchNorm1d(6))
+    reference = copy.deepcopy(ours)
+    reference[1] = torch.nn.BatchNorm1d(6)
+    reference[1].load_state_dict(ours[1].state_dict())
+    loader = [torch.randn(8, 4) + 2 for _ in range(5)]
+    torch.optim.swa_utils.update_bn(loader, ours)
+    torch.optim.swa_utils.update_bn(loader, reference)
+    assert ours[1].momentum == 0.1 and ours[1].num_batches_tracked.item() == 5
+    _assert_same_state(ours[1], reference[1], 1e-5)
+    assert ours[1].running_mean.abs().sum() > 0
+
+
+def test_convert_sync_batchnorm_accepts_our_modules():
+    model = torch.nn.Sequential(normdrop.nn.BatchNorm2d(3))
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert isinstance(converted[0], torch.nn.SyncBatchNorm)
+
+
+def test_weight_decay_filter_recognizes_our_modules():
+    """The common 'no weight decay on norm layers' filter, as timm and many trainers write it."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), normdrop.nn.BatchNorm1d(4))
+    norm_params = [
+        p
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        for p in m.parameters()
+    ]
+    assert len(norm_params) == 2
+
+
+def test_deepcopy_pickle_and_compile():
+    bn = normdrop.nn.BatchNorm1d(3)
+    clone = copy.deepcopy(bn)
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(clone(x), bn(x))
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape", "expected"),
+    [
+        (
+            normdrop.nn.BatchNorm2d(3),
+            (4, 3, 5),
+            r"BatchNorm2d expects input of shape \(N, C, H, W\), got 3-D",
+        ),
+        (
+            normdrop.nn.BatchNorm1d(3),
+            (4, 3, 5, 5),
+            r"BatchNorm1d expects .*\(N, C\) or \(N, C, L\)",
+        ),
+        (normdrop.nn.BatchNorm3d(3), (3, 5), r"BatchNorm3d expects .*got 2-D"),
+        (normdrop.nn.BatchNorm1d(3), (4, 5), r"num_features=3.*5 channels"),
+    ],
+)
+def test_wrong_rank_or_channels_names_the_problem(layer, shape, expected):
+    with pytest.raises(ValueError, match=expected):
+        layer(torch.randn(shape))
+
+
+def test_batch_of_one_in_training_has_torchs_message():
+    x = torch.randn(1, 3)
+    with pytest.raises(ValueError) as ours:
+        normdrop.nn.BatchNorm1d(3)(x)
+    with pytest.raises(ValueError) as reference:
+        torch.nn.BatchNorm1d(3)(x)
+    assert str(ours.value) == str(reference.value)
+    assert "Expected more than 1 value per channel when training" in str(ours.value)
+    bn = normdrop.nn.BatchNorm1d(3)
+    with pytest.raises(ValueError):
+        bn(x)
+    assert bn.num_batches_tracked.item() == 0  # a refused batch is not counted
+    normdrop.nn.BatchNorm1d(3).eval()(x)  # one sample is fine in eval mode
+    normdrop.nn.BatchNorm1d(3)(torch.randn(1, 3, 2))  # two values per channel is enough
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"eps": 0.0}, "eps must be a positive number"),
+        ({"eps": -1e-5}, "eps must be a positive number"),
+        ({"momentum": 1.5}, r"momentum must be a number in \[0, 1\] or None"),
+        ({"momentum": -0.1}, "momentum"),
+        ({"num_features": 0}, "num_features must be a positive int"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, expected):
+    kwargs = {"num_features": 3, **kwargs}
+    with pytest.raises(ValueError, match=expected):
+        normdrop.nn.BatchNorm1d(**kwargs)
+
+
+def test_num_features_must_be_an_int():
+    with pytest.raises(TypeError, match="num_features must be a positive int"):
+        normdrop.nn.BatchNorm1d(3.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8])
+def test_integer_input_is_refused(dtype):
+    with pytest.raises(TypeError, match="floating-point"):
+        normdrop.nn.BatchNorm1d(3)(torch.zeros(4, 3, dtype=dtype))
+
+
+def test_dtype_and_device_mismatch():
+    x = torch.randn(4, 3)
+    with pytest.raises(
+        TypeError, match=r"running_mean has dtype torch.float64 but input has dtype torch.float32"
+    ):
+        normdrop.nn.BatchNorm1d(3, dtype=torch.float64)(x)
+    with pytest.raises(ValueError, match=r"running_mean is on cpu but input is on meta"):
+        NF.batch_norm(torch.empty(4, 3, device="meta"), torch.zeros(3), torch.ones(3))
+
+
+def test_functional_argument_checks():
+    x = torch.randn(4, 3)
+    with pytest.raises(InputError, match=r"running_mean must have shape \(C,\) = \(3,\)"):
+        NF.batch_norm(x, torch.zeros(4), torch.ones(4))
+    with pytest.raises(InputError, match="required when training=False"):
+        NF.batch_norm(x, None, None, training=False)
+    with pytest.raises(InputError, match="both running_mean and running_var"):
+        NF.batch_norm(x, torch.zeros(3), None, training=True)
+    with pytest.raises(InputError, match="at least 2 dims"):
+        NF.batch_norm(torch.randn(3), None, None, training=True)
+    with pytest.raises(InputError, match="eps must be positive during training"):
+        NF.batch_norm(x, None, None, training=True, eps=0.0)
+    with pytest.raises(InputTypeError, match=r"input must be a torch\.Tensor"):
+        NF.batch_norm([[1.0]], None, None, training=True)
+    # errors are also RuntimeErrors, as torch's own are: existing except clauses still work
+    with pytest.raises(RuntimeError):
+        NF.batch_norm(x, torch.zeros(4), torch.ones(4))
+
+
+def test_nan_propagates_but_does_not_poison_running_statistics():
+    """Decision (docs/math.md): a channel with NaN in the batch keeps its running statistics;
+    the output shows the NaN exactly where torch's does; the other channels update as torch."""
+    x = torch.randn(8, 3)
+    x[2, 1] = float("nan")
+    ours, reference = normdrop.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with pytest.warns(RuntimeWarning, match="non-finite batch statistics"):
+        y = ours(x)
+    y_ref = reference(x)
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
+    assert torch.isnan(y[:, 1]).all()
+    assert torch.isfinite(ours.running_mean).all() and torch.isfinite(ours.running_var).all()
+    assert ours.running_mean[1] == 0 and ours.running_var[1] == 1
+    keep = [0, 2]
+    assert_close_scaled(ours.running_mean[keep], reference.running_mean[keep], 1e-6)
+    assert_close_scaled(ours.running_var[keep], reference.running_var[keep], 1e-6)
+    x[2, 1] = float("inf")
+    with pytest.warns(RuntimeWarning):
+        ours(x)
+    assert ours.running_var[1] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours(torch.randn(8, 3))  # finite batches stay silent

@@ -1,0 +1,239 @@
+"""Dropout family: masks equal torch.nn's for the same seed (reference backend), statistics of
+the mask within binomial intervals (every backend), scaling, channel-wise structure, errors."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import normdrop
+from normdrop import functional as NF
+from normdrop.backend import BACKENDS
+
+# (ours, torch's, input ranks it is meant for)
+FUNCTIONS = {
+    "dropout": (NF.dropout, torch.nn.functional.dropout, (1, 2, 3, 4)),
+    "dropout1d": (NF.dropout1d, torch.nn.functional.dropout1d, (2, 3)),
+    "dropout2d": (NF.dropout2d, torch.nn.functional.dropout2d, (4,)),
+    "dropout3d": (NF.dropout3d, torch.nn.functional.dropout3d, (4, 5)),
+    "alpha_dropout": (NF.alpha_dropout, torch.nn.functional.alpha_dropout, (1, 2, 3)),
+    "feature_alpha_dropout": (
+        NF.feature_alpha_dropout,
+        torch.nn.functional.feature_alpha_dropout,
+        (2, 3, 4, 5),
+    ),
+}
+MODULES = {
+    "Dropout": (normdrop.nn.Dropout, torch.nn.Dropout, (1, 2, 3, 4)),
+    "Dropout1d": (normdrop.nn.Dropout1d, torch.nn.Dropout1d, (2, 3)),
+    "Dropout2d": (normdrop.nn.Dropout2d, torch.nn.Dropout2d, (4,)),
+    "Dropout3d": (normdrop.nn.Dropout3d, torch.nn.Dropout3d, (4, 5)),
+    "AlphaDropout": (normdrop.nn.AlphaDropout, torch.nn.AlphaDropout, (1, 2, 3)),
+    "FeatureAlphaDropout": (
+        normdrop.nn.FeatureAlphaDropout,
+        torch.nn.FeatureAlphaDropout,
+        (2, 3, 4, 5),
+    ),
+}
+CHANNELWISE = {"dropout1d", "dropout2d", "dropout3d", "Dropout1d", "Dropout2d", "Dropout3d"}
+
+
+def _shape(draw, rank):
+    return tuple(draw(st.integers(1, 7)) for _ in range(rank))
+
+
+@given(data=st.data())
+def test_functional_masks_equal_torchs_for_the_same_seed(data):
+    name = data.draw(st.sampled_from(sorted(FUNCTIONS)))
+    ours, reference, ranks = FUNCTIONS[name]
+    shape = _shape(data.draw, data.draw(st.sampled_from(ranks)))
+    p = data.draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
+    seed = data.draw(st.integers(0, 2**31))
+    x = torch.randn(shape, dtype=dtype) + 0.5
+    torch.manual_seed(seed)
+    expected = reference(x.clone(), p, True)
+    with normdrop.use_backend("reference"):
+        torch.manual_seed(seed)
+        actual = ours(x.clone(), p, True)
+        generator = torch.Generator().manual_seed(seed)
+        from_generator = ours(x.clone(), p, True, generator=generator)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    torch.testing.assert_close(from_generator, expected, rtol=0, atol=0)
+
+
+@given(data=st.data())
+def test_modules_equal_torchs_including_gradients_and_inplace(data):
+    name = data.draw(st.sampled_from(sorted(MODULES)))
+    ours_cls, torch_cls, ranks = MODULES[name]
+    shape = _shape(data.draw, data.draw(st.sampled_from(ranks)))
+    p = data.draw(st.sampled_from([0.2, 0.5, 0.8]))
+    inplace = data.draw(st.booleans())
+    seed = data.draw(st.integers(0, 2**31))
+    ours, reference = ours_cls(p, inplace), torch_cls(p, inplace)
+    assert isinstance(ours, torch_cls) and repr(ours) == repr(reference)
+
+    x = torch.randn(shape, requires_grad=True)
+    results = []
+    for module in (ours, reference):
+        torch.manual_seed(seed)
+        source = x * 1.0  # a non-leaf, so inplace is legal
+        with normdrop.use_backend("reference"):
+            y = module(source)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach().clone(), x.grad.clone()))
+        x.grad = None
+    (y_ours, g_ours), (y_ref, g_ref) = results
+    torch.testing.assert_close(y_ours, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(g_ours, g_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
+def test_keep_rate_within_binomial_interval_and_kept_values_scaled(backend, p):
+    n = 1_000_003  # odd on purpose
+    x = torch.rand(n) + 1.0  # never zero, so a zero output means dropped
+    with normdrop.use_backend(backend):
+        y = normdrop.nn.Dropout(p)(x)
+    kept = y != 0
+    # 99.9% interval of Binomial(n, 1-p): z = 3.29
+    expected = n * (1 - p)
+    half_width = 3.29 * math.sqrt(n * p * (1 - p))
+    assert abs(kept.sum().item() - expected) < half_width
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p), rtol=1.2e-7, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("cls", "shape", "batched"),
+    [
+        (normdrop.nn.Dropout1d, (64, 32, 9), True),
+        (normdrop.nn.Dropout2d, (64, 32, 5, 3), True),
+        (normdrop.nn.Dropout3d, (32, 16, 3, 2, 3), True),
+        (normdrop.nn.Dropout1d, (32, 9), False),  # (C, L)
+        (normdrop.nn.Dropout3d, (16, 3, 2, 3), False),  # (C, D, H, W)
+    ],
+)
+def test_channelwise_masks_zero_whole_channels(backend, cls, shape, batched):
+    p = 0.5
+    x = torch.rand(shape) + 1.0
+    with normdrop.use_backend(backend):
+        y = cls(p)(x)
+    units = shape[0] * shape[1] if batched else shape[0]  # one mask value per (sample, channel)
+    outputs, inputs = y.reshape(units, -1), x.reshape(units, -1)
+    dropped = (outputs == 0).all(1)
+    kept = torch.isclose(outputs, inputs / (1 - p), rtol=1e-6, atol=0).all(1)
+    assert (dropped | kept).all(), "every channel is either kept whole or dropped whole"
+    rate = dropped.float().mean().item()
+    assert abs(rate - p) < 3.29 * math.sqrt(p * (1 - p) / units)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_generator_seed_same_mask_and_different_seeds_differ(backend):
+    x = torch.randn(256, 64)
+    with normdrop.use_backend(backend):
+        first = NF.dropout(x, 0.5, generator=torch.Generator().manual_seed(7))
+        again = NF.dropout(x, 0.5, generator=torch.Generator().manual_seed(7))
+        other = NF.dropout(x, 0.5, generator=torch.Generator().manual_seed(8))
+        torch.manual_seed(3)
+        module_first = normdrop.nn.Dropout(0.5)(x)
+        torch.manual_seed(3)
+        module_again = normdrop.nn.Dropout(0.5)(x)
+    assert torch.equal(first, again) and torch.equal(module_first, module_again)
+    assert not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_eval_mode_and_p_zero_return_the_input(name):
+    ours_cls, _, ranks = MODULES[name]
+    x = torch.randn((3,) * ranks[-1])
+    assert ours_cls(0.5).eval()(x) is x
+    assert ours_cls(0.0)(x) is x
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_p_one_gives_zeros_and_keeps_nan_like_torch(name):
+    ours, reference, ranks = FUNCTIONS[name]
+    x = torch.randn((3,) * ranks[-1])
+    x.view(-1)[0] = float("nan")
+    expected = reference(x, 1.0, True)
+    actual = ours(x, 1.0, True)
+    torch.testing.assert_close(actual, expected, equal_nan=True, rtol=0, atol=0)
+    assert (actual.view(-1)[1:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.05, 0.2, 0.5])
+@pytest.mark.parametrize("feature", [False, True])
+def test_alpha_dropout_keeps_zero_mean_unit_variance(backend, p, feature):
+    """For a standard-normal input, alpha dropout's output has mean 0 and variance 1."""
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(1000, 100, 10, generator=generator)
+    function = NF.feature_alpha_dropout if feature else NF.alpha_dropout
+    with normdrop.use_backend(backend):
+        y = function(x, p, True)
+    # The mean's standard error here is ~0.003 (feature: masks shared by 10 values); a scale or
+    # shift error of a few percent fails these bounds.
+    assert abs(y.mean().item()) < 0.02
+    assert abs(y.var().item() - 1) < 0.03
+    # Dropped units all take one value, a * (-alpha') + b = -a * alpha' * (1 - p).
+    alpha = 1.7580993408473766
+    a = 1 / math.sqrt((alpha**2 * p + 1) * (1 - p))
+    dropped = torch.isclose(y, torch.tensor(-a * alpha * (1 - p)), rtol=0, atol=1e-6)
+    units = x.shape[0] * x.shape[1] if feature else x.numel()
+    if feature:
+        dropped = dropped.all(-1)
+    assert abs(dropped.float().mean().item() - p) < 3.29 * math.sqrt(p * (1 - p) / units) + 1e-3
+
+
+def test_module_inplace_modifies_input_and_alpha_ignores_inplace_like_torch():
+    x = torch.randn(100) + 5
+    normdrop.nn.Dropout(0.5, inplace=True)(x)
+    assert (x == 0).any()
+    y = torch.randn(100)
+    before = y.clone()
+    normdrop.nn.AlphaDropout(0.5, inplace=True)(y)
+    assert torch.equal(y, before)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
+def test_p_outside_unit_interval_names_p(p):
+    with pytest.raises(ValueError, match="dropout probability p has to be between 0 and 1"):
+        normdrop.nn.Dropout(p)
+    with pytest.raises(ValueError, match="dropout2d: dropout probability p"):
+        NF.dropout2d(torch.randn(2, 3, 4, 4), p)
+
+
+def test_p_must_be_a_number():
+    with pytest.raises(TypeError, match="p must be a number"):
+        normdrop.nn.Dropout(True)
+    with pytest.raises(TypeError, match="p must be a number"):
+        NF.dropout(torch.randn(3), "0.5")
+
+
+def test_integer_input_is_refused():
+    with pytest.raises(TypeError, match="dropout: input must be a floating-point tensor"):
+        NF.dropout(torch.ones(4, dtype=torch.int64))
+
+
+def test_dropout1d_wrong_rank_is_a_clear_error():
+    with pytest.raises(
+        ValueError, match=r"dropout1d: input must have shape \(N, C, L\) or \(C, L\)"
+    ):
+        normdrop.nn.Dropout1d()(torch.randn(2, 3, 4, 5))
+    with pytest.raises(RuntimeError):  # torch raises RuntimeError here; ours is both
+        normdrop.nn.Dropout1d()(torch.randn(2, 3, 4, 5))
+
+
+def test_dropout2d_on_3d_input_warns_like_torch():
+    with pytest.warns(UserWarning, match=r"read it as \(N, C, L\)"):
+        y = normdrop.nn.Dropout2d(0.5)(torch.ones(4, 8, 10))
+    assert ((y == 0).all(2) | (y == 2).all(2)).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        normdrop.nn.Dropout2d(0.5)(torch.ones(4, 8, 10, 10))
