@@ -261,17 +261,34 @@ class _BatchNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if ctx.training:
                 count = _values_per_channel(x)
-                grad = (
-                    grad
-                    - _per_channel(sum_grad / count, ndim)
-                    - xhat * _per_channel(sum_grad_xhat / count, ndim)
+                grad_input = _input_grad_batch_stats(
+                    grad, xhat, scale, sum_grad, sum_grad_xhat, count
                 )
-            grad_input = (grad * _per_channel(scale, ndim)).to(input.dtype)
+            else:
+                grad_input = grad * _per_channel(scale, ndim)
+            grad_input = grad_input.to(input.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = sum_grad_xhat.to(weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = sum_grad.to(ctx.bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def _input_grad_batch_stats(
+    grad: Tensor, xhat: Tensor, scale: Tensor, sum_grad: Tensor, sum_grad_xhat: Tensor, count: int
+) -> Tensor:
+    """``dL/dx = scale * (dy - sum(dy) / m - xhat * sum(dy * xhat) / m)`` for batch statistics.
+
+    ``scale = weight * invstd`` and the ``(C,)`` sums run over the ``m = count`` values of each
+    channel (over every process, for SyncBatchNorm).
+    """
+    ndim = grad.dim()
+    centered_grad = (
+        grad
+        - _per_channel(sum_grad / count, ndim)
+        - xhat * _per_channel(sum_grad_xhat / count, ndim)
+    )
+    return centered_grad * _per_channel(scale, ndim)
 
 
 def _normalize(

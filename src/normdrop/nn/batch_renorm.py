@@ -1,0 +1,203 @@
+r"""Batch Renormalization (Ioffe 2017, "Batch Renormalization: Towards Reducing Minibatch
+Dependence in Batch-Normalized Models").
+
+BatchNorm trains with batch statistics and predicts with running ones; with small or non-iid
+batches the two disagree. Batch Renorm corrects the training output towards the running
+statistics, per channel, with ``sigma_B = sqrt(var_B + eps)`` and
+``sigma = sqrt(running_var + eps)``::
+
+    r    = clip(sigma_B / sigma,                 1 / rmax, rmax)     treated as constants:
+    d    = clip((mu_B - running_mean) / sigma,   -dmax,    dmax)     no gradient flows through them
+    y    = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+
+With ``r = 1, d = 0`` this is BatchNorm; without clipping it is ``(x - running_mean) / sigma``,
+the inference transform. ``r`` and ``d`` use the running statistics from *before* this batch's
+update. Since r and d are constants, ``y`` is BatchNorm with weight ``gamma * r`` and bias
+``gamma * d + beta``, and the layer reuses :class:`normdrop.functional._BatchNormFunction`
+(gradient of the paper's Algorithm 1).
+
+The running statistics are PyTorch's (mean and unbiased variance, moved by ``momentum``), so
+``state_dict`` keys match BatchNorm's; the paper averages sigma instead of the variance.
+
+Warm-up (the paper's Section 4: rmax = 1, dmax = 0 for the first 5k steps, then relaxed to 3
+and 5 by 40k and 25k steps). At step ``t = num_batches_tracked``::
+
+    t <  warmup_steps:  rmax_t = 1, dmax_t = 0                               (BatchNorm)
+    t >= warmup_steps:  rmax_t = 1 + (rmax - 1) * min(1, (t - warmup_steps) / rmax_ramp_steps)
+                        dmax_t = dmax * min(1, (t - warmup_steps) / dmax_ramp_steps)
+
+(a ramp of 0 steps jumps straight to the limit). Evaluation is BatchNorm with the running
+statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from normdrop.errors import InputError, InputTypeError
+from normdrop.functional import (
+    _BatchNormFunction,
+    _check_batch_norm_args,
+    _compute_dtype,
+    _update_running_stats,
+    _values_per_channel,
+    batch_statistics,
+)
+from normdrop.nn.batchnorm import _BatchNorm
+
+__all__ = ["BatchRenorm1d", "BatchRenorm2d", "renorm_correction"]
+
+
+@torch.no_grad()
+def renorm_correction(
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    rmax: float,
+    dmax: float,
+) -> tuple[Tensor, Tensor]:
+    """The per-channel ``(r, d)`` of Batch Renorm, from batch and running statistics.
+
+    All inputs are ``(C,)``; ``var`` and ``running_var`` are variances (eps is added here).
+    Returns two ``(C,)`` tensors in ``mean``'s dtype, outside autograd.
+    """
+    sigma_batch = torch.sqrt(var + eps)
+    sigma = torch.sqrt(running_var.to(mean.dtype) + eps)
+    r = (sigma_batch / sigma).clamp(1.0 / rmax, rmax)
+    d = ((mean - running_mean.to(mean.dtype)) / sigma).clamp(-dmax, dmax)
+    return r, d
+
+
+def _check_renorm_config(
+    rmax: float, dmax: float, warmup_steps: int, rmax_ramp_steps: int, dmax_ramp_steps: int
+) -> None:
+    if not isinstance(rmax, numbers.Real) or math.isnan(rmax) or rmax < 1:
+        raise InputError(f"rmax must be a number >= 1 (1 means no r correction), got {rmax!r}")
+    if not isinstance(dmax, numbers.Real) or math.isnan(dmax) or dmax < 0:
+        raise InputError(f"dmax must be a number >= 0 (0 means no d correction), got {dmax!r}")
+    steps = {
+        "warmup_steps": warmup_steps,
+        "rmax_ramp_steps": rmax_ramp_steps,
+        "dmax_ramp_steps": dmax_ramp_steps,
+    }
+    for name, value in steps.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise InputTypeError(f"{name} must be a non-negative int, got {value!r}")
+        if value < 0:
+            raise InputError(f"{name} must be a non-negative int, got {value}")
+
+
+def _ramp(step: int, start: int, length: int) -> float:
+    """0 before ``start``, then linear to 1 over ``length`` steps (a step at once if 0)."""
+    if step < start:
+        return 0.0
+    return 1.0 if length == 0 else min(1.0, (step - start) / length)
+
+
+class _BatchRenorm(_BatchNorm):
+    """Batch Renormalization; see the module docstring for the math and the schedule.
+
+    Args:
+        num_features, eps, momentum, affine, device, dtype, bias: as for BatchNorm.
+        rmax: upper clip of r (and 1/rmax the lower), >= 1. ``math.inf``: no clipping.
+        dmax: clip of |d|, >= 0.
+        warmup_steps: training steps of plain BatchNorm before any correction.
+        rmax_ramp_steps, dmax_ramp_steps: steps over which the limits grow linearly from
+            (1, 0) to (rmax, dmax) after the warm-up.
+        track_running_stats: must be True: r and d are defined by the running statistics.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        warmup_steps: int = 0,
+        rmax_ramp_steps: int = 0,
+        dmax_ramp_steps: int = 0,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        _check_renorm_config(rmax, dmax, warmup_steps, rmax_ramp_steps, dmax_ramp_steps)
+        if not track_running_stats:
+            raise InputError(
+                f"{type(self).__name__} needs running statistics (r and d compare the batch "
+                "with them); track_running_stats must be True"
+            )
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype, bias=bias)
+        self.rmax, self.dmax = float(rmax), float(dmax)
+        self.warmup_steps = int(warmup_steps)
+        self.rmax_ramp_steps, self.dmax_ramp_steps = int(rmax_ramp_steps), int(dmax_ramp_steps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, rmax={self.rmax}, dmax={self.dmax}, "
+            f"warmup_steps={self.warmup_steps}, rmax_ramp_steps={self.rmax_ramp_steps}, "
+            f"dmax_ramp_steps={self.dmax_ramp_steps}"
+        )
+
+    def current_limits(self) -> tuple[float, float]:
+        """``(rmax_t, dmax_t)`` for the next training step ``t = num_batches_tracked``."""
+        step = int(self.num_batches_tracked)
+        r_fraction = _ramp(step, self.warmup_steps, self.rmax_ramp_steps)
+        d_fraction = _ramp(step, self.warmup_steps, self.dmax_ramp_steps)
+        # Spelled out so that an infinite limit (no clipping) times a zero fraction is no NaN.
+        rmax = 1.0 if r_fraction == 0 else 1.0 + (self.rmax - 1.0) * r_fraction
+        dmax = 0.0 if d_fraction == 0 else self.dmax * d_fraction
+        return rmax, dmax
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if not self.training:
+            return super().forward(input)
+        momentum = self._momentum_for_this_batch()
+        _check_batch_norm_args(
+            input, self.running_mean, self.running_var, self.weight, self.bias, True, momentum,
+            self.eps,
+        )  # fmt: skip
+        with torch.no_grad():
+            mean, var = batch_statistics(input)
+            rmax, dmax = self.current_limits()
+            r, d = renorm_correction(
+                mean, var, self.running_mean, self.running_var, self.eps, rmax, dmax
+            )
+            # After r and d: they compare the batch with the statistics it has not yet moved.
+            _update_running_stats(
+                self.running_mean, self.running_var, mean, var, _values_per_channel(input), momentum
+            )
+        self.num_batches_tracked.add_(1)
+        compute = _compute_dtype(input)
+        invstd = torch.rsqrt(var + self.eps)
+        weight, shift = r, d
+        if self.weight is not None:
+            weight = self.weight.to(compute) * r
+            shift = self.weight.to(compute) * d
+        if self.bias is not None:
+            shift = shift + self.bias.to(compute)
+        return _BatchNormFunction.apply(input, weight, shift, mean, invstd, True, self.eps)
+
+
+class BatchRenorm1d(_BatchRenorm):
+    """Batch Renorm over ``(N, C)`` or ``(N, C, L)`` input; see :class:`_BatchRenorm`."""
+
+    _input_ranks = (2, 3)
+    _input_shapes = "(N, C) or (N, C, L)"
+
+
+class BatchRenorm2d(_BatchRenorm):
+    """Batch Renorm over ``(N, C, H, W)`` input; see :class:`_BatchRenorm`."""
+
+    _input_ranks = (4,)
+    _input_shapes = "(N, C, H, W)"

@@ -1,0 +1,347 @@
+r"""Structured and multiplicative relatives of Dropout: DropPath, DropBlock2d, DropConnect and
+GaussianDropout, as functions and modules.
+
+All are identities in eval mode, take ``p`` in [0, 1] (GaussianDropout: [0, 1)), and accept a
+``generator`` so that a seeded ``torch.Generator`` reproduces the noise exactly; without one
+the global generator is used (``torch.manual_seed`` governs). Masks are drawn with
+``bernoulli_`` in the input's dtype, the way torchvision and timm draw theirs, so the same seed
+gives the same mask as their implementations.
+
+DropPath / stochastic depth (Huang et al. 2016; timm's ``drop_path``, torchvision's
+``StochasticDepth``), for a residual branch ``f`` in ``x + f(x)``::
+
+    row mode:    y[n] = f(x)[n] * b_n / (1 - p),   b_n ~ Bernoulli(1 - p), one per sample
+    batch mode:  y    = f(x)    * b   / (1 - p),   b   ~ Bernoulli(1 - p), one per call
+
+(without ``scale_by_keep`` the ``1 / (1 - p)`` is left out).
+
+DropBlock (Ghiasi, Lin & Le 2018) drops ``block_size x block_size`` squares of a feature map.
+Block seeds are drawn where a whole block fits, on an ``(H - b + 1) x (W - b + 1)`` grid, with
+the rate of the paper's eq. (1), generalized to rectangles, chosen so that about a fraction p
+of the units is dropped::
+
+    gamma = p / b^2 * (H W) / ((H - b + 1)(W - b + 1))
+    M     = 1 - maxpool_b(pad_{b-1}(seeds)),       seeds ~ Bernoulli(gamma)
+    y     = x * M * numel(M) / sum(M)
+
+Each seed at ``(i, j)`` clears ``[i, i + b) x [j, j + b)``; padding by ``b - 1`` on every side
+makes this exact for odd and even block sizes alike. One mask per sample, shared by all
+channels (``per_channel=False``, the coupled-channel mask), or one per (sample, channel)
+(``per_channel=True``, as ``torchvision.ops.drop_block2d`` and the reference TF code).
+
+DropConnect (Wan et al. 2013) drops *weights* of a Linear or Conv layer instead of activations:
+``W' = W * M / (1 - p)``, ``M ~ Bernoulli(1 - p)`` per weight, one mask per forward call
+(shared by the batch, as AWD-LSTM's WeightDrop; the paper draws one per sample). The bias is
+kept. Inference uses ``W`` (the inverted scaling replaces the paper's Gaussian moment matching).
+
+Gaussian dropout (Srivastava et al. 2014, section 10) multiplies by continuous noise with the
+mean and variance of the dropout mask ``b / (1 - p)``::
+
+    y = x * e,   e ~ N(1, p / (1 - p))
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from normdrop import functional as F
+from normdrop.errors import InputError, InputTypeError
+from normdrop.functional import _check_dropout_args, _check_dropout_p, _compute_dtype
+
+__all__ = [
+    "DropBlock2d",
+    "DropConnect",
+    "DropPath",
+    "GaussianDropout",
+    "drop_block2d",
+    "drop_block_gamma",
+    "drop_path",
+    "gaussian_dropout",
+]
+
+_DROP_PATH_MODES = ("row", "batch")
+
+
+# --------------------------------------------------------------------------------------------
+# DropPath
+# --------------------------------------------------------------------------------------------
+
+
+def drop_path(
+    input: Tensor,
+    p: float = 0.1,
+    training: bool = True,
+    mode: str = "row",
+    scale_by_keep: bool = True,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Zero whole samples (``mode="row"``) or the whole batch (``"batch"``) with probability p.
+
+    Args:
+        input: ``(N, *)``, the output of a residual branch.
+        p: probability of dropping, in [0, 1].
+        mode: ``"row"``: one draw per sample; ``"batch"``: one draw for the whole input.
+        scale_by_keep: divide the survivors by ``1 - p`` so the expectation is unchanged.
+    """
+    _check_dropout_args("drop_path", input, p)
+    if mode not in _DROP_PATH_MODES:
+        raise InputError(f"drop_path: mode must be one of {_DROP_PATH_MODES}, got {mode!r}")
+    if input.dim() < 1:
+        raise InputError("drop_path: input must have a batch dimension, got a 0-D tensor")
+    if not training or p == 0:
+        return input
+    keep = 1.0 - p
+    ones = (1,) * (input.dim() - 1)
+    shape = (input.shape[0], *ones) if mode == "row" else (1, *ones)
+    noise = torch.empty(shape, dtype=input.dtype, device=input.device)
+    noise.bernoulli_(keep, generator=generator)
+    if scale_by_keep and keep > 0:
+        noise.div_(keep)
+    return input * noise
+
+
+class DropPath(torch.nn.Module):
+    """Stochastic depth on a residual branch; see :func:`drop_path`.
+
+    Args:
+        p: probability of dropping the branch, in [0, 1].
+        mode: ``"row"`` (per sample, timm's DropPath) or ``"batch"`` (whole batch).
+        scale_by_keep: rescale survivors by ``1 / (1 - p)``.
+        generator: draws the masks; the global generator if ``None``.
+    """
+
+    def __init__(
+        self,
+        p: float = 0.1,
+        mode: str = "row",
+        scale_by_keep: bool = True,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        _check_dropout_p("DropPath", p)
+        if mode not in _DROP_PATH_MODES:
+            raise InputError(f"DropPath: mode must be one of {_DROP_PATH_MODES}, got {mode!r}")
+        super().__init__()
+        self.p, self.mode, self.scale_by_keep = p, mode, scale_by_keep
+        self.generator = generator
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, mode={self.mode!r}, scale_by_keep={self.scale_by_keep}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        return drop_path(
+            input, self.p, self.training, self.mode, self.scale_by_keep, generator=self.generator
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# DropBlock
+# --------------------------------------------------------------------------------------------
+
+
+def drop_block_gamma(p: float, block_size: int, height: int, width: int) -> float:
+    """Seed rate of DropBlock (Ghiasi et al. 2018, eq. 1, for an ``height x width`` map).
+
+    ``gamma = p / b^2 * H W / ((H - b + 1)(W - b + 1))``; always <= p, so a valid probability.
+    """
+    valid = (height - block_size + 1) * (width - block_size + 1)
+    return p * height * width / (block_size**2 * valid)
+
+
+def _check_block_size(name: str, block_size: int) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
+        raise InputTypeError(f"{name}: block_size must be a positive int, got {block_size!r}")
+    if block_size < 1:
+        raise InputError(f"{name}: block_size must be a positive int, got {block_size}")
+
+
+def block_mask(seeds: Tensor, block_size: int) -> Tensor:
+    """Dilate block seeds into the drop mask: 1 wherever some seed's block covers.
+
+    ``seeds``: ``(N, C, H - b + 1, W - b + 1)`` of 0/1; a 1 at ``(i, j)`` covers
+    ``[i, i + b) x [j, j + b)``. Returns ``(N, C, H, W)``.
+    """
+    padded = torch.nn.functional.pad(seeds, [block_size - 1] * 4)
+    return torch.nn.functional.max_pool2d(padded, kernel_size=block_size, stride=1)
+
+
+def drop_block2d(
+    input: Tensor,
+    p: float = 0.1,
+    block_size: int = 7,
+    training: bool = True,
+    *,
+    per_channel: bool = False,
+    eps: float = 1e-6,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DropBlock on an ``(N, C, H, W)`` input; see the module docstring.
+
+    Args:
+        p: about the fraction of units dropped, in [0, 1].
+        block_size: side b of the square blocks, ``1 <= b <= min(H, W)`` (odd or even).
+        per_channel: one mask per (sample, channel) as torchvision, instead of per sample.
+        eps: keeps the rescaling finite when everything is dropped.
+    """
+    _check_dropout_args("drop_block2d", input, p)
+    _check_block_size("drop_block2d", block_size)
+    if input.dim() != 4:
+        raise InputError(
+            f"drop_block2d: input must have shape (N, C, H, W), got {input.dim()}-D input of "
+            f"shape {tuple(input.shape)}"
+        )
+    n, c, height, width = input.shape
+    if block_size > min(height, width):
+        raise InputError(
+            f"drop_block2d: block_size={block_size} is larger than the {height}x{width} "
+            f"feature map of input shape {tuple(input.shape)}; use block_size <= "
+            f"{min(height, width)}"
+        )
+    if not training or p == 0:
+        return input
+    gamma = drop_block_gamma(p, block_size, height, width)
+    grid = (n, c if per_channel else 1, height - block_size + 1, width - block_size + 1)
+    seeds = torch.empty(grid, dtype=input.dtype, device=input.device)
+    seeds.bernoulli_(gamma, generator=generator)
+    keep = 1 - block_mask(seeds, block_size)
+    scale = keep.numel() / (eps + keep.sum(dtype=_compute_dtype(input)))
+    return input * keep * scale.to(input.dtype)
+
+
+class DropBlock2d(torch.nn.Module):
+    """DropBlock for ``(N, C, H, W)`` feature maps; see :func:`drop_block2d`.
+
+    Args:
+        p: about the fraction of units dropped, in [0, 1]. The paper raises it linearly from 0
+            during training; set ``module.p`` from your schedule.
+        block_size: side of the dropped squares, at most the feature map's smaller side.
+        per_channel: independent masks per channel (torchvision) instead of one per sample.
+        eps: keeps the rescaling finite when everything is dropped.
+        generator: draws the masks; the global generator if ``None``.
+    """
+
+    def __init__(
+        self,
+        p: float = 0.1,
+        block_size: int = 7,
+        *,
+        per_channel: bool = False,
+        eps: float = 1e-6,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        _check_dropout_p("DropBlock2d", p)
+        _check_block_size("DropBlock2d", block_size)
+        super().__init__()
+        self.p, self.block_size, self.per_channel, self.eps = p, block_size, per_channel, eps
+        self.generator = generator
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, block_size={self.block_size}, per_channel={self.per_channel}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        return drop_block2d(
+            input,
+            self.p,
+            self.block_size,
+            self.training,
+            per_channel=self.per_channel,
+            eps=self.eps,
+            generator=self.generator,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# DropConnect
+# --------------------------------------------------------------------------------------------
+
+_WEIGHT_LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+
+
+class DropConnect(torch.nn.Module):
+    """Wrap a Linear, Conv or ConvTranspose layer and drop its weights in training.
+
+    ``DropConnect(torch.nn.Linear(128, 64), p=0.3)``. In training each forward draws
+    ``M ~ Bernoulli(1 - p)`` of the weight's shape and runs the layer with
+    ``weight * M / (1 - p)`` (:func:`normdrop.functional.dropout` applied to the weight, so the
+    gradient reaches the kept weights only); in eval the layer runs unchanged. The wrapped
+    layer is ``self.module``; its ``state_dict`` keys get the prefix ``module.``.
+    """
+
+    def __init__(
+        self, module: torch.nn.Module, p: float = 0.5, *, generator: torch.Generator | None = None
+    ) -> None:
+        if not isinstance(module, _WEIGHT_LAYERS):
+            raise InputTypeError(
+                "DropConnect: module must be a torch.nn.Linear, Conv1d/2d/3d or "
+                f"ConvTranspose1d/2d/3d, got {type(module).__name__}"
+            )
+        _check_dropout_p("DropConnect", p)
+        super().__init__()
+        self.module, self.p, self.generator = module, p, generator
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        if not self.training or self.p == 0:
+            return self.module(*args, **kwargs)
+        weight = F.dropout(self.module.weight, self.p, True, generator=self.generator)
+        return functional_call(self.module, {"weight": weight}, args, kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Gaussian dropout
+# --------------------------------------------------------------------------------------------
+
+
+def gaussian_dropout(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Multiply by ``N(1, p / (1 - p))`` noise, one draw per element; identity in eval.
+
+    ``p`` in [0, 1): the noise variance ``p / (1 - p)`` is that of the dropout mask
+    ``Bernoulli(1 - p) / (1 - p)``, and is infinite at ``p = 1``.
+    """
+    _check_dropout_args("gaussian_dropout", input, p)
+    if p == 1:
+        raise InputError(
+            "gaussian_dropout: p must be < 1 (the noise variance p / (1 - p) is infinite at 1)"
+        )
+    if not training or p == 0:
+        return input
+    noise = torch.empty_like(input).normal_(1.0, math.sqrt(p / (1 - p)), generator=generator)
+    return input * noise
+
+
+class GaussianDropout(torch.nn.Module):
+    """Multiplicative Gaussian noise ``N(1, p / (1 - p))``; see :func:`gaussian_dropout`.
+
+    Args:
+        p: equivalent drop rate, in [0, 1).
+        generator: draws the noise; the global generator if ``None``.
+    """
+
+    def __init__(self, p: float = 0.5, *, generator: torch.Generator | None = None) -> None:
+        _check_dropout_p("GaussianDropout", p)
+        if p == 1:
+            raise InputError(
+                "GaussianDropout: p must be < 1 (the noise variance p / (1 - p) is infinite at 1)"
+            )
+        super().__init__()
+        self.p, self.generator = p, generator
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        return gaussian_dropout(input, self.p, self.training, generator=self.generator)

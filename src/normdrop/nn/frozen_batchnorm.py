@@ -1,0 +1,274 @@
+r"""Frozen Batch Normalization: BatchNorm's inference transform with nothing left to learn.
+
+Fine-tuning a detector or segmenter with a few images per GPU makes batch statistics useless,
+so the pretrained BatchNorms are frozen: statistics AND affine become constants (buffers)::
+
+    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias
+
+in training and evaluation alike; the input still gets its gradient
+``dL/dx = dy * weight / sqrt(running_var + eps)``. The forward is
+:func:`normdrop.functional.batch_norm` in inference mode.
+
+Design note: these classes are plain ``torch.nn.Module``\ s, NOT subclasses of
+``torch.nn.modules.batchnorm._BatchNorm``, on purpose (torchvision and detectron2 do the same):
+code that finds BatchNorms by ``isinstance`` would otherwise silently unfreeze them
+(``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` turns every ``_BatchNorm`` into a trainable
+layer, ``torch.optim.swa_utils.update_bn`` resets and recomputes their statistics). The
+``state_dict`` keys are BatchNorm's (``weight``, ``bias``, ``running_mean``, ``running_var``,
+``num_batches_tracked``), so checkpoints load either way; a checkpoint without
+``num_batches_tracked`` (torchvision's FrozenBatchNorm2d) loads too.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from normdrop import functional as F
+from normdrop.errors import InputError, InputTypeError
+from normdrop.nn.batchnorm import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    _check_batch_norm_config,
+)
+
+__all__ = [
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "freeze_batchnorm",
+    "unfreeze_batchnorm",
+]
+
+
+class _FrozenBatchNorm(torch.nn.Module):
+    """BatchNorm with fixed statistics and affine, all buffers; see the module docstring.
+
+    Args:
+        num_features: C.
+        eps: added to ``running_var``; positive.
+        device, dtype: of the buffers, initialized as a fresh BatchNorm's (weight 1, bias 0,
+            mean 0, variance 1).
+
+    Made by :func:`freeze_batchnorm` or :meth:`from_batchnorm`, it remembers ``momentum`` and
+    ``affine`` of the layer it came from, so that :meth:`to_batchnorm` gives it back.
+    """
+
+    _input_ranks: tuple[int, ...] = ()
+    _input_shapes: str = ""
+    _unfrozen_class: type[torch.nn.Module]
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        _check_batch_norm_config(num_features, eps, None)
+        super().__init__()
+        self.num_features, self.eps = int(num_features), float(eps)
+        self.momentum: float | None = 0.1
+        self.affine = True
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("weight", torch.ones(num_features, **factory))
+        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.register_buffer(
+            "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ):
+        # torchvision's FrozenBatchNorm2d saves no num_batches_tracked; keep ours (0).
+        key = prefix + "num_batches_tracked"
+        if key not in state_dict:
+            state_dict[key] = self.num_batches_tracked.clone()
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+
+    def _check_input(self, input: Tensor) -> None:
+        name = type(self).__name__
+        if not isinstance(input, Tensor):
+            raise InputTypeError(
+                f"{name}: input must be a torch.Tensor, got {type(input).__name__}"
+            )
+        if input.dim() not in self._input_ranks:
+            raise InputError(
+                f"{name} expects input of shape {self._input_shapes}, got {input.dim()}-D input "
+                f"of shape {tuple(input.shape)}"
+            )
+        if input.shape[1] != self.num_features:
+            raise InputError(
+                f"{name}(num_features={self.num_features}) got input with {input.shape[1]} "
+                f"channels (dim 1) in shape {tuple(input.shape)}"
+            )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        return F.batch_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+    @classmethod
+    def from_batchnorm(cls, bn: torch.nn.modules.batchnorm._BatchNorm) -> _FrozenBatchNorm:
+        """A frozen copy of ``bn``'s current statistics and affine (tensors are copied)."""
+        if bn.running_mean is None:
+            raise InputError(
+                f"cannot freeze {type(bn).__name__}(track_running_stats=False): it has no "
+                "running statistics to freeze"
+            )
+        frozen = cls(bn.num_features, bn.eps, device=bn.running_mean.device)
+        with torch.no_grad():
+            frozen.running_mean = bn.running_mean.detach().clone()
+            frozen.running_var = bn.running_var.detach().clone()
+            frozen.num_batches_tracked = bn.num_batches_tracked.detach().clone()
+            affine = (
+                bn.running_mean.new_ones(bn.num_features),
+                bn.running_mean.new_zeros(bn.num_features),
+            )
+            weight = affine[0] if bn.weight is None else bn.weight.detach().clone()
+            bias = affine[1] if bn.bias is None else bn.bias.detach().clone()
+            frozen.weight, frozen.bias = weight, bias
+        frozen.momentum, frozen.affine = bn.momentum, bn.affine
+        frozen.had_bias = bn.bias is not None
+        return frozen
+
+    def to_batchnorm(self) -> torch.nn.modules.batchnorm._BatchNorm:
+        """A trainable normdrop BatchNorm with these statistics and affine (tensors copied)."""
+        had_bias = getattr(self, "had_bias", True)
+        extra = {} if not self.affine or had_bias else {"bias": False}
+        bn = self._unfrozen_class(
+            self.num_features,
+            self.eps,
+            self.momentum,
+            self.affine,
+            True,
+            device=self.running_mean.device,
+            dtype=self.running_mean.dtype,
+            **extra,
+        )
+        with torch.no_grad():
+            bn.running_mean.copy_(self.running_mean)
+            bn.running_var.copy_(self.running_var)
+            bn.num_batches_tracked.copy_(self.num_batches_tracked)
+            if bn.weight is not None:
+                bn.weight.copy_(self.weight)
+            if bn.bias is not None:
+                bn.bias.copy_(self.bias)
+        return bn
+
+
+class FrozenBatchNorm1d(_FrozenBatchNorm):
+    """Frozen BatchNorm over ``(N, C)`` or ``(N, C, L)`` input."""
+
+    _input_ranks = (2, 3)
+    _input_shapes = "(N, C) or (N, C, L)"
+    _unfrozen_class = BatchNorm1d
+
+
+class FrozenBatchNorm2d(_FrozenBatchNorm):
+    """Frozen BatchNorm over ``(N, C, H, W)`` input."""
+
+    _input_ranks = (4,)
+    _input_shapes = "(N, C, H, W)"
+    _unfrozen_class = BatchNorm2d
+
+
+class FrozenBatchNorm3d(_FrozenBatchNorm):
+    """Frozen BatchNorm over ``(N, C, D, H, W)`` input."""
+
+    _input_ranks = (5,)
+    _input_shapes = "(N, C, D, H, W)"
+    _unfrozen_class = BatchNorm3d
+
+
+def _frozen_class_for(module: torch.nn.Module) -> type[_FrozenBatchNorm] | None:
+    """Which frozen class replaces ``module``, by the input rank it takes; None if unknown."""
+    from normdrop.nn.sync_batchnorm import SyncBatchNorm  # sync imports batchnorm, not us
+
+    kind = getattr(module, "_unsynced_class", None) if isinstance(module, SyncBatchNorm) else None
+    kind = kind or type(module)
+    ranks = {
+        torch.nn.BatchNorm1d: FrozenBatchNorm1d,
+        torch.nn.BatchNorm2d: FrozenBatchNorm2d,
+        torch.nn.BatchNorm3d: FrozenBatchNorm3d,
+    }
+    for base, frozen in ranks.items():
+        if issubclass(kind, base):
+            return frozen
+    # normdrop's variants (ghost, renorm) say their ranks instead of subclassing torch's.
+    by_rank = {(2, 3): FrozenBatchNorm1d, (4,): FrozenBatchNorm2d, (5,): FrozenBatchNorm3d}
+    return by_rank.get(getattr(kind, "_input_ranks", None))
+
+
+def _is_freezable(module: torch.nn.Module) -> bool:
+    """BatchNorms whose eval forward is exactly BatchNorm: torch's, normdrop's and variants."""
+    from normdrop.nn.batch_renorm import _BatchRenorm
+    from normdrop.nn.ghost_batchnorm import _GhostBatchNorm
+    from normdrop.nn.sync_batchnorm import _PLAIN_BATCHNORMS, SyncBatchNorm
+
+    return type(module) in _PLAIN_BATCHNORMS or isinstance(
+        module, SyncBatchNorm | _GhostBatchNorm | _BatchRenorm
+    )
+
+
+def freeze_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every BatchNorm in ``module`` by a :class:`FrozenBatchNorm1d` / ``2d`` / ``3d``.
+
+    Works in place and returns ``module`` (or the frozen layer when ``module`` is itself a
+    BatchNorm). Each frozen layer holds a copy of the statistics and affine as they are now.
+    A BatchNorm subclass with its own forward (e.g. a fused activation) is left as it is, with a
+    warning: freezing it would drop what it adds. A SyncBatchNorm built directly (not by
+    ``convert_sync_batchnorm``) has no known input rank: revert it first.
+    """
+    skipped: list[str] = []
+    frozen = _freeze(module, "", skipped)
+    if skipped:
+        warnings.warn(
+            "freeze_batchnorm: left these BatchNorms unfrozen (a subclass whose forward is not "
+            "plain BatchNorm, or a SyncBatchNorm of unknown input rank: revert it first): "
+            f"{', '.join(skipped)}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return frozen
+
+
+def _freeze(module: torch.nn.Module, path: str, skipped: list[str]) -> torch.nn.Module:
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        frozen_class = _frozen_class_for(module) if _is_freezable(module) else None
+        if frozen_class is None:
+            skipped.append(path or "<root>")
+            return module
+        frozen = frozen_class.from_batchnorm(module)
+        frozen.train(module.training)
+        return frozen
+    for name, child in module.named_children():
+        module.add_module(name, _freeze(child, f"{path}.{name}" if path else name, skipped))
+    return module
+
+
+def unfreeze_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every frozen BatchNorm in ``module`` by a trainable normdrop BatchNorm.
+
+    The new layer has the frozen statistics and affine, and the ``momentum`` and ``affine`` of
+    the layer that was frozen (0.1 and True for a frozen layer built directly). In place;
+    returns ``module`` or the new layer.
+    """
+    if isinstance(module, _FrozenBatchNorm):
+        bn = module.to_batchnorm()
+        bn.train(module.training)
+        return bn
+    for name, child in module.named_children():
+        module.add_module(name, unfreeze_batchnorm(child))
+    return module

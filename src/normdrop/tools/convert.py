@@ -1,0 +1,127 @@
+"""Swap a model's BatchNorm and Dropout layers between ``torch.nn`` and ``normdrop.nn``.
+
+``convert(model, to="normdrop")`` puts normdrop's implementation behind an existing model (a
+torchvision or timm network, a checkpoint) without touching its code; ``to="torch"`` takes it
+back out. Each layer keeps its parameters and buffers (the very tensors), its mode, device,
+dtype, hyperparameters and forward hooks, so ``state_dict`` is unchanged and a round trip is
+the identity. Only exact classes are swapped: a user's subclass of ``torch.nn.BatchNorm2d`` has
+its own reasons and stays.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+
+from normdrop import nn as ndnn
+from normdrop.errors import InputError
+from normdrop.nn.sync_batchnorm import _move_state
+
+__all__ = ["convert"]
+
+_COUNTERPARTS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
+    torch.nn.BatchNorm1d: ndnn.BatchNorm1d,
+    torch.nn.BatchNorm2d: ndnn.BatchNorm2d,
+    torch.nn.BatchNorm3d: ndnn.BatchNorm3d,
+    torch.nn.SyncBatchNorm: ndnn.SyncBatchNorm,
+    torch.nn.Dropout: ndnn.Dropout,
+    torch.nn.Dropout1d: ndnn.Dropout1d,
+    torch.nn.Dropout2d: ndnn.Dropout2d,
+    torch.nn.Dropout3d: ndnn.Dropout3d,
+    torch.nn.AlphaDropout: ndnn.AlphaDropout,
+    torch.nn.FeatureAlphaDropout: ndnn.FeatureAlphaDropout,
+}
+_TARGETS = {
+    "normdrop": _COUNTERPARTS,
+    "torch": {ours: theirs for theirs, ours in _COUNTERPARTS.items()},
+}
+
+# Module's per-instance hook tables (the *_with_kwargs / always_called ones are flags keyed by
+# hook id and must travel with their hooks).
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+def _rebuild(module: torch.nn.Module, cls: type[torch.nn.Module]) -> torch.nn.Module:
+    """A ``cls`` with ``module``'s configuration, tensors, mode and hooks."""
+    if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+        new = cls(module.p, module.inplace)
+    else:
+        extra = {} if not module.affine or module.bias is not None else {"bias": False}
+        args = [module.num_features, module.eps, module.momentum, module.affine]
+        args.append(module.track_running_stats)
+        if issubclass(cls, torch.nn.SyncBatchNorm | ndnn.SyncBatchNorm):
+            args.append(module.process_group)
+        new = cls(*args, **extra)
+    for hooks in _HOOK_DICTS:
+        if hasattr(module, hooks):
+            getattr(new, hooks).update(getattr(module, hooks))
+    return _move_state(module, new)
+
+
+def _swap(module: torch.nn.Module, table: dict, path: str, left: list[str]) -> torch.nn.Module:
+    if type(module) in table:
+        return _rebuild(module, table[type(module)])
+    if type(module).__module__.startswith("normdrop.") and _is_layer(module):
+        left.append(f"{path or '<root>'} ({type(module).__name__})")
+    for name, child in module.named_children():
+        module.add_module(name, _swap(child, table, f"{path}.{name}" if path else name, left))
+    return module
+
+
+def _is_layer(module: torch.nn.Module) -> bool:
+    """A normdrop BatchNorm or dropout-like layer (as opposed to a container)."""
+    from normdrop.nn.drop import DropBlock2d, DropConnect, DropPath, GaussianDropout
+    from normdrop.nn.frozen_batchnorm import _FrozenBatchNorm
+
+    kinds = (
+        torch.nn.modules.batchnorm._BatchNorm,
+        torch.nn.modules.dropout._DropoutNd,
+        _FrozenBatchNorm,
+        DropBlock2d,
+        DropConnect,
+        DropPath,
+        GaussianDropout,
+    )
+    return isinstance(module, kinds)
+
+
+def convert(
+    model: torch.nn.Module, to: str = "normdrop", *, inplace: bool = False
+) -> torch.nn.Module:
+    """Swap every BatchNorm/Dropout layer of ``model`` for its ``torch.nn`` or normdrop twin.
+
+    Args:
+        model: any module (a bare BatchNorm or Dropout too).
+        to: ``"normdrop"`` (torch.nn -> normdrop.nn) or ``"torch"`` (the reverse).
+        inplace: modify ``model`` itself instead of a deep copy.
+
+    Returns:
+        The converted model (``model`` itself when ``inplace``, unless ``model`` is a layer
+        that had to be replaced). With ``to="torch"``, normdrop layers that have no torch.nn
+        twin (ghost, renorm, frozen, drop-path, ...) stay, with a warning naming them.
+    """
+    if to not in _TARGETS:
+        raise InputError(f"convert: to must be one of {tuple(_TARGETS)}, got {to!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
+    target = model if inplace else copy.deepcopy(model)
+    left: list[str] = []
+    converted = _swap(target, _TARGETS[to], "", left)
+    if to == "torch" and left:
+        warnings.warn(
+            "convert(to='torch'): these normdrop layers have no torch.nn counterpart and were "
+            f"kept: {', '.join(left)}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return converted

@@ -1,0 +1,147 @@
+"""``normdrop lint MODULE:FACTORY [--input-shape 8,3,32,32]``: lint a model from the shell.
+
+FACTORY is a callable in MODULE (an importable module, or a path to a ``.py`` file) that
+returns the model when called without arguments; a model object works too. The example input is
+float32 standard normal noise of ``--input-shape`` (guessed from the first Linear/Conv if not
+given). Exit status: 0 no finding at or above ``--fail-on`` (default: error), 1 some, 2 the
+model could not be loaded or run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import importlib.util
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from normdrop.errors import InputError
+from normdrop.tools.lint.checks import SEVERITIES, Finding, lint
+
+__all__ = ["cli_main"]
+
+
+def _load_factory(spec: str) -> Callable[[], Any] | torch.nn.Module:
+    """``package.module:name`` or ``path/to/file.py:name`` -> the named object."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise InputError(
+            f"expected MODULE:FACTORY (e.g. mypackage.models:make_model or models.py:make), "
+            f"got {spec!r}"
+        )
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise InputError(f"no such file: {module_name}")
+        loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        loader_spec.loader.exec_module(module)
+    else:
+        if "" not in sys.path:
+            sys.path.insert(0, "")  # like `python -m`: modules in the working directory
+        module = importlib.import_module(module_name)
+    try:
+        return functools.reduce(getattr, attribute.split("."), module)
+    except AttributeError:
+        raise InputError(f"{module_name} has no attribute {attribute!r}") from None
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive ints such as 8,3,32,32, got {text!r}"
+        ) from None
+    if not shape or any(size < 1 for size in shape):
+        raise argparse.ArgumentTypeError(f"sizes must be positive ints, got {text!r}")
+    return shape
+
+
+def _guess_input_shape(model: torch.nn.Module) -> tuple[int, ...]:
+    """From the first Linear/Conv: (8, features) or (8, C, 32[, 32[, 32]])."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            return (8, module.in_features)
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            spatial = len(module.kernel_size)
+            return (8, module.in_channels, *([32] * spatial))
+    raise InputError("cannot guess the input shape; pass --input-shape, e.g. 8,3,32,32")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="normdrop lint",
+        description="Check a model for BatchNorm and Dropout pitfalls.",
+    )
+    parser.add_argument(
+        "factory",
+        help="MODULE:FACTORY, a callable returning the model (or a model object); MODULE is "
+        "an importable module or a path to a .py file",
+    )
+    parser.add_argument(
+        "--input-shape",
+        type=_parse_shape,
+        help="example input shape, e.g. 8,3,32,32 (float32 standard normal); default: "
+        "guessed from the first Linear/Conv layer",
+    )
+    parser.add_argument(
+        "--eval", action="store_true", help="lint the model in eval mode (model.eval())"
+    )
+    parser.add_argument(
+        "--train-only",
+        action="store_true",
+        help="the model is not meant for deployment (skips no-running-stats)",
+    )
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument(
+        "--fail-on",
+        choices=(*SEVERITIES, "never"),
+        default="error",
+        help="exit with status 1 if a finding is this severe or worse (default: error)",
+    )
+    return parser
+
+
+def _report(findings: list[Finding], model: torch.nn.Module, format: str) -> str:
+    if format == "json":
+        return json.dumps([asdict(f) for f in findings], indent=2)
+    if not findings:
+        return f"{type(model).__name__}: no findings"
+    counts = ", ".join(f"{sum(f.severity == s for f in findings)} {s}" for s in SEVERITIES)
+    return "\n".join([*map(str, findings), f"{type(model).__name__}: {counts}"])
+
+
+def cli_main(argv: Sequence[str] | None = None) -> int:
+    """``normdrop lint MODULE:FACTORY [--input-shape 8,3,32,32]``; returns the exit status.
+
+    0: no finding at or above ``--fail-on``; 1: some; 2: the model could not be loaded or run.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        made = _load_factory(args.factory)
+        model = made if isinstance(made, torch.nn.Module) else made()
+        if not isinstance(model, torch.nn.Module):
+            raise InputError(
+                f"{args.factory} returned {type(model).__name__}, not a torch.nn.Module"
+            )
+        if args.eval:
+            model.eval()
+        shape = args.input_shape or _guess_input_shape(model)
+        example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        findings = lint(model, example, deployment=not args.train_only)
+    except (InputError, ImportError, OSError, SyntaxError, TypeError) as error:
+        print(f"normdrop lint: error: {error}", file=sys.stderr)
+        return 2
+    print(_report(findings, model, args.format))
+    if args.fail_on == "never":
+        return 0
+    worst = SEVERITIES.index(args.fail_on)
+    return int(any(SEVERITIES.index(f.severity) <= worst for f in findings))

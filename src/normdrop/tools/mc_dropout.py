@@ -1,0 +1,141 @@
+r"""Monte Carlo dropout (Gal & Ghahramani 2016): predictive uncertainty from dropout at test time.
+
+Keeping dropout active at inference and averaging ``T`` stochastic forward passes
+approximates the predictive distribution of a Bayesian network. For class probabilities
+``p_t = softmax(f_t(x))`` of pass ``t``::
+
+    mean               = (1/T) sum_t p_t
+    variance           = (1/(T-1)) sum_t (p_t - mean)^2          per class (unbiased)
+    entropy            = H[mean] = - sum_k mean_k log mean_k      total (predictive) uncertainty
+    mutual_information = H[mean] - (1/T) sum_t H[p_t]             the model's own (epistemic) part
+
+(BALD, Houlsby et al. 2011). For ``activation="sigmoid"`` the entropies are those of a
+Bernoulli per output; for ``activation=None`` (regression) only mean and variance are given.
+
+The classic mistake is ``model.train()``: it also puts BatchNorm in training mode, so each
+prediction is normalized with the statistics of the test batch (and updates the running
+statistics). :func:`mc_dropout` turns on the dropout layers only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from normdrop.errors import InputError
+from normdrop.nn.drop import DropBlock2d, DropConnect, DropPath, GaussianDropout
+
+__all__ = ["MCPrediction", "mc_dropout", "mc_predict"]
+
+DROPOUT_LAYERS = (
+    torch.nn.modules.dropout._DropoutNd,
+    DropPath,
+    DropBlock2d,
+    DropConnect,
+    GaussianDropout,
+)
+_ACTIVATIONS = ("softmax", "sigmoid", None)
+
+
+class MCPrediction(NamedTuple):
+    """What :func:`mc_predict` returns; tensors have the model output's shape, except the
+    entropies of a softmax output, which drop the class dim 1. ``None`` for regression."""
+
+    mean: Tensor
+    variance: Tensor
+    entropy: Tensor | None
+    mutual_information: Tensor | None
+
+
+@contextlib.contextmanager
+def mc_dropout(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the block, dropout layers are in training mode and everything else in eval.
+
+    Dropout layers are ``torch.nn``'s and normdrop's dropout family, DropPath, DropBlock2d,
+    DropConnect and GaussianDropout. Every module's mode is restored on exit.
+    """
+    dropouts = [m for m in model.modules() if isinstance(m, DROPOUT_LAYERS)]
+    if not dropouts:
+        raise InputError(
+            f"mc_dropout: {type(model).__name__} has no dropout layer, so every Monte Carlo "
+            "sample would be the same"
+        )
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        for m in dropouts:
+            m.training = True  # not m.train(): that would recurse into DropConnect's layer
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _probabilities(output: Tensor, activation: str | None) -> Tensor:
+    if activation == "softmax":
+        if output.dim() < 2:
+            raise InputError(
+                "mc_predict: activation='softmax' needs an (N, K, *) output with classes in "
+                f"dim 1, got shape {tuple(output.shape)}"
+            )
+        return torch.softmax(output.to(torch.float64), dim=1)
+    if activation == "sigmoid":
+        return torch.sigmoid(output.to(torch.float64))
+    return output.to(torch.float64)
+
+
+@torch.no_grad()
+def mc_predict(
+    model: torch.nn.Module,
+    x: Tensor,
+    samples: int = 30,
+    *,
+    activation: str | None = "softmax",
+    seed: int | None = None,
+) -> MCPrediction:
+    """Mean, variance and entropies of ``samples`` dropout-perturbed predictions of ``x``.
+
+    Args:
+        model: a model with dropout layers; its modes are restored afterwards.
+        x: the input batch.
+        samples: T, the number of stochastic passes, at least 2.
+        activation: ``"softmax"`` (logits with classes in dim 1), ``"sigmoid"`` (binary or
+            multi-label logits) or ``None`` (regression: entropies are ``None``).
+        seed: makes the draws reproducible without touching the global RNG state.
+
+    Returns:
+        :class:`MCPrediction` in float64 (see the module docstring for the formulas).
+    """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
+        raise InputError(f"mc_predict: samples must be an int >= 2, got {samples!r}")
+    if activation not in _ACTIVATIONS:
+        raise InputError(
+            f"mc_predict: activation must be one of {_ACTIVATIONS}, got {activation!r}"
+        )
+    rng = contextlib.nullcontext()
+    if seed is not None:
+        if x.device.type == "cpu":
+            rng = torch.random.fork_rng(devices=[])
+        else:
+            rng = torch.random.fork_rng(devices=[x.device], device_type=x.device.type)
+    with rng, mc_dropout(model):
+        if seed is not None:
+            torch.manual_seed(seed)
+        draws = torch.stack([_probabilities(model(x), activation) for _ in range(samples)])
+    mean, variance = draws.mean(0), draws.var(0, correction=1)
+    if activation is None:
+        return MCPrediction(mean, variance, None, None)
+    entropy = _entropy_of(mean, activation)
+    expected = torch.stack([_entropy_of(d, activation) for d in draws]).mean(0)
+    return MCPrediction(mean, variance, entropy, entropy - expected)
+
+
+def _entropy_of(p: Tensor, activation: str) -> Tensor:
+    """Entropy in nats: over the class dim 1 for softmax, of Bernoulli(p) for sigmoid."""
+    if activation == "softmax":
+        return -torch.special.xlogy(p, p).sum(1)
+    return -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p))

@@ -1,0 +1,135 @@
+"""FrozenBatchNorm against torch.nn.BatchNorm in eval mode, and freeze/unfreeze round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import normdrop.nn as ndnn
+from normdrop.errors import InputError
+
+
+def _trained_batchnorm(cls, channels, affine=True, seed=0):
+    """A BatchNorm with non-trivial statistics and affine."""
+    generator = torch.Generator().manual_seed(seed)
+    bn = cls(channels, affine=affine, dtype=torch.float64)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(channels, generator=generator, dtype=torch.float64))
+        bn.running_var.copy_(torch.rand(channels, generator=generator, dtype=torch.float64) + 0.1)
+        bn.num_batches_tracked.fill_(7)
+        if affine:
+            bn.weight.copy_(torch.randn(channels, generator=generator, dtype=torch.float64))
+            bn.bias.copy_(torch.randn(channels, generator=generator, dtype=torch.float64))
+    return bn
+
+
+RANKS = {
+    1: (torch.nn.BatchNorm1d, ndnn.FrozenBatchNorm1d, (3,)),
+    2: (torch.nn.BatchNorm2d, ndnn.FrozenBatchNorm2d, (3, 4)),
+    3: (torch.nn.BatchNorm3d, ndnn.FrozenBatchNorm3d, (2, 3, 2)),
+}
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    rank=st.sampled_from([1, 2, 3]),
+    affine=st.booleans(),
+    training=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_equals_batchnorm_in_eval_mode_in_either_mode(rank, affine, training, seed):
+    torch_cls, frozen_cls, spatial = RANKS[rank]
+    bn = _trained_batchnorm(torch_cls, 4, affine, seed).eval()
+    frozen = frozen_cls.from_batchnorm(bn).train(training)
+    x = torch.randn(5, 4, *spatial, dtype=torch.float64)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = frozen(a)
+    torch.testing.assert_close(out, bn(b))
+    grad = torch.randn_like(x)
+    out.backward(grad)
+    bn(b).backward(grad)
+    torch.testing.assert_close(a.grad, b.grad)
+    assert list(frozen.parameters()) == []  # nothing to learn
+    assert torch.equal(frozen.running_mean, bn.running_mean)  # and nothing moved
+
+
+def test_state_dict_is_batchnorms_both_ways():
+    bn = _trained_batchnorm(torch.nn.BatchNorm2d, 3)
+    frozen = ndnn.FrozenBatchNorm2d(3, dtype=torch.float64)
+    frozen.load_state_dict(bn.state_dict())
+    assert list(frozen.state_dict()) == list(bn.state_dict())
+    fresh = torch.nn.BatchNorm2d(3, dtype=torch.float64)
+    fresh.load_state_dict(frozen.state_dict())
+    for key, value in bn.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value)
+    # torchvision's FrozenBatchNorm2d saves no num_batches_tracked.
+    legacy = {k: v for k, v in bn.state_dict().items() if k != "num_batches_tracked"}
+    ndnn.FrozenBatchNorm2d(3, dtype=torch.float64).load_state_dict(legacy)
+
+
+def test_tools_that_find_batchnorms_by_isinstance_leave_it_frozen():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), ndnn.FrozenBatchNorm1d(3))
+    with torch.no_grad():
+        model[1].running_mean.fill_(2.0)
+    torch.optim.swa_utils.update_bn([torch.randn(8, 4)], model)
+    assert torch.all(model[1].running_mean == 2.0)
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert isinstance(converted[1], ndnn.FrozenBatchNorm1d)
+
+
+def _model():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 1),
+        _trained_batchnorm(torch.nn.BatchNorm2d, 3, seed=1),
+        ndnn.GhostBatchNorm2d(3, virtual_batch_size=2, dtype=torch.float64),
+        torch.nn.Flatten(),
+        _trained_batchnorm(ndnn.BatchNorm1d, 12, affine=False, seed=2),
+        torch.nn.Unflatten(1, (3, 2, 2, 1)),
+        _trained_batchnorm(torch.nn.BatchNorm3d, 3, seed=3),
+    ).double()
+
+
+def test_freeze_then_unfreeze_round_trips_and_keeps_eval_outputs():
+    model = _model()
+    model[4].momentum = 0.3
+    x = torch.randn(4, 2, 2, 2, dtype=torch.float64)
+    expected = model.eval()(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    frozen = ndnn.freeze_batchnorm(model.train())
+    assert [type(m).__name__ for m in frozen][1:7:1] == [
+        "FrozenBatchNorm2d", "FrozenBatchNorm2d", "Flatten", "FrozenBatchNorm1d", "Unflatten",
+        "FrozenBatchNorm3d",
+    ]  # fmt: skip
+    assert all(m.training for m in frozen)  # modes kept
+    torch.testing.assert_close(frozen(x), expected)  # even in training mode
+    assert frozen.state_dict().keys() == state.keys() | {"4.weight", "4.bias"}
+
+    thawed = ndnn.unfreeze_batchnorm(frozen)
+    assert type(thawed[1]) is ndnn.BatchNorm2d and type(thawed[4]) is ndnn.BatchNorm1d
+    assert thawed[4].momentum == 0.3 and not thawed[4].affine
+    assert thawed.state_dict().keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(thawed.state_dict()[key], value)
+    torch.testing.assert_close(thawed.eval()(x), expected)
+    assert all(p.requires_grad for p in thawed.parameters())
+
+
+def test_freeze_refuses_what_it_cannot_freeze():
+    with pytest.raises(InputError, match="track_running_stats=False"):
+        ndnn.freeze_batchnorm(torch.nn.BatchNorm1d(2, track_running_stats=False))
+
+    class WithActivation(ndnn.BatchNorm1d):
+        def forward(self, input):
+            return torch.relu(super().forward(input))
+
+    model = torch.nn.Sequential(WithActivation(2))
+    with pytest.warns(UserWarning, match=r"left these BatchNorms unfrozen .*: 0$"):
+        ndnn.freeze_batchnorm(model)
+    assert type(model[0]) is WithActivation
+    with pytest.raises(InputError, match="num_features=2"):
+        ndnn.FrozenBatchNorm1d(2)(torch.randn(3, 4))
+    with pytest.raises(InputError, match=r"\(N, C, H, W\)"):
+        ndnn.FrozenBatchNorm2d(2)(torch.randn(3, 2))

@@ -1,0 +1,230 @@
+"""lint(): every pitfall is found where it is, a clean model has no findings, the model is left
+untouched, and the command line works (``normdrop.tools.lint.cli_main`` and ``python -m``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import normdrop.nn as ndnn
+from normdrop.errors import InputError
+from normdrop.tools import Finding, lint
+from normdrop.tools.lint import cli_main
+
+
+def _rules(findings):
+    return {(f.rule, f.path, f.severity) for f in findings}
+
+
+def clean_model():
+    """BN after bias-free Conv/Linear, before ReLU; dropout only after the last BN."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 4 * 4, 16, bias=False),
+        ndnn.BatchNorm1d(16),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.3),
+        torch.nn.Linear(16, 2),
+    )
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_clean_model_has_no_findings(training):
+    model = clean_model().train(training)
+    assert lint(model, torch.randn(8, 3, 4, 4)) == []
+
+
+class Functional(torch.nn.Module):
+    """Dropout reaches a BatchNorm through a Linear, torch.flatten, F.relu and an addition."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.2)
+        self.linear = torch.nn.Linear(12, 6, bias=False)
+        self.bn = torch.nn.BatchNorm1d(6)
+        self.norm = torch.nn.LayerNorm(6)
+        self.bn_after_norm = torch.nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        h = torch.nn.functional.relu(self.linear(torch.flatten(self.drop(x), 1))) + 1
+        return self.bn_after_norm(self.norm(self.bn(h)))
+
+
+def test_variance_shift_is_traced_through_functional_code_until_a_normalization():
+    findings = lint(Functional(), torch.randn(4, 3, 4))
+    assert _rules(findings) == {("dropout-before-batchnorm", "bn", "warning")}
+    assert "'drop'" in findings[0].message and findings[0].fix
+
+
+class Residual(torch.nn.Module):
+    """In eval, dropout returns its input object; the BatchNorm on the skip path is clean."""
+
+    def __init__(self, dropout):
+        super().__init__()
+        self.drop = dropout
+        self.bn = torch.nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.drop(x) + self.bn(x)
+
+
+@pytest.mark.parametrize(
+    "dropout",
+    [torch.nn.Dropout(0.5), torch.nn.AlphaDropout(0.2), ndnn.DropPath(0.2)],
+)
+def test_identity_dropouts_and_variance_preserving_ones_are_not_flagged(dropout):
+    model = Residual(dropout).eval()
+    assert lint(model, torch.randn(4, 4)) == []
+    chained = torch.nn.Sequential(dropout, torch.nn.BatchNorm1d(4)).eval()
+    expected = set() if not isinstance(dropout, torch.nn.Dropout) else {
+        ("dropout-before-batchnorm", "1", "warning")
+    }  # fmt: skip
+    assert _rules(lint(chained, torch.randn(4, 4))) == expected
+
+
+def test_each_configuration_pitfall_is_found():
+    model = torch.nn.Sequential(
+        torch.nn.Linear(10, 20),                                 # 0: bias before a BN
+        torch.nn.BatchNorm1d(20, momentum=0.99),                 # 1: Keras momentum
+        torch.nn.ReLU(),
+        torch.nn.Linear(20, 20, bias=False),
+        ndnn.BatchNorm1d(20, momentum=1.0),                      # 4: momentum 1
+        torch.nn.Dropout(0.95),                                  # 5: p >= 0.9
+        torch.nn.Linear(20, 4, bias=False),
+        torch.nn.BatchNorm1d(4, track_running_stats=False),      # 7: no running stats
+        ndnn.GaussianDropout(0.0),                               # 8: p = 0
+    )  # fmt: skip
+    findings = lint(model, torch.randn(8, 10))
+    assert _rules(findings) == {
+        ("redundant-bias", "1", "info"),
+        ("batchnorm-momentum", "1", "warning"),
+        ("batchnorm-momentum", "4", "warning"),
+        ("dropout-p", "5", "warning"),
+        ("dropout-before-batchnorm", "7", "warning"),
+        ("no-running-stats", "7", "warning"),
+        ("dropout-p", "8", "info"),
+    }
+    assert "momentum=0.01" in next(f.fix for f in findings if f.path == "1" and "momentum" in
+                                   f.rule)  # fmt: skip
+    assert [f.severity for f in findings] == sorted(
+        (f.severity for f in findings), key=("error", "warning", "info").index
+    )
+    assert "no-running-stats" not in {f.rule for f in lint(model, torch.randn(8, 10),
+                                                           deployment=False)}  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:dropout2d")  # torch's own warning about the same 3-D input
+def test_runtime_pitfalls_batch_of_one_training_bn_in_eval_and_dropout2d_on_3d():
+    model = torch.nn.Sequential(
+        torch.nn.Conv1d(3, 4, 1, bias=False),
+        torch.nn.BatchNorm1d(4),
+        torch.nn.Dropout2d(0.2),
+        torch.nn.Flatten(),
+        torch.nn.BatchNorm1d(4 * 5, track_running_stats=False),
+    )
+    one = lint(model, torch.randn(1, 3, 5))  # training mode, a batch of one
+    assert ("batch-of-one", "4", "error") in _rules(one)
+    assert ("dropout2d-3d-input", "2", "warning") in _rules(one)
+    assert ("batch-of-one", "1", "error") not in _rules(one)  # 5 values per channel there
+    model.eval()
+    model[1].train()  # the classic: a submodule left in training mode
+    assert ("batchnorm-training-in-eval", "1", "error") in _rules(lint(model, torch.randn(2, 3, 5)))
+
+
+def test_lint_leaves_the_model_and_the_rng_as_they_were():
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5),
+        torch.nn.BatchNorm1d(4, track_running_stats=False),
+    )  # fmt: skip
+    model[1].eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    x = torch.randn(1, 3)
+    rng = torch.get_rng_state()
+    lint(model, x)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [m.training for m in model.modules()] == modes
+    assert model[3].running_mean is None
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key])
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_inputs_as_tuple_or_dict_and_a_model_that_does_not_run():
+    class TwoInputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm1d(3)
+
+        def forward(self, a, b):
+            return self.bn(a + b)
+
+    assert lint(TwoInputs(), (torch.randn(4, 3), torch.randn(4, 3))) == []
+    assert lint(TwoInputs(), {"a": torch.randn(4, 3), "b": torch.randn(4, 3)}) == []
+    with pytest.raises(InputError, match=r"in module '1' \(BatchNorm1d\).*num_features=5"):
+        lint(torch.nn.Sequential(torch.nn.Linear(3, 4), ndnn.BatchNorm1d(5)), torch.randn(4, 3))
+    with pytest.raises(InputError, match="example_input must be a tensor"):
+        lint(TwoInputs(), [1, 2])
+
+
+def test_finding_is_printable():
+    finding = Finding("warning", "dropout-p", "", "m", "f")
+    assert str(finding) == "warning: <model>: m\n  fix: f"
+
+
+MODELS = textwrap.dedent(
+    """
+    import torch
+
+    def bad():
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.9), torch.nn.ReLU()
+        )
+
+    def broken():
+        return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(5))
+
+    def not_a_model():
+        return 42
+    """
+)
+
+
+def test_command_line(tmp_path, capsys):
+    path = tmp_path / "models.py"
+    path.write_text(MODELS)
+    assert cli_main([f"{path}:bad", "--input-shape", "4,3,8,8"]) == 0  # warnings only
+    out = capsys.readouterr().out
+    assert "batchnorm-momentum" not in out and "BatchNorm2d(momentum=0.9)" in out
+    assert cli_main([f"{path}:bad", "--fail-on", "info", "--format", "json"]) == 1  # guessed
+    reported = json.loads(capsys.readouterr().out)
+    assert {f["rule"] for f in reported} == {"batchnorm-momentum", "redundant-bias"}
+    assert cli_main([f"{path}:broken"]) == 2
+    assert "does not run on the example input" in capsys.readouterr().err
+    assert cli_main([f"{path}:not_a_model"]) == 2
+    assert cli_main([f"{path}:missing"]) == 2
+    assert cli_main(["no_such_module_xyz:f"]) == 2
+    with pytest.raises(SystemExit):
+        cli_main([f"{path}:bad", "--input-shape", "4,x"])
+
+
+def test_python_dash_m(tmp_path):
+    (tmp_path / "mymodels.py").write_text(MODELS)
+    done = subprocess.run(
+        [sys.executable, "-m", "normdrop.tools.lint", "mymodels:bad", "--eval"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "redundant-bias" not in done.stdout and "1 warning, 1 info" in done.stdout
+    assert "Warning" not in done.stderr  # e.g. runpy's "found in sys.modules" warning

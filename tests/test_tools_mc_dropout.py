@@ -1,0 +1,119 @@
+"""mc_dropout / mc_predict: dropout on, BatchNorm in eval, and the predictive statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+import normdrop.nn as ndnn
+from normdrop.errors import InputError
+from normdrop.tools import mc_dropout, mc_predict
+
+
+def _classifier():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 16, bias=False),
+        torch.nn.BatchNorm1d(16),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.3),
+        ndnn.DropConnect(torch.nn.Linear(16, 4), p=0.2),
+    )
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+    return model
+
+
+def test_context_turns_on_dropout_only_and_restores_every_mode():
+    model = _classifier()
+    model.train()
+    model[2].eval()  # an odd mixed state that must come back
+    before = [m.training for m in model.modules()]
+    with mc_dropout(model) as inside:
+        assert inside is model
+        assert model[3].training and model[4].training
+        assert not model[1].training and not model.training and not model[4].module.training
+    assert [m.training for m in model.modules()] == before
+    with pytest.raises(RuntimeError, match="boom"), mc_dropout(model):
+        raise RuntimeError("boom")
+    assert [m.training for m in model.modules()] == before
+
+
+def _manual(model, x, samples, seed):
+    """The same passes, set up by hand: eval everywhere, dropout layers in training mode."""
+    model.eval()
+    model[3].training = model[4].training = True
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        probs = torch.stack([torch.softmax(model(x).double(), 1) for _ in range(samples)])
+    model.eval()
+    return probs
+
+
+def test_prediction_statistics_match_their_definitions():
+    model, x = _classifier(), torch.randn(6, 5)
+    stats_before = model[1].running_mean.clone()
+    rng_before = torch.get_rng_state()
+    result = mc_predict(model, x, samples=12, seed=3)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the global stream is untouched
+    assert torch.equal(model[1].running_mean, stats_before)  # BatchNorm stayed in eval
+    probs = _manual(model, x, 12, seed=3)
+    mean = probs.mean(0)
+    torch.testing.assert_close(result.mean, mean)
+    torch.testing.assert_close(result.variance, probs.var(0, correction=1))
+    entropy = -(mean * mean.log()).sum(1)
+    torch.testing.assert_close(result.entropy, entropy)
+    expected_entropy = -(probs * probs.log()).sum(2).mean(0)
+    torch.testing.assert_close(result.mutual_information, entropy - expected_entropy)
+    assert torch.all(result.mutual_information >= -1e-12)  # Jensen
+    assert torch.all(result.entropy <= math.log(4) + 1e-12)
+    again = mc_predict(model, x, samples=12, seed=3)
+    assert torch.equal(again.mean, result.mean)
+
+
+def test_model_train_would_have_changed_batchnorm():
+    """The mistake mc_dropout avoids: model.train() normalizes with the test batch."""
+    model, x = _classifier(), torch.randn(6, 5)
+    result = mc_predict(model, x, samples=4, seed=0)
+    model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        wrong = torch.stack([torch.softmax(model(x).double(), 1) for _ in range(4)]).mean(0)
+    assert not torch.allclose(wrong, result.mean, atol=1e-3)
+
+
+def test_monte_carlo_mean_converges_to_the_eval_output_for_a_linear_model():
+    """E[dropout(x)] = x, so for a linear head the MC mean estimates the eval output."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
+    x = torch.randn(3, 8)
+    samples = 4000
+    result = mc_predict(model, x, samples=samples, activation=None, seed=1)
+    assert result.entropy is None and result.mutual_information is None
+    z = stats.norm.ppf(0.99995)
+    with torch.no_grad():
+        exact = model.eval()(x).double()
+    bound = z * (result.variance / samples).sqrt()
+    assert torch.all((result.mean - exact).abs() <= bound)
+
+
+def test_sigmoid_entropy_is_the_bernoulli_entropy():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Dropout(0.4))
+    result = mc_predict(model, torch.randn(5, 3), samples=6, activation="sigmoid", seed=2)
+    p = result.mean
+    torch.testing.assert_close(result.entropy, -(p * p.log() + (1 - p) * (1 - p).log()))
+    assert result.mean.shape == (5, 2)
+
+
+def test_errors():
+    with pytest.raises(InputError, match="no dropout layer"):
+        mc_predict(torch.nn.Linear(2, 2), torch.randn(3, 2))
+    model = _classifier()
+    with pytest.raises(InputError, match="samples must be an int >= 2"):
+        mc_predict(model, torch.randn(3, 5), samples=1)
+    with pytest.raises(InputError, match="activation must be one of"):
+        mc_predict(model, torch.randn(3, 5), activation="tanh")
