@@ -15,8 +15,8 @@ import numbers
 import torch
 from torch import Tensor
 
-from normdrop import functional as F
 from normdrop.errors import InputError, InputTypeError
+from normdrop.kernels import dispatch
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -110,7 +110,7 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         # Buffers normalize in eval; in training they are passed only to be updated.
         use_buffers = not self.training or self.track_running_stats
         use_batch_stats = self.training or self.running_mean is None
-        output = F.batch_norm(
+        output = dispatch.batch_norm(
             input,
             self.running_mean if use_buffers else None,
             self.running_var if use_buffers else None,

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from normdrop import functional as F
 from normdrop.functional import _check_dropout_p
+from normdrop.kernels import dispatch
 
 __all__ = [
     "AlphaDropout",
@@ -41,7 +42,7 @@ class _Dropout(torch.nn.modules.dropout._DropoutNd):
 
     def forward(self, input: Tensor) -> Tensor:
         inplace = self.inplace and self._honours_inplace
-        return type(self)._function(input, self.p, self.training, inplace)
+        return dispatch.module_dropout(type(self)._function, input, self.p, self.training, inplace)
 
 
 class Dropout(_Dropout, torch.nn.Dropout):

@@ -1,0 +1,436 @@
+"""normdrop's kernels side by side with PyTorch, in one process; writes BENCHMARKS.md.
+
+    python benchmarks/run.py                 # every case, writes BENCHMARKS.md (make bench)
+    python benchmarks/run.py --quick --output /tmp/b.md   # a fast smoke run
+
+Torch and numba run with the same thread count (``--threads``, default torch's). Each timing is
+the median of ``--repeats`` runs after warm-up. A case's memory-traffic bound is the bytes the
+op must move (see ``TRAFFIC``) divided by the bandwidth of a large ``copy_`` measured in the
+same run; ``x bound`` is the measured time over that bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numba
+import torch
+import torch.nn.functional as TF
+from torch import nn
+
+import normdrop
+from normdrop.kernels import dispatch
+
+SHAPES = [(256, 1024), (64, 4096), (32, 64, 56, 56), (8, 256, 28, 28)]
+P = 0.5
+# Passes over the tensor (each reads or writes N elements) that any implementation must make:
+# dropout forward reads x, writes y; backward reads dy, writes dx (the mask is regenerated).
+# BatchNorm training forward reads x for the statistics, then reads x and writes y; the
+# backward reads dy and x for the two sums, then dy and x again and writes dx. The fused op
+# moves what BatchNorm moves.
+TRAFFIC = {
+    ("dropout", "fwd"): 2,
+    ("dropout", "fwd+bwd"): 4,
+    ("batchnorm", "fwd"): 3,
+    ("batchnorm", "fwd+bwd"): 8,
+    ("fused", "fwd"): 3,
+    ("fused", "fwd+bwd"): 8,
+}
+
+
+@dataclass
+class Row:
+    case: str
+    shape: tuple[int, ...]
+    mode: str
+    torch_ms: float
+    ours_ms: float
+    bound_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.torch_ms / self.ours_ms
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def copy_bandwidth(repeats: int) -> float:
+    """Bytes per second of a large ``copy_`` (read + write), torch's threads."""
+    source = torch.randn(64 * 2**20)
+    target = torch.empty_like(source)
+    seconds = median_ms(lambda: target.copy_(source), repeats) / 1e3
+    return 2 * source.numel() * source.element_size() / seconds
+
+
+# --------------------------------------------------------------------------------------------
+# Op cases
+# --------------------------------------------------------------------------------------------
+
+
+def _forward_backward(make_output: Callable[[], torch.Tensor], grad: torch.Tensor, inputs):
+    # autograd.grad, not backward: accumulating into .grad is not the op's work.
+    def run():
+        torch.autograd.grad(make_output(), inputs, grad)
+
+    return run
+
+
+def _no_grad(make_output: Callable[[], torch.Tensor]):
+    def run():
+        with torch.no_grad():
+            make_output()
+
+    return run
+
+
+def _timed(make_output: Callable[[], torch.Tensor], mode: str, grad: torch.Tensor, inputs):
+    if mode == "fwd":
+        return _no_grad(make_output)
+    return _forward_backward(make_output, grad, inputs)
+
+
+def _chain_modules(channels: int, two_d: bool) -> tuple[nn.Module, nn.Module]:
+    bn = nn.BatchNorm2d if two_d else nn.BatchNorm1d
+    fused = normdrop.nn.BatchNormAct2d if two_d else normdrop.nn.BatchNormAct1d
+    return nn.Sequential(bn(channels), nn.ReLU(), nn.Dropout(P)), fused(channels, "relu", P)
+
+
+def op_cases(shape: tuple[int, ...]):
+    """(case, torch forward, ours forward, differentiated inputs) for one shape."""
+    x = torch.randn(shape, requires_grad=True)
+    channels, two_d = shape[1], len(shape) == 4
+    torch_bn = (nn.BatchNorm2d if two_d else nn.BatchNorm1d)(channels)
+    ours_bn = (normdrop.nn.BatchNorm2d if two_d else normdrop.nn.BatchNorm1d)(channels)
+    chain, fused = _chain_modules(channels, two_d)
+    params = [x, *torch_bn.parameters()], [x, *ours_bn.parameters()]
+    chain_params = [x, *chain.parameters()], [x, *fused.parameters()]
+    return x, [
+        ("dropout", lambda: TF.dropout(x, P), lambda: dispatch.dropout(x, P), ([x], [x])),
+        ("batchnorm", lambda: torch_bn(x), lambda: ours_bn(x), params),
+        ("fused", lambda: chain(x), lambda: fused(x), chain_params),
+    ]
+
+
+def run_ops(repeats: int, bandwidth: float, shapes) -> list[Row]:
+    rows = []
+    for shape in shapes:
+        x, cases = op_cases(shape)
+        grad = torch.randn(shape)
+        nbytes = x.numel() * x.element_size()
+        for case, torch_fn, ours_fn, (torch_inputs, ours_inputs) in cases:
+            for mode in ("fwd", "fwd+bwd"):
+                torch_ms = median_ms(_timed(torch_fn, mode, grad, torch_inputs), repeats)
+                ours_ms = median_ms(_timed(ours_fn, mode, grad, ours_inputs), repeats)
+                bound_ms = TRAFFIC[case, mode] * nbytes / bandwidth * 1e3
+                rows.append(Row(case, shape, mode, torch_ms, ours_ms, bound_ms))
+                print(f"  {case:9s} {shape!s:18s} {mode:8s} torch {torch_ms:8.2f} ms  "
+                      f"normdrop {ours_ms:8.2f} ms", flush=True)  # fmt: skip
+    return rows
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward, counted by saved_tensors_hooks."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module(x)
+    return total
+
+
+def run_saved_bytes(shapes) -> list[tuple[tuple[int, ...], int, int]]:
+    rows = []
+    for shape in shapes:
+        x = torch.randn(shape, requires_grad=True)
+        chain, fused = _chain_modules(shape[1], len(shape) == 4)
+        rows.append((shape, saved_bytes(chain, x), saved_bytes(fused, x)))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Training steps of real models
+# --------------------------------------------------------------------------------------------
+
+
+def mlp(layers: str) -> nn.Module:
+    """64-512-512-10 with BN + ReLU + Dropout after each hidden Linear."""
+    blocks, width_in = [], 64
+    for width in (512, 512):
+        blocks.append(nn.Linear(width_in, width, bias=False))
+        if layers == "torch":
+            blocks += [nn.BatchNorm1d(width), nn.ReLU(), nn.Dropout(P)]
+        elif layers == "normdrop":
+            blocks += [normdrop.nn.BatchNorm1d(width), nn.ReLU(), normdrop.nn.Dropout(P)]
+        else:
+            blocks.append(normdrop.nn.BatchNormAct1d(width, "relu", P))
+        width_in = width
+    return nn.Sequential(*blocks, nn.Linear(width_in, 10))
+
+
+def cnn(layers: str) -> nn.Module:
+    """Two conv blocks (Conv -> BN -> ReLU -> Dropout -> MaxPool) and a linear head, 32x32x3."""
+    blocks, channels_in = [], 3
+    for channels in (32, 64):
+        blocks.append(nn.Conv2d(channels_in, channels, 3, padding=1, bias=False))
+        if layers == "torch":
+            blocks += [nn.BatchNorm2d(channels), nn.ReLU(), nn.Dropout(0.1)]
+        elif layers == "normdrop":
+            blocks += [normdrop.nn.BatchNorm2d(channels), nn.ReLU(), normdrop.nn.Dropout(0.1)]
+        else:
+            blocks.append(normdrop.nn.BatchNormAct2d(channels, "relu", 0.1))
+        blocks.append(nn.MaxPool2d(2))
+        channels_in = channels
+    return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(64 * 8 * 8, 10))
+
+
+def _digits_batches(batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from sklearn.datasets import load_digits
+
+    features, labels = load_digits(return_X_y=True)
+    x = torch.tensor(features, dtype=torch.float32) / 16
+    y = torch.tensor(labels)
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(x) - batch + 1, batch)]
+
+
+def _image_batches(batch: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(batch, 3, 32, 32, generator=generator), torch.randint(0, 10, (batch,)))
+        for _ in range(count)
+    ]
+
+
+def step_ms(model: nn.Module, batches, repeats: int) -> float:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    index = 0
+
+    def step():
+        nonlocal index
+        x, y = batches[index % len(batches)]
+        index += 1
+        optimizer.zero_grad(set_to_none=True)
+        TF.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return median_ms(step, repeats, warmup=3)
+
+
+def run_training(repeats: int) -> list[tuple[str, float, float, float]]:
+    cases = [
+        ("MLP 64-512-512-10, digits, batch 256", mlp, _digits_batches(256)),
+        ("CNN 2 conv blocks, 32x32x3, batch 64", cnn, _image_batches(64, 8)),
+    ]
+    rows = []
+    for name, build, batches in cases:
+        times = {}
+        for layers in ("torch", "normdrop", "fused"):
+            torch.manual_seed(0)
+            times[layers] = step_ms(build(layers), batches, repeats)
+        rows.append((name, times["torch"], times["normdrop"], times["fused"]))
+        print(f"  {name}: torch {times['torch']:.2f} ms, normdrop {times['normdrop']:.2f} ms, "
+              f"fused {times['fused']:.2f} ms", flush=True)  # fmt: skip
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# First-call latency: JIT compilation, cold and cached
+# --------------------------------------------------------------------------------------------
+
+_FIRST_CALL = textwrap.dedent(
+    """
+    import time
+    start = time.perf_counter()
+    import torch, normdrop
+    imported = time.perf_counter()
+    import torch._dynamo  # what the first custom-op call imports: timed apart
+    dynamo = time.perf_counter()
+    def train_step(module, shape):
+        x = torch.randn(shape, requires_grad=True)
+        module(x).sum().backward()
+    train_step(normdrop.nn.BatchNorm2d(8), (4, 8, 5, 5))
+    bn = time.perf_counter()
+    train_step(normdrop.nn.Dropout(0.5), (4, 8, 5, 5))
+    dropout = time.perf_counter()
+    train_step(normdrop.nn.BatchNormAct2d(8, "relu", 0.5), (4, 8, 5, 5))
+    fused = time.perf_counter()
+    print(imported - start, dynamo - imported, bn - dynamo, dropout - bn, fused - dropout)
+    """
+)
+
+
+def first_call_seconds() -> list[tuple[str, list[float]]]:
+    """Import, torch._dynamo import, then BatchNorm2d / Dropout / BatchNormAct2d train steps
+    (float32), in fresh processes: with an empty numba cache, then with the cache it left."""
+    results = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        for label in ("cold (empty NUMBA_CACHE_DIR)", "cached"):
+            output = subprocess.run(
+                [sys.executable, "-c", _FIRST_CALL],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            results.append((label, [float(v) for v in output.split()]))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+
+
+def _shape(shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def report(args, runs, saved, first_calls) -> str:
+    """``runs``: per thread count, (threads, bandwidth, op rows, training rows)."""
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Command: `{args.command}`  ",
+        f"Machine: {machine()}  ",
+        f"Threads: {', '.join(str(run[0]) for run in runs)} (torch and numba alike, per run)  ",
+        f"Versions: Python {platform.python_version()}, torch {torch.__version__}, "
+        f"numba {numba.__version__}, normdrop {normdrop.__version__}  ",
+        f"Repetitions: median of {args.repeats} after warm-up; float32; dropout p = {P}",
+        "",
+        "Speed-up is torch time / normdrop time. `x bound` is normdrop's time over the",
+        "memory-traffic bound (passes over the tensor the op must make, at the copy bandwidth):",
+        "dropout 2 (forward) and 4 (forward+backward) passes; BatchNorm and the fused op 3 and 8.",
+        "Torch's side: `F.dropout`; `nn.BatchNorm*` (ATen); the `nn.BatchNorm* -> nn.ReLU ->",
+        "nn.Dropout` chain. normdrop's: `dispatch.dropout` (what `normdrop.nn.Dropout` runs),",
+        "`normdrop.nn.BatchNorm*`, `normdrop.nn.BatchNormAct*`. `fwd` runs under `no_grad`",
+        "(BatchNorm in training mode); `fwd+bwd` is the forward and `torch.autograd.grad` of the",
+        "input and the parameters (no accumulation into `.grad`).",
+    ]
+    for threads, bandwidth, rows, _ in runs:
+        lines += [
+            "",
+            f"## {threads} thread{'s' if threads > 1 else ''}",
+            "",
+            f"Copy bandwidth (large `copy_`, read + write): {bandwidth / 1e9:.1f} GB/s",
+            "",
+            "| case | shape | pass | torch ms | normdrop ms | speed-up | x bound |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r.case} | {_shape(r.shape)} | {r.mode} | {r.torch_ms:.3f} | "
+                f"{r.ours_ms:.3f} | {r.speedup:.1f}x | {r.ours_ms / r.bound_ms:.1f} |"
+            )
+    lines += [
+        "",
+        "## Bytes kept for backward (BN -> ReLU -> Dropout, saved_tensors_hooks)",
+        "",
+        "| shape | torch.nn chain | BatchNormAct | ratio |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for shape, chain, fused in saved:
+        lines.append(f"| {_shape(shape)} | {chain:,} | {fused:,} | {fused / chain:.2f} |")
+    lines += [
+        "",
+        "## Training steps (forward, backward, SGD step; ms per step)",
+        "",
+        "| threads | model | torch.nn | normdrop layers | speed-up | BatchNormAct | speed-up |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for threads, _, _, training in runs:
+        for name, torch_ms, ours_ms, fused_ms in training:
+            lines.append(
+                f"| {threads} | {name} | {torch_ms:.2f} | {ours_ms:.2f} | "
+                f"{torch_ms / ours_ms:.2f}x | {fused_ms:.2f} | {torch_ms / fused_ms:.2f}x |"
+            )
+    lines += [
+        "",
+        "## First-call latency (fresh process, seconds)",
+        "",
+        "`import` is `import torch, normdrop`; the first custom-op call imports `torch._dynamo`",
+        "(torch's cost, once per process); then the first training step of `BatchNorm2d`,",
+        "`Dropout` and `BatchNormAct2d` (float32), which JIT-compile their kernels or load them",
+        "from numba's cache (`NUMBA_CACHE_DIR`, see docs/kernels.md).",
+        "",
+        "| numba cache | import | torch._dynamo | BatchNorm2d | Dropout | BatchNormAct2d |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, values in first_calls:
+        lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    lines += ["", *args.notes, ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[torch.get_num_threads()], help="one run each"
+    )
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="3 repeats, smallest shapes only")
+    parser.add_argument(
+        "--output", type=Path, default=Path(__file__).parent.parent / "BENCHMARKS.md"
+    )
+    parser.add_argument("--note", action="append", default=[], help="a line for the report")
+    args = parser.parse_args(argv)
+    shown = ["..." if a in args.note else a for a in (argv or sys.argv[1:])]  # notes: at the end
+    args.command = " ".join(["python benchmarks/run.py", *shown])
+    args.notes = args.note
+    if args.quick:
+        args.repeats = 3
+    shapes = SHAPES[:1] + SHAPES[2:3] if args.quick else SHAPES
+    runs = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        print(f"threads {threads}: copy bandwidth, op cases", flush=True)
+        bandwidth = copy_bandwidth(args.repeats)
+        rows = run_ops(args.repeats, bandwidth, shapes)
+        print("training steps", flush=True)
+        runs.append((threads, bandwidth, rows, run_training(args.repeats)))
+    saved = run_saved_bytes(shapes)
+    print("first-call latency", flush=True)
+    first_calls = first_call_seconds()
+    args.output.write_text(report(args, runs, saved, first_calls))
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

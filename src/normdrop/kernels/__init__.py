@@ -1,0 +1,20 @@
+"""Fast CPU kernels: BatchNorm, Dropout and the fused BatchNorm -> activation -> Dropout.
+
+- :mod:`normdrop.kernels.philox`: the Philox4x32-10 counter-based generator of the masks.
+- :mod:`normdrop.kernels.cpu`: the numba kernels.
+- :mod:`normdrop.kernels.ops`: the kernels as ``torch.library`` custom ops (autograd,
+  ``torch.compile``, ``torch.export``).
+- :mod:`normdrop.kernels.dispatch`: chooses the kernels or the reference per call; the
+  ``normdrop.nn`` modules go through it.
+
+See ``docs/kernels.md``.
+"""
+
+from normdrop.kernels.dispatch import (
+    batch_norm,
+    batch_norm_act_dropout,
+    dropout,
+    fast_path_available,
+)
+
+__all__ = ["batch_norm", "batch_norm_act_dropout", "dropout", "fast_path_available"]

@@ -1,0 +1,201 @@
+"""Per call, the fast kernels or the reference math of :mod:`normdrop.functional`.
+
+The fast path runs when every condition holds, and the reference otherwise, silently:
+
+* ``normdrop.get_backend() == "fast"``, numba imported, and not in a process forked after its
+  parent ran the (OpenMP) kernels;
+* a CPU tensor of dtype float32 or float64, not empty, not wrapped by ``torch.func``;
+* BatchNorm: parameters and buffers of the input's dtype and device, and an input whose memory
+  the kernels read as it is (contiguous, or channels_last / channels_last_3d);
+* Dropout: element-wise dropout in training with ``0 < p < 1``.
+
+Arguments are validated by :mod:`normdrop.functional`'s own checks on both paths, so bad input
+raises the same error whichever path runs. Under ``normdrop.use_backend("reference")`` every
+call is exactly the reference call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from normdrop import functional as F
+from normdrop.backend import get_backend
+from normdrop.kernels.activations import ACTIVATION_NAMES, activate, check_activation
+
+try:
+    from normdrop.kernels import ops, philox
+except ImportError:  # numba missing or broken: everything takes the reference path
+    ops = philox = None
+
+__all__ = [
+    "ACTIVATION_NAMES",
+    "batch_norm",
+    "batch_norm_act_dropout",
+    "dropout",
+    "fast_path_available",
+    "module_dropout",
+    "reference_batch_norm_act_dropout",
+]
+
+_FAST_DTYPES = (torch.float32, torch.float64)
+
+
+def fast_path_available() -> bool:
+    """True when the kernels can run at all (numba imported)."""
+    return ops is not None
+
+
+def _fast_tensor(input: object) -> bool:
+    return (
+        get_backend() == "fast"
+        and ops is not None
+        and ops.usable()
+        and isinstance(input, Tensor)
+        and input.device.type == "cpu"
+        and input.dtype in _FAST_DTYPES
+        and input.numel() > 0
+        and not _functorch_wrapped(input)
+    )
+
+
+def _functorch_wrapped(input: Tensor) -> bool:
+    """vmap/grad transforms wrap tensors; the ops have no vmap rule, so those take the reference.
+
+    Under torch.compile the check is skipped: dynamo cannot trace it, and traced tensors are
+    fake tensors, which the ops handle.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.is_functorch_wrapped_tensor(input)
+
+
+def _fast_batch_norm(input: Tensor, *tensors: Tensor | None) -> bool:
+    if not (_fast_tensor(input) and input.dim() >= 2 and ops.layout_of(input) is not None):
+        return False
+    return all(
+        t is None or (isinstance(t, Tensor) and t.dtype == input.dtype and t.device == input.device)
+        for t in tensors
+    )
+
+
+def reference_batch_norm_act_dropout(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    p: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The unfused chain: ``functional.batch_norm``, the activation, ``functional.dropout``."""
+    output = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    output = activate(output, activation, negative_slope)
+    if p > 0:
+        output = F.dropout(output, p, True, False, generator=generator)
+    return output
+
+
+def batch_norm_act_dropout(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    p: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""``dropout(act(batch_norm(input)), p)``, fused on the fast path.
+
+    BatchNorm arguments as :func:`normdrop.functional.batch_norm` (``training`` selects batch
+    statistics); ``activation`` is one of ``"relu"``, ``"leaky_relu"`` (slope
+    ``negative_slope``), ``"identity"``, ``"gelu"`` (exact, erf form); dropout applies when
+    ``p > 0`` (pass ``p=0`` in evaluation), its mask drawn from the Philox stream of a seed taken
+    from ``generator`` (the global torch generator when None). Shapes: ``(N, C, *)`` in and out.
+    """
+    check_activation("batch_norm_act_dropout", activation, negative_slope)
+    F._check_dropout_p("batch_norm_act_dropout", p)
+    if not _fast_batch_norm(input, running_mean, running_var, weight, bias):
+        return reference_batch_norm_act_dropout(
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+            activation, negative_slope, p, generator,
+        )  # fmt: skip
+    F._check_batch_norm_args(
+        input, running_mean, running_var, weight, bias, training, momentum, eps
+    )
+    if training:
+        momentum = float(momentum) if running_mean is not None else 0.0
+        mean, invstd = ops.batch_norm_stats(
+            input.detach(), running_mean, running_var, momentum, eps
+        )
+    else:
+        mean, invstd = running_mean.detach(), torch.rsqrt(running_var.detach() + eps)
+    seed = philox.draw_seed(generator) if p > 0 else None
+    return ops.bn_act_dropout(
+        input, weight, bias, mean, invstd, training, eps, activation, negative_slope, p, seed, 0
+    )
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """:func:`normdrop.functional.batch_norm`, on the kernels when they apply."""
+    if not _fast_batch_norm(input, running_mean, running_var, weight, bias):
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return batch_norm_act_dropout(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, "identity"
+    )
+
+
+def dropout(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """:func:`normdrop.functional.dropout`, on the Philox kernel when it applies.
+
+    The mask differs from torch's for the same seed (another generator) but is just as
+    reproducible: ``torch.manual_seed`` (or ``generator``) fixes the seed the kernel uses.
+    """
+    F._check_dropout_args("dropout", input, p)
+    if not (_fast_tensor(input) and training and 0 < p < 1):
+        return F.dropout(input, p, training, inplace, generator=generator)
+    seed = philox.draw_seed(generator)
+    if not inplace:
+        return ops.dropout(input, p, seed, 0)
+    if torch.is_grad_enabled() and input.requires_grad:
+        return input.copy_(ops.dropout(input, p, seed, 0))
+    ops.dropout_(input, p, seed, 0)
+    return input
+
+
+def module_dropout(
+    function: Callable[..., Tensor], input: Tensor, p: float, training: bool, inplace: bool
+) -> Tensor:
+    """What a ``normdrop.nn`` dropout module runs: the kernel for element-wise dropout, the
+    module's reference ``function`` for every other variant."""
+    if function is F.dropout:
+        return dropout(input, p, training, inplace)
+    return function(input, p, training, inplace)

@@ -1,0 +1,96 @@
+"""BatchNorm -> activation -> Dropout in one module, on one fused kernel.
+
+``BatchNormAct2d(C, activation="relu", p=0.1)`` computes what ``nn.Sequential(BatchNorm2d(C),
+nn.ReLU(), nn.Dropout(0.1))`` computes, in one pass over the data after the statistics and one
+backward that keeps only the input, the per-channel statistics and a dropout seed (not the
+activation output and the mask). Parameters and buffers are exactly BatchNorm's, so a
+``state_dict`` moves freely between this module and a plain BatchNorm (timm's ``BatchNormAct2d``
+is the same idea).
+
+The dropout mask comes from the Philox stream of a seed drawn from torch's generator
+(:mod:`normdrop.kernels.philox`), so ``torch.manual_seed`` makes it reproducible, but it is not
+the mask ``nn.Dropout`` would draw. Under ``normdrop.use_backend("reference")`` the module runs
+the unfused chain of :mod:`normdrop.functional` calls, with torch's masks.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from normdrop.functional import _check_dropout_p
+from normdrop.kernels import dispatch
+from normdrop.kernels.activations import check_activation
+from normdrop.nn.batchnorm import BatchNorm1d, BatchNorm2d, _BatchNorm
+
+__all__ = ["BatchNormAct1d", "BatchNormAct2d"]
+
+
+class _BatchNormAct(_BatchNorm):
+    r"""``dropout(act(batch_norm(x)), p)`` over the channel dim 1 of ``(N, C, *)`` input.
+
+    .. math::
+        y = \mathrm{dropout}_p\left(\mathrm{act}\left(
+            \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+        \right)\right)
+
+    Args:
+        num_features: C, the number of channels.
+        activation: ``"relu"``, ``"leaky_relu"``, ``"identity"`` or ``"gelu"`` (exact, erf).
+        p: dropout probability in [0, 1], applied in training only.
+        negative_slope: the slope of ``leaky_relu`` for negative inputs.
+        **batchnorm_kwargs: ``eps``, ``momentum``, ``affine``, ``track_running_stats``,
+            ``device``, ``dtype``, ``bias``, as for :class:`normdrop.nn.BatchNorm2d`.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        activation: str = "relu",
+        p: float = 0.0,
+        *,
+        negative_slope: float = 0.01,
+        **batchnorm_kwargs,
+    ) -> None:
+        name = type(self).__name__
+        check_activation(name, activation, negative_slope)
+        _check_dropout_p(name, p)
+        super().__init__(num_features, **batchnorm_kwargs)
+        self.activation = activation
+        self.p = float(p)
+        self.negative_slope = float(negative_slope)
+
+    def extra_repr(self) -> str:
+        slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
+        return f"{super().extra_repr()}, activation={self.activation!r}, p={self.p}{slope}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        # The buffer logic of _BatchNorm.forward, with the fused call instead of batch_norm.
+        self._check_input_dim(input)
+        updates_running_stats = self.training and self.track_running_stats
+        momentum = self._momentum_for_this_batch() if updates_running_stats else 0.0
+        use_buffers = not self.training or self.track_running_stats
+        output = dispatch.batch_norm_act_dropout(
+            input,
+            self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None,
+            self.weight,
+            self.bias,
+            self.training or self.running_mean is None,
+            momentum,
+            self.eps,
+            self.activation,
+            self.negative_slope,
+            self.p if self.training else 0.0,
+        )
+        if updates_running_stats:
+            self.num_batches_tracked.add_(1)
+        return output
+
+
+class BatchNormAct1d(_BatchNormAct, BatchNorm1d):
+    """BatchNorm1d -> activation -> Dropout over ``(N, C)`` or ``(N, C, L)``; see
+    :class:`_BatchNormAct`."""
+
+
+class BatchNormAct2d(_BatchNormAct, BatchNorm2d):
+    """BatchNorm2d -> activation -> Dropout over ``(N, C, H, W)``; see :class:`_BatchNormAct`."""

@@ -1,0 +1,325 @@
+"""Fast BatchNorm kernels against the reference (normdrop.functional, itself tested against torch).
+
+Every case runs one module on the fast backend and a copy on the reference backend, over several
+training steps and an evaluation step, and compares outputs, all gradients and the running
+buffers (1e-5 relative in float32, 1e-10 in float64). A spy checks the kernels actually ran.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import multiprocessing
+import warnings
+
+import numba
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import normdrop
+from normdrop import functional as F
+from normdrop.kernels import dispatch, ops
+
+from _helpers import assert_close_scaled, tolerance
+
+MODULES = {1: normdrop.nn.BatchNorm1d, 2: normdrop.nn.BatchNorm2d, 3: normdrop.nn.BatchNorm3d}
+
+
+@pytest.fixture(autouse=True)
+def _one_numba_thread():
+    # pytest -n auto already runs one worker per core.
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(previous)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the fused kernel calls, so a silent fallback cannot pass for the fast path."""
+    calls = []
+    original = ops.bn_act_dropout
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(ops, "bn_act_dropout", spy)
+    return calls
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the channel dim fastest in memory (any rank >= 3)."""
+    order = (0, *range(2, x.dim()), 1)
+    inverse = [order.index(d) for d in range(x.dim())]
+    return x.permute(order).contiguous().permute(inverse)
+
+
+@st.composite
+def batchnorm_cases(draw):
+    dims = draw(st.sampled_from([(1, 2), (1, 3), (2, 4), (3, 5)]))
+    spatial = draw(st.lists(st.integers(1, 7), min_size=dims[1] - 2, max_size=dims[1] - 2))
+    shape = (draw(st.integers(2, 64)), draw(st.integers(1, 6)), *spatial)
+    return {
+        "kind": dims[0],
+        "shape": shape,
+        "channels_last": dims[1] >= 3 and draw(st.booleans()),
+        "dtype": draw(st.sampled_from([torch.float32, torch.float64])),
+        "affine": draw(st.booleans()),
+        "track": draw(st.booleans()),
+        "momentum": draw(st.sampled_from([0.1, 0.5, None])),
+        "steps": draw(st.integers(1, 3)),
+        "offset": draw(st.sampled_from([0.0, 50.0])),
+    }
+
+
+def _input(case: dict, generator: torch.Generator) -> torch.Tensor:
+    x = torch.randn(case["shape"], dtype=case["dtype"], generator=generator) * 2 + case["offset"]
+    return channels_last(x) if case["channels_last"] else x
+
+
+def _step(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, backend: str):
+    x = x.detach().clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    with normdrop.use_backend(backend):
+        y = module(x)
+    y.backward(grad)
+    grads = [x.grad] + [p.grad for p in module.parameters()]
+    return y, grads
+
+
+def _compare(fast, reference, dtype):
+    rtol = tolerance(dtype)
+    for a, b in zip(fast, reference, strict=True):
+        if b is None:
+            assert a is None
+        else:
+            assert_close_scaled(a, b, rtol)
+
+
+def run_against_reference(case: dict) -> None:
+    module = MODULES[case["kind"]](
+        case["shape"][1],
+        momentum=case["momentum"],
+        affine=case["affine"],
+        track_running_stats=case["track"],
+        dtype=case["dtype"],
+    )
+    if case["affine"]:
+        with torch.no_grad():
+            module.weight.uniform_(0.5, 1.5)
+            module.bias.uniform_(-1, 1)
+    reference = copy.deepcopy(module)
+    generator = torch.Generator().manual_seed(sum(case["shape"]))
+    for step in range(case["steps"] + 1):
+        if step == case["steps"]:
+            module.eval()
+            reference.eval()
+        x = _input(case, generator)
+        grad = torch.randn(x.shape, dtype=x.dtype, generator=generator)
+        y_fast, grads_fast = _step(module, x, grad, "fast")
+        y_ref, grads_ref = _step(reference, x, grad, "reference")
+        _compare([y_fast, *grads_fast], [y_ref, *grads_ref], case["dtype"])
+        assert y_fast.is_contiguous(memory_format=torch.channels_last) == y_ref.is_contiguous(
+            memory_format=torch.channels_last
+        )
+        _compare(list(module.buffers()), list(reference.buffers()), case["dtype"])
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=batchnorm_cases())
+def test_modules_match_reference(case, kernel_calls):
+    kernel_calls.clear()
+    run_against_reference(case)
+    assert len(kernel_calls) == case["steps"] + 1
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels_last_input"),
+    [((3, 5, 67, 71), False), ((2, 37, 29, 31), True), ((4100, 6), False), ((9, 3, 5000), False)],
+)
+def test_many_blocks_match_reference(shape, channels_last_input, kernel_calls):
+    case = {
+        "kind": len(shape) - 2 if len(shape) > 3 else 1,
+        "shape": shape,
+        "channels_last": channels_last_input,
+        "dtype": torch.float32,
+        "affine": True,
+        "track": True,
+        "momentum": 0.1,
+        "steps": 2,
+        "offset": 3.0,
+    }
+    run_against_reference(case)
+    assert len(kernel_calls) == 3
+
+
+@pytest.mark.parametrize("channels_last_input", [False, True])
+def test_statistics_are_exact_for_offset_data(channels_last_input):
+    generator = torch.Generator().manual_seed(0)
+    x = 1e4 + torch.randn(16, 8, 30, 30, generator=generator)
+    if channels_last_input:
+        x = x.to(memory_format=torch.channels_last)
+    mean, invstd = ops.batch_norm_stats(x, None, None, 0.0, 0.0)
+    x64 = x.double()
+    expected_var = x64.var((0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), x64.mean((0, 2, 3)), rtol=1e-7, atol=0)
+    torch.testing.assert_close((1 / invstd.double() ** 2), expected_var, rtol=1e-5, atol=0)
+    # The running variance (unbiased) too, through the module.
+    module = normdrop.nn.BatchNorm2d(8, momentum=1.0)
+    module(x)
+    m = x.numel() // 8
+    torch.testing.assert_close(
+        module.running_var.double(), expected_var * m / (m - 1), rtol=1e-5, atol=0
+    )
+
+
+def _fast_train_step(x, grad, threads):
+    numba.set_num_threads(threads)
+    module = normdrop.nn.BatchNorm2d(x.shape[1])
+    x = x.clone().requires_grad_()
+    y = module(x)
+    y.backward(grad)
+    return [
+        y,
+        x.grad,
+        module.weight.grad,
+        module.bias.grad,
+        module.running_mean,
+        module.running_var,
+    ]
+
+
+@pytest.mark.parametrize("channels_last_input", [False, True])
+def test_results_do_not_depend_on_thread_count(channels_last_input):
+    assert numba.config.NUMBA_NUM_THREADS >= 2, "needs 2 numba threads to compare"
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 7, 61, 67, generator=generator) + 5
+    if channels_last_input:
+        x = channels_last(x)
+    grad = torch.randn(x.shape, generator=generator)
+    one = _fast_train_step(x, grad, 1)
+    two = _fast_train_step(x, grad, 2)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_kernels_read_the_memory_in_place():
+    x = channels_last(torch.randn(2, 3, 4, 5))
+    assert ops.layout_of(x) == ops.ROWS
+    assert ops._flat(x, ops.ROWS).__array_interface__["data"][0] == x.data_ptr()
+    y = torch.randn(2, 3, 4, 5)
+    assert ops.layout_of(y) == ops.PLANAR
+    assert ops._flat(y, ops.PLANAR).__array_interface__["data"][0] == y.data_ptr()
+    assert ops.layout_of(torch.randn(4, 3)) == ops.ROWS
+    assert ops.layout_of(torch.randn(2, 3, 4, 5)[..., ::2]) is None
+
+
+@pytest.mark.parametrize(
+    "make_input",
+    [
+        lambda: torch.randn(4, 3, 5, 5, dtype=torch.float16),
+        lambda: torch.randn(4, 3, 5, 5, dtype=torch.bfloat16),
+        lambda: torch.randn(4, 3, 5, 10)[..., ::2],
+    ],
+    ids=["float16", "bfloat16", "strided"],
+)
+def test_unsupported_inputs_fall_back_to_the_reference(make_input, kernel_calls):
+    x = make_input()
+    fast, reference = normdrop.nn.BatchNorm2d(3), normdrop.nn.BatchNorm2d(3)
+    y = fast(x)
+    with normdrop.use_backend("reference"):
+        expected = reference(x)
+    assert kernel_calls == []
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(fast.running_var, reference.running_var, rtol=0, atol=0)
+
+
+def test_reference_backend_never_calls_the_kernels(kernel_calls):
+    with normdrop.use_backend("reference"):
+        normdrop.nn.BatchNorm2d(3)(torch.randn(4, 3, 5, 5))
+    assert kernel_calls == []
+
+
+def test_non_finite_channel_keeps_its_running_statistics():
+    x = torch.randn(8, 3, 4, 4)
+    x[2, 1, 0, 0] = float("nan")
+    fast, reference = normdrop.nn.BatchNorm2d(3), normdrop.nn.BatchNorm2d(3)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        y = fast(x)
+    with normdrop.use_backend("reference"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = reference(x)
+    assert fast.running_mean[1] == 0 and fast.running_var[1] == 1
+    torch.testing.assert_close(fast.running_mean, reference.running_mean)
+    torch.testing.assert_close(fast.running_var, reference.running_var)
+    torch.testing.assert_close(y, expected, equal_nan=True)
+    assert torch.isnan(y[:, 1]).all() and torch.isfinite(y[:, [0, 2]]).all()
+
+
+BAD_CALLS = [
+    lambda f: f(torch.randn(1, 3), None, None, training=True),
+    lambda f: f(torch.randn(4), None, None, training=True),
+    lambda f: f(torch.randn(4, 3), torch.zeros(2), torch.ones(2), training=True),
+    lambda f: f(torch.randn(4, 3), torch.zeros(3), None, training=True),
+    lambda f: f(torch.randn(4, 3), None, None, torch.ones(3, dtype=torch.float64), training=True),
+    lambda f: f(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, momentum=2.0),
+    lambda f: f(torch.randn(4, 3), None, None, training=True, eps=0.0),
+    lambda f: f(torch.randn(4, 3), None, None, training=False),
+]
+
+
+@pytest.mark.parametrize("call", BAD_CALLS)
+def test_bad_input_raises_what_the_reference_raises(call):
+    with pytest.raises(Exception) as expected:
+        call(F.batch_norm)
+    with pytest.raises(type(expected.value)) as got:
+        call(dispatch.batch_norm)
+    assert str(got.value) == str(expected.value)
+
+
+def _exact_channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Mean and biased variance per channel with exactly rounded sums (math.fsum)."""
+    means, variances = [], []
+    for channel in x.transpose(0, 1).reshape(x.shape[1], -1).tolist():
+        mean = math.fsum(channel) / len(channel)
+        means.append(mean)
+        variances.append(math.fsum((v - mean) ** 2 for v in channel) / len(channel))
+    return means, variances
+
+
+def test_float64_statistics_keep_float64_precision():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 5, 9, 9, dtype=torch.float64, generator=generator) * 1e-3 + 1e6
+    mean, invstd = ops.batch_norm_stats(x, None, None, 0.0, 0.0)
+    expected_mean, expected_var = _exact_channel_stats(x)
+    assert mean.dtype == invstd.dtype == torch.float64
+    torch.testing.assert_close(
+        mean, torch.tensor(expected_mean, dtype=torch.float64), rtol=1e-15, atol=0
+    )
+    torch.testing.assert_close(
+        1 / invstd**2, torch.tensor(expected_var, dtype=torch.float64), rtol=1e-10, atol=0
+    )
+
+
+def _child_forward(queue, module, x):
+    queue.put(module(x).tolist())  # plain data: tensors would travel as file descriptors
+
+
+def test_a_process_forked_after_the_kernels_ran_takes_the_reference():
+    # GNU OpenMP would abort the child at its first parallel kernel.
+    module = normdrop.nn.BatchNorm2d(3).eval()
+    x = torch.randn(4, 3, 5, 5)
+    module.train()(x)
+    module.eval()
+    expected = module(x)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_forward, args=(queue, module, x))
+    child.start()
+    got = queue.get(timeout=60)
+    child.join(60)
+    assert child.exitcode == 0
+    torch.testing.assert_close(torch.tensor(got), expected)

@@ -1,0 +1,97 @@
+"""The custom ops under torch.compile(fullgraph=True) and torch.export.
+
+Oracle: the same model run eagerly from the same torch seed (the compiled graphs draw the
+dropout seeds with the same torch RNG calls). Kept small: compiling is slow on 2 cores.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numba
+import pytest
+import torch
+
+import normdrop
+
+
+@pytest.fixture(autouse=True)
+def _one_numba_thread():
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(previous)
+
+
+def make_model() -> torch.nn.Module:
+    """A small CNN with each kind of normdrop layer."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        normdrop.nn.BatchNormAct2d(4, "relu", p=0.25),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 6, 8, bias=False),
+        normdrop.nn.BatchNorm1d(8),
+        normdrop.nn.Dropout(0.3),
+        torch.nn.Linear(8, 2),
+    )
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor, seed: int):
+    torch.manual_seed(seed)
+    out = model(x)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+def assert_same_step(eager_result, compiled_result):
+    (y_eager, grads_eager), (y_compiled, grads_compiled) = eager_result, compiled_result
+    torch.testing.assert_close(y_compiled, y_eager, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads_compiled, grads_eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_fullgraph_matches_eager():
+    eager = make_model()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(5, 3, 6, 6)
+    for step in range(2):
+        assert_same_step(train_step(eager, x, step), train_step(compiled, x, step))
+    for got, want in zip(compiled_model.buffers(), eager.buffers(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    eager.eval()
+    compiled_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
+
+
+def test_inductor_compiles_the_fused_module():
+    import torch._inductor.config
+
+    eager = normdrop.nn.BatchNormAct2d(3, "gelu", p=0.2)
+    compiled_model = copy.deepcopy(eager)
+    x = torch.randn(4, 3, 5, 5)
+    # Inductor otherwise draws random numbers its own way; the seeds must match eager's.
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = torch.compile(compiled_model, fullgraph=True)
+        assert_same_step(train_step(eager, x, 7), train_step(compiled, x, 7))
+    torch.testing.assert_close(compiled_model.running_var, eager.running_var)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_export_runs_the_custom_ops(training):
+    model = make_model().train(training)
+    x = torch.randn(5, 3, 6, 6)
+    exported_model = copy.deepcopy(model)
+    program = torch.export.export(exported_model, (x,))
+    graph = str(program.graph)
+    assert "normdrop.bn_act_dropout" in graph
+    assert ("normdrop.batch_norm_stats" in graph) == training
+    torch.manual_seed(3)
+    expected = model(x)
+    torch.manual_seed(3)
+    got = program.module()(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
