@@ -1,0 +1,246 @@
+"""What an experiment is: its settings, its variants and seeds, and the identity of each run.
+
+A run is one (settings, variant, seed) triple on one dataset. Its key is the SHA-256 of those,
+after dropping what the variant does not use (a ``plain`` run does not depend on
+``--dropout-p``), so a run is trained once and reused by every experiment that needs it, and
+rerunning a command resumes instead of starting over.
+
+Every field of :class:`TrainSettings` is the command-line option of the same name, with ``-``
+for ``_`` (``dropout_p`` is ``--dropout-p``); :meth:`LabConfig.command` relies on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from normdrop.backend import BACKENDS
+from normdrop.errors import InputError
+
+__all__ = ["OPTIMIZERS", "VARIANTS", "LabConfig", "RunSpec", "TrainSettings", "Variant"]
+
+VARIANTS = ("plain", "bn", "dropout", "bn+dropout")
+OPTIMIZERS = {"sgd": 0.01, "adam": 1e-3}  # name -> default learning rate
+SELECTIONS = ("best", "last")
+BN_TYPES = ("batchnorm", "ghost", "renorm")
+# normdrop tune's search ranges: parameter -> (low, high)
+TUNE_RANGES = {
+    "dropout_p": (0.0, 0.7),
+    "bn_momentum": (0.01, 0.5),
+    "lr": (1e-3, 0.3),
+    "weight_decay": (1e-6, 1e-2),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which of BatchNorm and Dropout a model has: plain, bn, dropout or bn+dropout."""
+
+    batch_norm: bool
+    dropout: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        parts = text.strip().lower().split("+")
+        if parts == ["plain"]:
+            return cls(False, False)
+        if not parts or not set(parts) <= {"bn", "dropout"} or len(set(parts)) != len(parts):
+            raise InputError(f"--variants: unknown variant {text!r}; expected one of {VARIANTS}")
+        return cls("bn" in parts, "dropout" in parts)
+
+    @property
+    def name(self) -> str:
+        return (
+            "+".join(n for n, on in (("bn", self.batch_norm), ("dropout", self.dropout)) if on)
+            or "plain"
+        )
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise InputError(message)
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that decides what one run computes, except the variant and the seed."""
+
+    data: str = "digits"
+    target: str | None = None
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    model: str = "mlp:2x512"
+    epochs: int = 30
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float | None = None  # None: the optimizer's default in OPTIMIZERS
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    dropout_p: float = 0.5
+    bn_momentum: float = 0.1
+    bn_type: str = "batchnorm"
+    virtual_batch_size: int | None = None
+    patience: int = 0  # early stopping after this many epochs without progress; 0: off
+    select: str = "best"  # report the model of the best validation epoch, or of the last one
+    backend: str = "fast"  # normdrop's kernels or its reference math (normdrop.set_backend)
+
+    def __post_init__(self) -> None:
+        from normdrop.lab.models import parse_model_spec
+
+        _require(self.epochs >= 1, f"--epochs must be a positive integer, got {self.epochs}")
+        _require(self.batch_size >= 2, f"--batch-size must be >= 2, got {self.batch_size}")
+        _require(
+            self.optimizer in OPTIMIZERS,
+            f"--optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}",
+        )
+        if self.lr is None:
+            object.__setattr__(self, "lr", OPTIMIZERS[self.optimizer])
+        _require(_finite(self.lr) and self.lr > 0, f"--lr must be positive, got {self.lr}")
+        _require(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        _require(
+            _finite(self.weight_decay) and self.weight_decay >= 0,
+            f"--weight-decay must be >= 0, got {self.weight_decay}",
+        )
+        _require(0 <= self.dropout_p < 1, f"--dropout-p must be in [0, 1), got {self.dropout_p}")
+        _require(
+            0 < self.bn_momentum <= 1, f"--bn-momentum must be in (0, 1], got {self.bn_momentum}"
+        )
+        _require(
+            self.bn_type in BN_TYPES, f"--bn-type must be one of {BN_TYPES}, got {self.bn_type!r}"
+        )
+        if self.virtual_batch_size is not None:
+            _require(self.bn_type == "ghost", "--virtual-batch-size applies to --bn-type ghost")
+            _require(self.virtual_batch_size >= 2, "--virtual-batch-size must be >= 2")
+        _require(self.patience >= 0, f"--patience must be >= 0, got {self.patience}")
+        _require(self.select in SELECTIONS, f"--select must be one of {SELECTIONS}")
+        _require(self.backend in BACKENDS, f"--backend must be one of {BACKENDS}")
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            _require(0 < value < 1, f"--{name.replace('_', '-')} must be in (0, 1), got {value}")
+        parse_model_spec(self.model)
+
+    def replace(self, **changes) -> TrainSettings:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: settings, variant, seed, and the fingerprint of the data it trains on."""
+
+    settings: TrainSettings
+    variant: str
+    seed: int
+    data_fingerprint: str
+
+    def to_dict(self) -> dict:
+        return {
+            **dataclasses.asdict(self.settings),
+            "variant": self.variant,
+            "seed": self.seed,
+            "data_fingerprint": self.data_fingerprint,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RunSpec:
+        values = dict(values)
+        own = {name: values.pop(name) for name in ("variant", "seed", "data_fingerprint")}
+        return cls(TrainSettings(**values), **own)
+
+    def key(self) -> str:
+        """SHA-256 of what the run computes; settings the variant does not use are left out."""
+        values = self.to_dict()
+        variant = Variant.parse(self.variant)
+        values["variant"] = variant.name
+        if not variant.batch_norm:
+            values.update(bn_momentum=None, bn_type=None, virtual_batch_size=None)
+        if not variant.dropout:
+            values["dropout_p"] = None
+        text = json.dumps(values, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def slug(text: str) -> str:
+    text = Path(text).stem if "/" in text or "." in text else text
+    return re.sub(r"[^A-Za-z0-9]+", "", text.replace(":", "-").split(",")[0]) or "data"
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """One ``normdrop lab`` invocation: settings, variants and seeds, and where results go."""
+
+    settings: TrainSettings = field(default_factory=TrainSettings)
+    variants: tuple[str, ...] = VARIANTS
+    seeds: int = 5
+    out: str = "runs"
+    name: str | None = None
+    workers: int | None = None  # None: decided by measurement (see experiment.py)
+    cache_dir: str | None = None
+    tensorboard: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.seeds >= 1, f"--seeds must be a positive integer, got {self.seeds}")
+        _require(len(self.variants) >= 1, "--variants: give at least one variant")
+        names = tuple(Variant.parse(v).name for v in self.variants)
+        _require(len(set(names)) == len(names), f"--variants: a variant is repeated in {names}")
+        object.__setattr__(self, "variants", names)
+        _require(self.workers is None or self.workers >= 1, "--workers must be >= 1")
+        if self.name is not None:
+            _require(
+                re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.name) is not None,
+                "--name must be letters, digits, '.', '_' or '-' (a directory name), "
+                f"got {self.name!r}",
+            )
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.out) / "normdrop.db"
+
+    def run_specs(self, data_fingerprint: str) -> list[RunSpec]:
+        return [
+            RunSpec(self.settings, variant, seed, data_fingerprint)
+            for variant in self.variants
+            for seed in range(self.seeds)
+        ]
+
+    def experiment_name(self, data_fingerprint: str) -> str:
+        """``--name``, or ``<data>-<model>-<hash of everything that shapes the results>``."""
+        if self.name:
+            return self.name
+        identity = json.dumps(
+            [dataclasses.asdict(self.settings), self.variants, self.seeds, data_fingerprint],
+            sort_keys=True,
+        )
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:8]
+        return f"{slug(self.settings.data)}-{slug(self.settings.model)}-{digest}"
+
+    def to_dict(self) -> dict:
+        return {
+            "settings": dataclasses.asdict(self.settings),
+            "variants": list(self.variants),
+            "seeds": self.seeds,
+        }
+
+    def command(self) -> str:
+        """The ``normdrop lab`` command that reproduces these results, every option explicit."""
+        argv = ["normdrop", "lab"]
+        defaults_off = {"target": None, "virtual_batch_size": None}
+        for name, value in dataclasses.asdict(self.settings).items():
+            if name in defaults_off and value is None:
+                continue
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+        argv += ["--variants", ",".join(self.variants), "--seeds", str(self.seeds)]
+        argv += ["--out", self.out]
+        if self.name:
+            argv += ["--name", self.name]
+        return shlex.join(argv)

@@ -1,0 +1,238 @@
+"""The user's own data: CSV, NPZ and Parquet files, checked cell by cell.
+
+Every problem is reported with the file and the place in it: the CSV line (the header is line 1),
+the Parquet row (1-based, not counting the header), the NPZ array index, and the column. Features
+must be finite numbers; labels may be integers or strings and are numbered in sorted order.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from normdrop.errors import InputError
+
+__all__ = ["FILE_SUFFIXES", "encode_labels", "read_user_file"]
+
+FILE_SUFFIXES = (".csv", ".npz", ".parquet", ".pq")
+
+
+def read_user_file(
+    path: Path | str, target: str | None
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """``(features, labels, classes)`` from a CSV, NPZ or Parquet file.
+
+    ``features`` is float32 of shape (n, *sample_shape); ``labels`` int64 in [0, len(classes)).
+    ``target`` names the label column (CSV, Parquet) or array (NPZ, default ``"y"``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--data {path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        features, raw_labels = _read_csv(path, target)
+    elif suffix == ".npz":
+        features, raw_labels = _read_npz(path, target)
+    elif suffix in (".parquet", ".pq"):
+        features, raw_labels = _read_parquet(path, target)
+    else:
+        raise InputError(f"--data {path}: unknown file type; expected one of {FILE_SUFFIXES}")
+    labels, classes = encode_labels(raw_labels, f"{path}, target {target or 'y'!r}")
+    return features, labels, classes
+
+
+def encode_labels(values: Sequence | np.ndarray, where: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Class indices (int64) and class names for labels given as integers or strings.
+
+    Integer-valued labels are ordered numerically, strings alphabetically. Non-integer numbers
+    (a regression target) and a single class are errors: the lab classifies.
+    """
+    texts = [str(value).strip() for value in np.asarray(values).tolist()]
+    numbers = [_as_float(text) for text in texts]
+    if all(number is not None for number in numbers):
+        fractional = next((t for t, n in zip(texts, numbers, strict=True) if n != int(n)), None)
+        if fractional is not None:
+            raise InputError(
+                f"{where}: holds non-integer numbers (e.g. {fractional!r}); the lab classifies, "
+                "so labels must be integers or names"
+            )
+        keys = [int(number) for number in numbers]
+    else:
+        keys = texts
+    ordered = sorted(set(keys))
+    if len(ordered) < 2:
+        raise InputError(
+            f"{where}: a single class ({ordered[0]!r}) in every row; classification needs at "
+            "least 2 classes"
+        )
+    index = {key: i for i, key in enumerate(ordered)}
+    labels = np.fromiter((index[key] for key in keys), np.int64, len(keys))
+    return labels, tuple(str(key) for key in ordered)
+
+
+def _as_float(text: str) -> float | None:
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _missing_target(path: Path, columns: Sequence[str], target: str | None) -> InputError:
+    listing = ", ".join(repr(c) for c in columns)
+    if target is None:
+        return InputError(f"{path}: pass --target COLUMN to name the labels (columns: {listing})")
+    return InputError(f"{path}: no column {target!r} for --target (columns: {listing})")
+
+
+def _cell_number(cell: str, where: str) -> float:
+    text = cell.strip()
+    if not text:
+        raise InputError(f"{where}: empty value; every feature must be a number")
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError(f"{where}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise InputError(f"{where}: {text} is not a finite number; remove or impute it")
+    return value
+
+
+def _read_csv(path: Path, target: str | None) -> tuple[np.ndarray, list[str]]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as stream:
+            return _parse_csv(csv.reader(stream), path, target)
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not a UTF-8 text CSV file ({error.reason})") from None
+    except csv.Error as error:
+        raise InputError(f"{path}: malformed CSV ({error})") from None
+
+
+def _parse_csv(reader, path: Path, target: str | None) -> tuple[np.ndarray, list[str]]:
+    header = [name.strip() for name in next(reader, [])]
+    if not header:
+        raise InputError(f"{path}: empty file; expected a header line naming the columns")
+    if target is None or target not in header:
+        raise _missing_target(path, header, target)
+    if len(set(header)) != len(header):
+        duplicate = next(name for name in header if header.count(name) > 1)
+        raise InputError(f"{path}, line 1: column {duplicate!r} appears twice in the header")
+    if len(header) < 2:
+        raise InputError(f"{path}: no feature columns besides the target {target!r}")
+    label_at = header.index(target)
+    rows, labels = [], []
+    for row in reader:
+        if not any(cell.strip() for cell in row):
+            continue  # blank lines carry no sample
+        line = reader.line_num
+        if len(row) != len(header):
+            raise InputError(
+                f"{path}, line {line}: {len(row)} fields, but the header has {len(header)}"
+            )
+        if not row[label_at].strip():
+            raise InputError(f"{path}, line {line}, column {target!r}: empty label")
+        labels.append(row[label_at])
+        rows.append(
+            [
+                _cell_number(cell, f"{path}, line {line}, column {header[j]!r}")
+                for j, cell in enumerate(row)
+                if j != label_at
+            ]
+        )
+    if not rows:
+        raise InputError(f"{path}: a header but no data lines")
+    return np.asarray(rows, np.float32), labels
+
+
+def _read_npz(path: Path, target: str | None) -> tuple[np.ndarray, np.ndarray]:
+    label_key = target or "y"
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise InputError(f"{path}: not a valid .npz file ({error})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise InputError(f"{path}: holds a single array; save X and y with np.savez(path, X=, y=)")
+    with archive:
+        for key in ("X", label_key):
+            if key not in archive.files:
+                raise InputError(
+                    f"{path}: no array {key!r} (arrays: {', '.join(archive.files) or 'none'}); "
+                    "save features as X and labels as y: np.savez(path, X=X, y=y)"
+                )
+        try:
+            features, labels = archive["X"], archive[label_key]
+        except ValueError as error:  # object arrays need pickle, which we refuse
+            raise InputError(f"{path}: {error}; save plain numeric arrays") from None
+    return _check_npz_arrays(path, features, labels, label_key), labels
+
+
+def _check_npz_arrays(path: Path, features: np.ndarray, labels: np.ndarray, key: str) -> np.ndarray:
+    if not (np.issubdtype(features.dtype, np.number) or features.dtype == np.bool_):
+        raise InputError(f"{path}: X has dtype {features.dtype}; features must be numbers")
+    if features.ndim < 2 or features.shape[0] == 0:
+        raise InputError(
+            f"{path}: X must have shape (samples, features...) with samples > 0, "
+            f"got {features.shape}"
+        )
+    if labels.ndim != 1 or len(labels) != len(features):
+        raise InputError(
+            f"{path}: {key} must have shape ({len(features)},) to match X, got {labels.shape}"
+        )
+    if np.issubdtype(labels.dtype, np.floating) and not np.isfinite(labels).all():
+        bad = int(np.flatnonzero(~np.isfinite(labels))[0])
+        raise InputError(f"{path}: {key}[{bad}] is {labels[bad]}; every label must be given")
+    features = features.astype(np.float32)
+    finite = np.isfinite(features)
+    if not finite.all():
+        bad = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise InputError(
+            f"{path}: X[{', '.join(map(str, bad))}] is {features[bad]} (sample {bad[0]}); "
+            "features must be finite numbers"
+        )
+    return features
+
+
+def _read_parquet(path: Path, target: str | None) -> tuple[np.ndarray, list]:
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError(
+            f"{path}: reading .parquet files needs pyarrow: pip install 'normdrop[parquet]'"
+        ) from None
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        raise InputError(f"{path}: not a readable Parquet file ({error})") from None
+    if target is None or target not in table.column_names:
+        raise _missing_target(path, table.column_names, target)
+    if table.num_rows == 0 or table.num_columns < 2:
+        raise InputError(f"{path}: needs at least one row and one feature column besides {target}")
+    columns = []
+    for name in table.column_names:
+        column = table.column(name)
+        if column.null_count:
+            row = int(pc.index(pc.is_null(column), True).as_py()) + 1
+            raise InputError(f"{path}, row {row}, column {name!r}: missing value")
+        if name == target:
+            continue
+        if not (
+            pa.types.is_integer(column.type)
+            or pa.types.is_floating(column.type)
+            or pa.types.is_boolean(column.type)
+        ):
+            raise InputError(f"{path}, column {name!r}: type {column.type} is not numeric")
+        values = column.to_numpy().astype(np.float64)
+        if not np.isfinite(values).all():
+            row = int(np.flatnonzero(~np.isfinite(values))[0]) + 1
+            raise InputError(
+                f"{path}, row {row}, column {name!r}: {values[row - 1]} is not a finite number"
+            )
+        columns.append(values)
+    return np.stack(columns, axis=1).astype(np.float32), table.column(target).to_pylist()

@@ -1,0 +1,109 @@
+"""``normdrop runs list | show | compare | export`` on a database a small lab wrote."""
+
+import csv
+import io
+import json
+import shlex
+import sqlite3
+
+import pytest
+
+from normdrop.cli import main
+
+LAB = shlex.split(
+    "lab --data wine --model mlp:1x8 --epochs 3 --seeds 2 --variants plain,dropout"
+    " --backend reference --no-progress --name w"
+)
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    assert main([*LAB, "--out", str(out)]) == 0
+    return out / "normdrop.db"
+
+
+def _db_rows(db, sql):
+    with sqlite3.connect(db) as connection:
+        connection.row_factory = sqlite3.Row
+        return [dict(row) for row in connection.execute(sql)]
+
+
+def test_list(db, capsys):
+    assert main(["runs", "--db", str(db), "list"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("│")]
+    assert len(lines) == 4
+    for run in _db_rows(db, "SELECT * FROM runs"):
+        assert any(
+            f"│ {run['variant']}" in line and f"{100 * run['test_acc']:.1f}" in line
+            for line in lines
+        )
+    assert main(["runs", "--db", str(db), "list", "--experiment", "w"]) == 0
+    assert main(["runs", "--db", str(db), "list", "--experiment", "nope"]) == 2
+    assert "no experiment named 'nope'" in capsys.readouterr().err
+
+
+def test_show(db, capsys):
+    assert main(["runs", "--db", str(db), "show", "3"]) == 0
+    out = capsys.readouterr().out
+    run = _db_rows(db, "SELECT * FROM runs WHERE id = 3")[0]
+    assert "run 3" in out and f"│ variant            │ {run['variant']}" in out
+    assert "run 3: epochs (eval mode)" in out
+    assert len([line for line in out.splitlines() if line.startswith("│") and "0." in line]) >= 3
+
+
+def test_compare(db, capsys):
+    assert main(["runs", "--db", str(db), "compare", "1", "3"]) == 0
+    out = capsys.readouterr().out
+    settings, results = out.split("results (selected model)")
+    assert "settings that differ: run 1 vs run 3" in settings
+    differing = [
+        line.split("│")[1].strip() for line in settings.splitlines() if line.startswith("│")
+    ]
+    assert differing == ["variant"]  # same seed, same settings: only the variant differs
+    first, third = (_db_rows(db, f"SELECT * FROM runs WHERE id = {i}")[0] for i in (1, 3))
+    test_line = next(line for line in results.splitlines() if "test_acc" in line)
+    assert f"{third['test_acc'] - first['test_acc']:.4g}" in test_line
+    assert "validation accuracy % per epoch" in results
+
+
+def test_export_csv_and_json(db, capsys, tmp_path):
+    epochs = _db_rows(db, "SELECT * FROM epochs WHERE run_id = 2 ORDER BY epoch")
+    assert main(["runs", "--db", str(db), "export", "2"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 3
+    for row, expected in zip(rows, epochs, strict=True):
+        assert int(row["epoch"]) == expected["epoch"] and row["variant"] == "plain"
+        assert float(row["val_acc"]) == expected["val_acc"]
+        assert float(row["train_loss"]) == expected["train_loss"]  # full precision
+    target = tmp_path / "run2.json"
+    assert (
+        main(["runs", "--db", str(db), "export", "2", "--format", "json", "-o", str(target)]) == 0
+    )
+    document = json.loads(target.read_text())
+    assert document["run"]["spec"]["variant"] == "plain" and document["run"]["spec"]["seed"] == 1
+    assert [row["val_acc"] for row in document["epochs"]] == [row["val_acc"] for row in epochs]
+    run = _db_rows(db, "SELECT * FROM runs WHERE id = 2")[0]
+    assert document["run"]["test_acc"] == run["test_acc"]
+
+
+def test_errors_name_what_is_missing(db, tmp_path, capsys):
+    assert main(["runs", "--db", str(tmp_path / "none.db"), "list"]) == 2
+    assert "no run database here" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()
+    assert main(["runs", "--db", str(db), "show", "99"]) == 2
+    assert "no run with id 99" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["runs", "--db", str(db), "export", "1", "--format", "xml"])
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"\x00" * 4096)
+    assert main(["runs", "--db", str(garbage), "list"]) == 2
+    assert "not a normdrop run database" in capsys.readouterr().err
+
+
+def test_reading_never_writes(db):
+    before = db.stat().st_mtime_ns, db.read_bytes()
+    main(["runs", "--db", str(db), "list"])
+    main(["runs", "--db", str(db), "export", "1", "--format", "json"])
+    assert (db.stat().st_mtime_ns, db.read_bytes()) == before

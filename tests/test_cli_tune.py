@@ -1,0 +1,171 @@
+"""``normdrop tune``: the study in SQLite, resumption, the test split scored only after the search,
+the retraining over seeds, and the report."""
+
+import os
+import re
+import shlex
+import sqlite3
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+from normdrop.cli import build_parser, main, tune_config
+from normdrop.lab import tune
+from normdrop.lab.config import TrainSettings
+from normdrop.lab.store import owner_id
+from normdrop.lab.tune import TuneConfig, run_tune
+
+SETTINGS = TrainSettings(data="wine", model="mlp:1x8", epochs=3, backend="reference")
+
+
+def _config(out, **changes) -> TuneConfig:
+    values = dict(settings=SETTINGS, trials=6, seeds=2, out=str(out), name="study")
+    values.update(changes)
+    return TuneConfig(**values)
+
+
+def _counting(monkeypatch) -> list:
+    calls = []
+    real = tune.train_run
+
+    def counting(spec, splits, **kwargs):
+        calls.append((spec, kwargs.get("score_test", True)))
+        return real(spec, splits, **kwargs)
+
+    monkeypatch.setattr(tune, "train_run", counting)
+    return calls
+
+
+def test_tune_from_the_command_line(tmp_path, capsys):
+    argv = shlex.split(
+        "tune --data wine --model mlp:1x8 --epochs 3 --trials 6 --seeds 2 --backend reference"
+        f" --no-progress --out {tmp_path}"
+    )
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    study = re.search(r"(tune-wine-mlp1x8-[0-9a-f]{8}): best of 6 trials", out)[1]
+    assert f"report: {tmp_path / (study + '-best') / 'report.html'}" in out
+    assert f"tune report: {tmp_path / study / 'report.html'}" in out
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    trials = optuna.load_study(study_name=study, storage=storage).trials
+    assert len(trials) == 6
+    page = (tmp_path / study / "report.html").read_text()
+    assert '<table id="trials">' in page and '<table id="best">' in page
+    assert page.count("data:image/png;base64,") >= 1 and "normdrop tune --data wine" in page
+    with sqlite3.connect(tmp_path / "normdrop.db") as db:
+        kind, config = db.execute(
+            "SELECT kind, config_json FROM experiments WHERE name = ?", (study + "-best",)
+        ).fetchone()
+        statuses = db.execute("SELECT status FROM runs").fetchall()
+    assert kind == "tune" and statuses == [("complete",), ("complete",)]
+    best = optuna.load_study(study_name=study, storage=storage).best_params
+    assert all(str(value)[:6] in config for value in best.values())
+
+
+def test_trials_never_see_the_test_split_and_the_best_is_retrained(tmp_path, monkeypatch):
+    calls = _counting(monkeypatch)
+    result = run_tune(_config(tmp_path), progress=False)
+    trial_calls = [score for _, score in calls]
+    assert len(trial_calls) == 6 and not any(trial_calls)  # the search never scores test
+    assert all(spec.seed == 0 and spec.variant == "bn+dropout" for spec, _ in calls)
+    retrained = result.final.runs
+    assert [run["seed"] for run in retrained] == [0, 1]
+    assert all(run["test_acc"] is not None for run in retrained)
+    import json
+
+    for run in retrained:
+        spec = json.loads(run["spec_json"])
+        assert all(spec[name] == value for name, value in result.best_params.items())
+    searched = {name for t in result.trials for name in t["params"]}
+    assert searched == {"dropout_p", "bn_momentum", "lr", "weight_decay"}
+    assert result.best_value == max(t["value"] for t in result.trials if t["state"] == "complete")
+
+
+def test_resuming_runs_only_the_missing_trials(tmp_path, monkeypatch):
+    run_tune(_config(tmp_path, trials=4), progress=False)
+    calls = _counting(monkeypatch)
+    result = run_tune(_config(tmp_path, trials=6), progress=False)
+    assert len([c for c in calls if not c[1]]) == 2 and len(result.trials) == 6
+    params = [tuple(sorted(t["params"].items())) for t in result.trials]
+    assert len(set(params)) == len(params)  # a resumed sampler does not replay old trials
+
+
+def test_interrupted_tune_resumes(tmp_path, monkeypatch):
+    real = tune.train_run
+    started = []
+
+    def interrupt_third(spec, splits, **kwargs):
+        started.append(spec)
+        if len(started) == 3:
+            raise KeyboardInterrupt
+        return real(spec, splits, **kwargs)
+
+    monkeypatch.setattr(tune, "train_run", interrupt_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_tune(_config(tmp_path, trials=5), progress=False)
+    monkeypatch.setattr(tune, "train_run", real)
+    result = run_tune(_config(tmp_path, trials=5), progress=False)
+    assert len(result.trials) == 5
+    study = optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = [t.state.name for t in study.trials]
+    assert states.count("FAIL") == 1 and states.index("FAIL") == 2
+
+
+def test_trials_abandoned_by_a_dead_process_are_failed(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="study", storage=storage, direction="maximize")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    abandoned = study.ask()
+    abandoned.set_user_attr("owner", owner_id().rsplit(":", 1)[0] + f":{dead.pid}")
+    alive = study.ask()
+    alive.set_user_attr("owner", owner_id().rsplit(":", 1)[0] + f":{os.getppid()}")
+    run_tune(_config(tmp_path, trials=2), progress=False)
+    states = [t.state.name for t in optuna.load_study(study_name="study", storage=storage).trials]
+    assert states[:2] == ["FAIL", "RUNNING"]
+
+
+def test_plain_tunes_learning_rate_and_weight_decay_only(tmp_path):
+    result = run_tune(_config(tmp_path, variant="plain", trials=3, seeds=1), progress=False)
+    assert {name for t in result.trials for name in t["params"]} == {"lr", "weight_decay"}
+
+
+def test_reproduce_command_round_trips():
+    config = TuneConfig(
+        TrainSettings(data="digits", model="mlp:1x32", epochs=4),
+        variant="bn",
+        trials=9,
+        seeds=2,
+        tune_seed=5,
+        ranges={
+            "dropout_p": (0.1, 0.4),
+            "bn_momentum": (0.05, 0.2),
+            "lr": (0.01, 0.1),
+            "weight_decay": (1e-5, 1e-3),
+        },
+        out="elsewhere",
+        name="s1",
+    )
+    argv = shlex.split(config.command())
+    assert tune_config(build_parser().parse_args(argv[1:])) == config
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lr-range", "0,0.1"], "log scale, so both ends must be > 0"),
+        (["--dropout-p-range", "0.5,0.2"], "low end must be below the high end"),
+        (["--dropout-p-range", "0,1"], r"--dropout-p must be in \[0, 1\)"),
+        (["--variant", "batchnorm"], "unknown variant"),
+        (["--trials", "0"], "--trials and --seeds must be positive"),
+        (["--model", "cnn:small"], "needs image data"),
+    ],
+)
+def test_bad_tune_options(tmp_path, capsys, argv, message):
+    assert main(["tune", "--data", "wine", "--out", str(tmp_path), *argv]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    with pytest.raises(SystemExit) as exited:
+        main(["tune", "--lr-range", "fast"])
+    assert exited.value.code == 2

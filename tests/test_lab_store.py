@@ -1,0 +1,186 @@
+"""The run database: schema, WAL, refusals, run identity and reuse, claims, concurrent writers."""
+
+import json
+import multiprocessing
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from normdrop.lab.config import RunSpec, TrainSettings
+from normdrop.lab.store import SCHEMA_VERSION, RunStore, StoreError, owner_id
+from normdrop.lab.train import EpochRecord, RunResult
+
+
+def _spec(variant="bn+dropout", seed=0, **changes) -> RunSpec:
+    return RunSpec(TrainSettings(data="wine", **changes), variant, seed, "wine")
+
+
+def _record(epoch: int) -> EpochRecord:
+    return EpochRecord(epoch, 1.0 / epoch, 0.5, 1.1, 0.4, -1.0, 0.0, 1.0, 0.01)
+
+
+def test_schema_and_wal(tmp_path):
+    with RunStore(tmp_path / "runs" / "normdrop.db") as store:
+        db = store.connection
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"experiments", "runs", "experiment_runs", "epochs"} <= tables
+    with RunStore(tmp_path / "runs" / "normdrop.db", readonly=True) as store:
+        assert store.experiments() == []
+
+
+def test_readonly_never_creates(tmp_path):
+    with pytest.raises(StoreError, match="no run database here"):
+        RunStore(tmp_path / "nothing.db", readonly=True)
+    assert not (tmp_path / "nothing.db").exists()
+
+
+def test_a_file_that_is_not_sqlite_is_refused(tmp_path):
+    path = tmp_path / "notes.db"
+    path.write_text("my precious notes " * 100)
+    with pytest.raises(StoreError, match="not a normdrop run database"):
+        RunStore(path)
+    assert path.read_text() == "my precious notes " * 100
+
+
+def test_someone_elses_database_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE customers (name TEXT)")
+        db.execute("INSERT INTO customers VALUES ('ada')")
+    with pytest.raises(StoreError, match=r"holds other tables \(customers\)"):
+        RunStore(path)
+    with sqlite3.connect(path) as db:
+        names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+        assert names == {"customers"}
+    with pytest.raises(StoreError, match="not a normdrop run database"):
+        RunStore(path, readonly=True)
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "n.db"
+    RunStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="newer than this normdrop"):
+        RunStore(path)
+
+
+def test_runs_are_keyed_by_what_they_compute(tmp_path):
+    with RunStore(tmp_path / "r.db") as store:
+        first = store.add_experiment("one", "lab", {}, "cmd")
+        second = store.add_experiment("two", "lab", {}, "cmd")
+        plain = store.add_runs(first, [_spec("plain"), _spec("bn")])
+        # A plain run does not depend on dropout or BN settings: it is the same run.
+        reused = store.add_runs(
+            second, [_spec("plain", dropout_p=0.2, bn_momentum=0.3), _spec("bn", bn_momentum=0.3)]
+        )
+        assert reused[0] == plain[0] and reused[1] != plain[1]
+        assert _spec("dropout").key() != _spec("dropout", dropout_p=0.1).key()
+        assert _spec("plain", seed=1).key() != _spec("plain").key()
+        assert _spec().key() != RunSpec(_spec().settings, "bn+dropout", 0, "other data").key()
+        listing = store.list_runs("two")
+        assert [r["id"] for r in listing] == reused
+        assert store.list_runs()[0]["experiments"] == "one,two"
+        # Re-adding with a different run list replaces the experiment's membership only.
+        store.add_runs(second, [_spec("plain")])
+        assert [r["id"] for r in store.list_runs("two")] == [plain[0]]
+        assert len(store.list_runs()) == 3
+        with pytest.raises(StoreError, match="no experiment named 'three'"):
+            store.list_runs("three")
+
+
+def test_spec_round_trips_through_the_database(tmp_path):
+    spec = _spec("bn", seed=3, target=None, bn_type="ghost", virtual_batch_size=8)
+    with RunStore(tmp_path / "r.db") as store:
+        (run_id,) = store.add_runs(store.add_experiment("e", "lab", {}, "c"), [spec])
+        assert RunSpec.from_dict(json.loads(store.run(run_id)["spec_json"])) == spec
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_claims(tmp_path):
+    with RunStore(tmp_path / "r.db") as store:
+        (run_id,) = store.add_runs(store.add_experiment("e", "lab", {}, "c"), [_spec()])
+        host = owner_id().rsplit(":", 1)[0]
+        live_other = f"{host}:{os.getppid()}"  # our parent: alive, not us
+        assert store.claim(run_id, live_other)
+        assert not store.claim(run_id)  # a live process holds it
+        assert store.claim(run_id, live_other)  # the holder itself may claim again
+        dead = f"{host}:{_dead_pid()}"
+        store.connection.execute("UPDATE runs SET owner = ? WHERE id = ?", (dead, run_id))
+        assert store.claim(run_id)  # its owner died: taken over
+        assert store.run(run_id)["owner"] == owner_id() and store.run(run_id)["attempts"] == 3
+        store.release(run_id)
+        assert store.run(run_id)["status"] == "pending" and store.run(run_id)["owner"] is None
+        assert store.claim(run_id)
+        store.release(run_id, error="ValueError: boom")
+        assert store.run(run_id)["status"] == "failed"
+        assert store.claim(run_id)  # failed runs are retried
+        store.finish(run_id, RunResult(1, 1, 0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 1.5))
+        assert not store.claim(run_id)  # complete runs are never retrained
+
+
+def test_epochs_and_checkpoints_move_together(tmp_path):
+    with RunStore(tmp_path / "r.db") as store:
+        (run_id,) = store.add_runs(store.add_experiment("e", "lab", {}, "c"), [_spec()])
+        assert store.claim(run_id)
+        assert store.load_checkpoint(run_id) is None
+        for epoch in (1, 2):
+            store.save_epoch(run_id, _record(epoch), f"state after {epoch}".encode())
+        assert store.load_checkpoint(run_id) == b"state after 2"
+        assert store.checkpoint_path(run_id) == tmp_path / "checkpoints" / f"run-{run_id}.pt"
+        assert [row["epoch"] for row in store.epochs(run_id)] == [1, 2]
+        assert store.epochs(run_id)[0]["train_loss"] == 1.0
+        assert store.epochs_done([run_id]) == {run_id: 2}
+        # Resuming rewrites the rows from the checkpoint's history: a row written after it
+        # goes, one the checkpoint has but the database missed comes back.
+        store.reset_epochs(run_id, [_record(1), _record(2), _record(3)][:1])
+        assert [row["epoch"] for row in store.epochs(run_id)] == [1]
+        store.reset_epochs(run_id, [_record(1), _record(2), _record(3)])
+        assert [row["epoch"] for row in store.epochs(run_id)] == [1, 2, 3]
+        store.finish(run_id, RunResult(2, 2, 0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 1.5))
+        assert not store.checkpoint_path(run_id).exists()
+        assert not list((tmp_path / "checkpoints").iterdir())
+        row = store.run(run_id)
+        assert (row["status"], row["best_epoch"], row["test_acc"]) == ("complete", 2, 0.7)
+        with pytest.raises(StoreError, match="no run with id 99"):
+            store.run(99)
+
+
+def _writer(path: str, worker: int, runs: int, epochs: int) -> None:
+    with RunStore(path) as store:
+        experiment = store.add_experiment(f"exp{worker}", "lab", {}, "c")
+        ids = store.add_runs(experiment, [_spec(seed=100 * worker + i) for i in range(runs)])
+        for run_id in ids:
+            assert store.claim(run_id)
+            for epoch in range(1, epochs + 1):
+                store.save_epoch(run_id, _record(epoch), os.urandom(2048))
+            store.finish(run_id, RunResult(1, epochs, 0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 1.0))
+
+
+def test_concurrent_writers_do_not_corrupt(tmp_path):
+    path = str(tmp_path / "shared.db")
+    RunStore(path).close()
+    # fork: the writers use sqlite only, and start in milliseconds instead of importing torch.
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_writer, args=(path, w, 6, 30)) for w in range(3)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(120)
+        assert process.exitcode == 0
+    with RunStore(path) as store:
+        db = store.connection
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT COUNT(*) FROM runs WHERE status = 'complete'").fetchone()[0] == 18
+        assert db.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 18 * 30
+    assert not list((tmp_path / "checkpoints").iterdir())
