@@ -483,3 +483,40 @@ def test_nan_propagates_but_does_not_poison_running_statistics():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours(torch.randn(8, 3))  # finite batches stay silent
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_sample_gradients_with_torch_func(backend):
+    """torch.func (vmap over grad, as Opacus-style per-sample gradients do) works in eval mode,
+    and vmap over groups of batches works in training without running statistics."""
+    from torch.func import functional_call, grad, vmap
+
+    def per_sample_grads(model, x):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        buffers = dict(model.named_buffers())
+
+        def loss(p, sample):
+            return functional_call(model, (p, buffers), (sample.unsqueeze(0),)).pow(2).sum()
+
+        return vmap(grad(loss), in_dims=(None, 0))(params, x)
+
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(4, 3), normdrop.nn.BatchNorm1d(3))
+    reference = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    reference.load_state_dict(ours.state_dict())
+    batch = torch.randn(16, 4) + 1
+    for model in (ours, reference):
+        model(batch)  # non-trivial running statistics, the same in both
+        model.eval()
+    x = torch.randn(5, 4)
+    with normdrop.use_backend(backend):
+        actual = per_sample_grads(ours, x)
+    expected = per_sample_grads(reference, x)
+    for name in expected:
+        assert_close_scaled(actual[name], expected[name], 1e-5)
+
+    groups = torch.randn(4, 6, 3)
+    with normdrop.use_backend(backend):
+        actual = vmap(normdrop.nn.BatchNorm1d(3, track_running_stats=False))(groups)
+    expected = vmap(torch.nn.BatchNorm1d(3, track_running_stats=False))(groups)
+    assert_close_scaled(actual, expected, 1e-5)

@@ -226,9 +226,12 @@ class _BatchNormFunction(torch.autograd.Function):
     In inference the statistics are fixed and ``dL/dx = weight * invstd * dy``.
     """
 
+    # torch.func transforms (vmap, grad, per-sample gradients) need forward without ctx and a
+    # separate setup_context; the forward is plain torch ops, so vmap's rule can be generated.
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(
-        ctx,
         input: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
@@ -237,10 +240,14 @@ class _BatchNormFunction(torch.autograd.Function):
         training: bool,
         eps: float,
     ) -> Tensor:
+        return _normalize(input, weight, bias, mean, invstd)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        input, weight, bias, mean, invstd, training, eps = inputs
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.training, ctx.eps = training, eps
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _normalize(input, weight, bias, mean, invstd)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
