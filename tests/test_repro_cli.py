@@ -1,0 +1,139 @@
+"""normdrop repro: registry, command line, seeds, exit codes and the files a run writes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from matplotlib.figure import Figure
+
+import normdrop.repro as repro
+from normdrop.repro import REPRODUCTIONS, cli_main, parse_seeds
+from normdrop.repro.outcome import Outcome
+
+PAPERS = (
+    "ioffe2015",
+    "srivastava2014",
+    "li2019",
+    "zhang2017",
+    "ioffe2017",
+    "hoffer2017",
+    "gal2016",
+    "santurkar2018",
+)
+
+
+def test_registry_names_every_paper_and_each_module_has_the_interface():
+    assert tuple(REPRODUCTIONS) == PAPERS
+    for name in PAPERS:
+        module = repro.module(name)
+        assert isinstance(module.TITLE, str) and isinstance(module.PAPER, str)
+        assert callable(module.run)
+
+
+def test_list_prints_every_reproduction(capsys):
+    assert cli_main(["--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(PAPERS)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["nosuchpaper"], [], ["all", "--scale", "0"], ["li2019", "--jobs", "0"]],
+)  # fmt: skip
+def test_usage_errors_exit_2_and_say_why(argv, capsys):
+    with pytest.raises(SystemExit) as raised:
+        cli_main(argv)
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    if argv == ["nosuchpaper"]:
+        assert "nosuchpaper" in err and "ioffe2015" in err
+
+
+def test_out_must_be_a_folder(tmp_path, capsys):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("kept")
+    with pytest.raises(SystemExit) as raised:
+        cli_main(["li2019", "--out", str(a_file)])
+    assert raised.value.code == 2 and "--out" in capsys.readouterr().err
+    assert a_file.read_text() == "kept"
+
+
+def test_seeds_count_and_list():
+    assert parse_seeds("3") == [0, 1, 2]
+    assert parse_seeds("11,12,13") == [11, 12, 13]
+    assert parse_seeds("7,") == [7]
+    assert parse_seeds(" 4 , 5 ") == [4, 5]
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "x", "1,x", "1,1", "-1,2", ",", "1.5"])
+def test_bad_seeds_are_refused_with_the_expected_form(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="seeds"):
+        parse_seeds(text)
+
+
+@given(st.lists(st.integers(0, 10**6), min_size=1, max_size=6, unique=True))
+def test_seed_lists_round_trip(seeds):
+    assert parse_seeds(",".join(map(str, seeds)) + ",") == seeds
+
+
+def _fake_module(passes: bool) -> types.ModuleType:
+    """A reproduction whose one criterion passes or fails on demand."""
+
+    def run(seeds, scale=1.0, jobs=1):
+        outcome = Outcome("ioffe2015", "fake", "paper", "setup", ["a choice"], seeds, {"s": scale})
+        outcome.check("k", "claim", 1.0 if passes else 3.0, "<=", 2.0, "detail")
+        figure = Figure()
+        figure.add_subplot().plot([0, 1], [1, 0])
+        outcome.figures = {"curve": figure}
+        outcome.measurements = {"nan": float("nan"), "by_key": {0.5: (1, 2)}}
+        return outcome
+
+    return types.SimpleNamespace(run=run, TITLE="fake", PAPER="paper")
+
+
+@pytest.mark.parametrize("passes", [True, False])
+def test_exit_status_and_results_json_follow_the_criteria(passes, tmp_path, monkeypatch):
+    monkeypatch.setattr(repro, "module", lambda name: _fake_module(passes))
+    status = cli_main(["ioffe2015", "--seeds", "5,6,7", "--out", str(tmp_path), "--jobs", "1"])
+    assert status == (0 if passes else 1)
+    document = json.loads((tmp_path / "ioffe2015" / "results.json").read_text())
+    assert document["passed"] is passes
+    assert document["seeds"] == [5, 6, 7]
+    (criterion,) = document["criteria"]
+    assert criterion["measured"] == (1.0 if passes else 3.0)
+    assert (
+        criterion["threshold"] == 2.0 and criterion["op"] == "<=" and criterion["passed"] is passes
+    )
+    assert document["measurements"] == {"nan": "nan", "by_key": {"0.5": [1, 2]}}
+    png = (tmp_path / "ioffe2015" / "curve.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    index = (tmp_path / "index.html").read_text()
+    assert 'id="ioffe2015"' in index and "data:image/png;base64," in index
+    assert ("PASS" if passes else "FAIL") in index
+    assert not list(tmp_path.rglob(".*.tmp"))  # atomic writes leave no temporary file
+
+
+def test_all_runs_every_reproduction_and_fails_if_one_fails(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(repro, "module", lambda name: _fake_module(name != "gal2016"))
+    assert cli_main(["all", "--seeds", "1", "--out", str(tmp_path), "--jobs", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  gal2016" in out and "PASS  ioffe2015" in out
+
+
+def test_python_dash_m_lists():
+    done = subprocess.run(
+        [sys.executable, "-m", "normdrop.repro", "--list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "santurkar2018" in done.stdout
