@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -407,8 +408,7 @@ def test_batch_of_one_in_training_has_torchs_message():
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        ({"eps": 0.0}, "eps must be a positive number"),
-        ({"eps": -1e-5}, "eps must be a positive number"),
+        ({"eps": float("nan")}, "eps must be a real number"),
         ({"momentum": 1.5}, r"momentum must be a number in \[0, 1\] or None"),
         ({"momentum": -0.1}, "momentum"),
         ({"num_features": 0}, "num_features must be a positive int"),
@@ -420,9 +420,37 @@ def test_bad_constructor_arguments(kwargs, expected):
         normdrop.nn.BatchNorm1d(**kwargs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "cls",
+    [
+        normdrop.nn.BatchNorm1d,
+        functools.partial(normdrop.nn.GhostBatchNorm1d, virtual_batch_size=2),
+        normdrop.nn.BatchRenorm1d,
+    ],
+)
+def test_eps_sign_is_checked_by_forward_as_torch_does(cls, backend):
+    """torch.nn builds BatchNorm(eps=0) and BatchNorm(eps=-1) and refuses them in forward
+    ("eps must be positive" in training); eps = 0 is valid in eval. Same contract here, so a
+    model built for inference with eps=0 converts, and torch's own module tests pass."""
+    x = torch.randn(4, 3)
+    with normdrop.use_backend(backend):
+        for eps in (0.0, -1.0):
+            bn = cls(3, eps=eps)
+            with pytest.raises(ValueError, match="eps must be positive"):
+                bn(x)
+            assert bn.num_batches_tracked.item() == 0  # a refused batch is not counted
+        with pytest.raises(ValueError, match="eps must be non-negative"):
+            cls(3, eps=-1.0).eval()(x)
+        ours, reference = cls(3, eps=0.0).eval(), torch.nn.BatchNorm1d(3, eps=0.0).eval()
+        assert_close_scaled(ours(x), reference(x), 1e-5)
+
+
 def test_num_features_must_be_an_int():
     with pytest.raises(TypeError, match="num_features must be a positive int"):
         normdrop.nn.BatchNorm1d(3.0)
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        normdrop.nn.BatchNorm1d(3, eps="1e-5")
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8])
@@ -520,3 +548,73 @@ def test_per_sample_gradients_with_torch_func(backend):
         actual = vmap(normdrop.nn.BatchNorm1d(3, track_running_stats=False))(groups)
     expected = vmap(torch.nn.BatchNorm1d(3, track_running_stats=False))(groups)
     assert_close_scaled(actual, expected, 1e-5)
+
+
+# ------------------------------------------------------------- PyTorch's own module test samples
+
+
+def _torch_module_infos():
+    """torch's ModuleInfo entries for nn.BatchNorm1d/2d/3d (their samples and error inputs)."""
+    common_modules = pytest.importorskip(
+        "torch.testing._internal.common_modules", reason="needs expecttest (the dev extra)"
+    )
+    infos = [info for info in common_modules.module_db if info.module_cls in TORCH_TO_OURS]
+    assert len(infos) == 3
+    return common_modules, infos
+
+
+TORCH_TO_OURS = {theirs: ours for ours, theirs in PAIRS.values()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_module_db_samples_match_torch(dtype, backend):
+    """Every sample torch's own test suite feeds nn.BatchNorm1d/2d/3d (zero batch, bias=False,
+    momentum=None, not affine, not tracking, ...), in training and eval: outputs, input and
+    parameter gradients and buffers equal torch's over three steps."""
+    _, infos = _torch_module_infos()
+    rtol = tolerance(dtype)
+    with normdrop.use_backend(backend):
+        for info, training in ((i, t) for i in infos for t in (True, False)):
+            samples = info.module_inputs_func(
+                info, device="cpu", dtype=dtype, requires_grad=True, training=training
+            )
+            for sample in samples:
+                args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+                reference = info.module_cls(*args, **kwargs).to(dtype).train(training)
+                ours = TORCH_TO_OURS[info.module_cls](*args, **kwargs).to(dtype).train(training)
+                x = sample.forward_input.args[0].detach()
+                for _ in range(3):
+                    grad = torch.randn(x.shape, dtype=dtype)
+                    y_ours, gx_ours = _step(ours, x, grad)
+                    y_ref, gx_ref = _step(reference, x, grad)
+                    assert_close_scaled(y_ours, y_ref, rtol)
+                    assert_close_scaled(gx_ours, gx_ref, rtol)
+                for p_ours, p_ref in zip(ours.parameters(), reference.parameters(), strict=True):
+                    assert_close_scaled(p_ours.grad, p_ref.grad, rtol)
+                _assert_same_state(ours, reference, rtol)
+
+
+def test_torch_module_db_error_inputs():
+    """torch's error inputs for BatchNorm (eps = 0 and eps < 0: constructed, then refused by
+    forward with "eps must be positive"), run exactly as torch's test_modules runs them."""
+    common_modules, infos = _torch_module_infos()
+    checked = 0
+    for info in infos:
+        error_inputs = info.module_error_inputs_func(
+            info, device="cpu", dtype=torch.float32, requires_grad=False, training=True
+        )
+        for error_input in error_inputs:
+            sample = error_input.module_error_input
+            args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+            ours_cls = TORCH_TO_OURS[info.module_cls]
+            match = error_input.error_regex
+            if error_input.error_on == common_modules.ModuleErrorEnum.CONSTRUCTION_ERROR:
+                with pytest.raises(error_input.error_type, match=match):
+                    ours_cls(*args, **kwargs)
+            else:
+                module = ours_cls(*args, **kwargs)
+                with pytest.raises(error_input.error_type, match=match):
+                    module(*sample.forward_input.args, **sample.forward_input.kwargs)
+            checked += 1
+    assert checked >= 6

@@ -243,8 +243,12 @@ def test_ddp_example_under_torchrun_matches_single_process(tmp_path):
     for _attempt in range(2):
         done = subprocess.run(command, env=env, timeout=300, capture_output=True, text=True)
         # torchrun picks a free port and then binds it: on a busy machine another process can
-        # take it in between. That, and only that, is worth a second try.
-        if done.returncode == 0 or "address already in use" not in done.stderr.lower():
+        # take it in between. Gloo can also abort a worker while it tears down its threads
+        # (C++ "terminate called without an active exception", seen once in ~12 runs on a
+        # loaded 2-core machine; no Python traceback). Those two, and only those, are worth a
+        # second try.
+        transient = ("address already in use", "terminate called without an active exception")
+        if done.returncode == 0 or not any(t in done.stderr.lower() for t in transient):
             break
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     with torch.random.fork_rng():  # the single-process run, here: it seeds the global RNG

@@ -133,3 +133,16 @@ def test_freeze_refuses_what_it_cannot_freeze():
         ndnn.FrozenBatchNorm1d(2)(torch.randn(3, 4))
     with pytest.raises(InputError, match=r"\(N, C, H, W\)"):
         ndnn.FrozenBatchNorm2d(2)(torch.randn(3, 2))
+
+
+def test_eps_zero_freezes_like_torchs_eval_and_negative_eps_is_refused():
+    """torch.nn allows eps = 0 in eval mode (the only mode a frozen layer has); eps < 0 never."""
+    bn = torch.nn.BatchNorm2d(3, eps=0.0).eval()
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 4, 4)
+    frozen = ndnn.freeze_batchnorm(bn)
+    assert isinstance(frozen, ndnn.FrozenBatchNorm2d) and frozen.eps == 0.0
+    torch.testing.assert_close(frozen(x), bn(x))
+    with pytest.raises(InputError, match=r"eps must be non-negative, got -1\.0"):
+        ndnn.FrozenBatchNorm2d(3, eps=-1.0)

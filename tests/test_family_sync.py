@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import normdrop.nn as ndnn
 from normdrop.errors import InputError
-from normdrop.nn.sync_batchnorm import combine_batch_statistics
+from normdrop.nn.sync_batchnorm import _sync_batch_norm, combine_batch_statistics
 
 
 @settings(max_examples=40, deadline=None)
@@ -123,3 +123,12 @@ def test_bad_input_is_rejected_with_a_clear_message():
         sync(torch.randn(4, 2, 5))
     with pytest.raises(InputError, match="momentum"):
         ndnn.SyncBatchNorm(3, momentum=2.0)
+
+
+def test_synchronized_path_refuses_eps_that_is_not_positive():
+    """The constructor accepts any eps, as torch.nn's does; training must refuse eps <= 0, and
+    the synchronized path does so before it enters the collective (no rank is left waiting)."""
+    for eps in (0.0, -1.0):
+        ndnn.SyncBatchNorm(3, eps=eps)
+        with pytest.raises(InputError, match="eps must be positive during training"):
+            _sync_batch_norm(torch.randn(4, 3), None, None, None, None, 0.1, eps, None)

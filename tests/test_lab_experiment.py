@@ -15,6 +15,7 @@ from normdrop.lab.config import LabConfig, TrainSettings
 from normdrop.lab.experiment import run_lab
 from normdrop.lab.scheduler import choose_workers
 from normdrop.lab.store import RunStore
+from normdrop.lab.summary import LOSS_COLUMNS, loss_rows
 
 SETTINGS = TrainSettings(
     data="synthetic:samples=240,features=8,informative=4,classes=3",
@@ -81,6 +82,15 @@ def test_lab_statistics_come_from_the_database(tmp_path):
         if not math.isnan(expected_p):
             assert summary.test_vs_plain.p_value == pytest.approx(expected_p)
     assert len(result.claims) == 2 and all("95% CI" in c or "one seed" in c for c in result.claims)
+    # The loss table's comparison column is the ACCURACY gap, in points: its label says so.
+    column = LOSS_COLUMNS.index("Δ acc gap vs plain")
+    for summary, row in zip(result.summaries, loss_rows(result.summaries), strict=True):
+        if summary.variant == "plain":
+            continue
+        gap = np.array([r["train_acc"] - r["test_acc"] for r in by_variant[summary.variant]])
+        base = np.array([r["train_acc"] - r["test_acc"] for r in by_variant["plain"]])
+        assert summary.gap_vs_plain.difference.mean == pytest.approx((gap - base).mean())
+        assert row[column] == summary.gap_vs_plain.difference.format(100, sign=True)
 
 
 def test_report_and_plots_are_written(tmp_path):

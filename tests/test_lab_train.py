@@ -170,3 +170,29 @@ def test_a_final_batch_of_one_is_skipped():
     assert len(splits.train[0]) == 106
     result = train_run(_spec(batch_size=105, epochs=1, variant="bn"), splits)
     assert result.epochs_run == 1
+
+
+def test_ghost_batch_norm_trains_on_whole_virtual_batches():
+    """106 wine samples in batches of 16: the last batch holds 10, which GhostBatchNorm with
+    virtual batches of 4 cannot split; the trainer keeps 8 of them, two whole virtual batches
+    (before this, every ghost run failed at the last batch of its first epoch)."""
+    from normdrop.lab.train import _train_epoch
+    from normdrop.nn.ghost_batchnorm import _GhostBatchNorm
+
+    splits = _splits()
+    spec = _spec(variant="bn", epochs=2, bn_type="ghost", virtual_batch_size=4)
+    result = train_run(spec, splits)
+    assert result.epochs_run == 2 and 0 < result.train_acc <= 1
+
+    state = RunState(spec, splits)
+    ghosts = [m for m in state.model.modules() if isinstance(m, _GhostBatchNorm)]
+    assert len(ghosts) == 2
+    sizes = []
+    ghosts[0].register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    _train_epoch(state, *splits.train, 16)
+    assert sizes == [16] * 6 + [8]
+
+    with pytest.raises(ValueError, match=r"--batch-size 16 must be a multiple of the virtual"):
+        SETTINGS.replace(bn_type="ghost", virtual_batch_size=6)
+    with pytest.raises(ValueError, match=r"virtual batch size 32 \(the default"):
+        SETTINGS.replace(bn_type="ghost")

@@ -128,3 +128,84 @@ def test_layers_without_counterpart_and_user_subclasses_stay():
     assert type(back[1]) is ndnn.GhostBatchNorm1d
     with pytest.raises(InputError, match="to must be one of"):
         convert(model, to="keras")
+
+
+class _Block(torch.nn.Module):
+    """torchvision's ResNet BasicBlock: conv-bn-relu-conv-bn, in-place residual add."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(c_out)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.conv2 = torch.nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(c_out, eps=0.0)  # eps=0: valid in eval, as in torch
+        self.down = torch.nn.Sequential(
+            torch.nn.Conv2d(c_in, c_out, 1, stride, bias=False), torch.nn.BatchNorm2d(c_out)
+        )
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out += self.down(x)
+        return self.relu(out)
+
+
+def _third_party_style():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(
+        _Block(3, 8, 2),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 16),
+        torch.nn.BatchNorm1d(16),
+        torch.nn.ReLU(inplace=True),
+        torch.nn.Dropout(0.5),
+        torch.nn.Linear(16, 3),
+    )
+
+
+def test_third_party_style_model_converts_and_serializes(tmp_path):
+    """A torchvision-style network with an eps=0 BatchNorm converts (torch allows eps=0 in
+    eval); trained eval outputs agree; pickle, jit.trace and torch.export of the converted
+    model in eval mode compute the same."""
+    import copy
+    import pickle
+
+    reference = _third_party_style()
+    reference.train()
+    reference[0].bn2.eps = 1e-5  # eps=0 is refused in training, by torch and by us
+    with torch.no_grad():
+        reference(torch.randn(8, 3, 9, 9))  # non-trivial running statistics
+    reference[0].bn2.eps = 0.0
+    converted = convert(reference).eval()
+    reference.eval()
+    assert type(converted[0].bn2) is ndnn.BatchNorm2d and converted[0].bn2.eps == 0.0
+    x = torch.randn(4, 3, 9, 9)
+    expected = reference(x)
+    torch.testing.assert_close(converted(x), expected)
+    torch.testing.assert_close(copy.deepcopy(converted)(x), expected)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(converted))(x), expected)
+    traced = torch.jit.trace(converted, x)
+    other = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(traced(other), reference(other))
+    exported = torch.export.export(converted, (x,))
+    torch.testing.assert_close(exported.module()(x), expected)
+    torch.save(converted, tmp_path / "model.pt")
+    torch.testing.assert_close(torch.load(tmp_path / "model.pt", weights_only=False)(x), expected)
+
+
+@pytest.mark.parametrize("backend", normdrop.backend.BACKENDS)
+def test_training_mode_trace_uses_each_batchs_own_statistics(backend):
+    """jit.trace in training mode must record the statistics computation, not bake in the
+    example batch's (at commit dce2dad the fast path did: silently wrong on any other batch)."""
+    import copy
+    import warnings
+
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    converted = convert(reference)
+    with normdrop.use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about Python values
+        traced = torch.jit.trace(copy.deepcopy(converted), torch.randn(2, 3, 8, 8))
+        other = torch.randn(5, 3, 8, 8) * 3 + 1
+        torch.testing.assert_close(traced(other), reference(other))

@@ -244,3 +244,32 @@ def test_folded_model_is_eval_only():
         folded(torch.randn(4, 3))
     with pytest.raises(InputError, match=r"torch\.nn\.Module"):
         fold_batchnorm(lambda x: x)
+
+
+def test_an_output_the_fold_misreads_is_refused_not_silently_wrong():
+    """Linear(4, 5) on (N, 5, 4) gives (N, 5, 5): BatchNorm1d(5) normalized dim 1 (the 5
+    positions) while the fold scales the last dim (the 5 features). Both run; only the refusal
+    keeps the folded model from returning a wrong answer. Unbatched Conv1d output likewise."""
+
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.bn = torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5)
+
+        def forward(self, x):
+            return self.bn(self.linear(x))
+
+    model = _randomize(Tokens()).eval()
+    folded = fold_batchnorm(model)
+    assert _batchnorm_paths(folded) == set()
+    x = torch.randn(6, 4)
+    torch.testing.assert_close(folded(x), model(x))  # the layout the fold holds for
+    with pytest.raises(InputError, match=r"folded into 'linear' expected .* 2-D.*\(3, 5, 5\)"):
+        folded(torch.randn(3, 5, 4))
+    conv = _randomize(torch.nn.Sequential(torch.nn.Conv1d(2, 3, 1), torch.nn.BatchNorm1d(3)))
+    folded = fold_batchnorm(conv.eval())
+    assert isinstance(folded[1], torch.nn.Identity)
+    x = torch.randn(4, 2, 3)
+    torch.testing.assert_close(folded(x), conv(x))
+    with pytest.raises(InputError, match=r"3-D"):
+        folded(torch.randn(2, 3))  # unbatched (C, L) output, read as (N, C) by BatchNorm1d

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -117,3 +118,21 @@ def test_errors():
         mc_predict(model, torch.randn(3, 5), samples=1)
     with pytest.raises(InputError, match="activation must be one of"):
         mc_predict(model, torch.randn(3, 5), activation="tanh")
+
+
+def test_dropout_fused_with_batchnorm_is_named_not_silently_skipped():
+    """BatchNormAct's dropout runs only with its BatchNorm training, so Monte Carlo dropout
+    cannot sample it: say so instead of returning samples without that noise."""
+    fused_only = torch.nn.Sequential(torch.nn.Linear(5, 4), ndnn.BatchNormAct1d(4, p=0.3))
+    with pytest.raises(InputError, match=r"no dropout layer.*fused into '1'"):
+        mc_predict(fused_only, torch.randn(3, 5))
+    mixed = torch.nn.Sequential(
+        torch.nn.Linear(5, 4), ndnn.BatchNormAct1d(4, p=0.3), torch.nn.Dropout(0.2)
+    )
+    with pytest.warns(UserWarning, match=r"fused into '1' stays off"):
+        result = mc_predict(mixed, torch.randn(3, 5), samples=3, seed=0)
+    assert result.mean.shape == (3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # p = 0: nothing is lost, nothing to say
+        plain = torch.nn.Sequential(ndnn.BatchNormAct1d(5), torch.nn.Dropout(0.2))
+        mc_predict(plain, torch.randn(3, 5), samples=3, seed=0)

@@ -122,6 +122,8 @@ class TrainSettings:
         if self.virtual_batch_size is not None:
             _require(self.bn_type == "ghost", "--virtual-batch-size applies to --bn-type ghost")
             _require(self.virtual_batch_size >= 2, "--virtual-batch-size must be >= 2")
+        if self.bn_type == "ghost":
+            self._check_ghost_batches()
         _require(self.patience >= 0, f"--patience must be >= 0, got {self.patience}")
         _require(self.select in SELECTIONS, f"--select must be one of {SELECTIONS}")
         _require(self.backend in BACKENDS, f"--backend must be one of {BACKENDS}")
@@ -129,6 +131,20 @@ class TrainSettings:
             value = getattr(self, name)
             _require(0 < value < 1, f"--{name.replace('_', '-')} must be in (0, 1), got {value}")
         parse_model_spec(self.model)
+
+    def _check_ghost_batches(self) -> None:
+        """Ghost batch norm normalizes whole virtual batches: they must tile a batch exactly (a
+        last, smaller batch of an epoch drops its remainder, see ``train._train_epoch``)."""
+        from normdrop.nn.ghost_batchnorm import DEFAULT_VIRTUAL_BATCH_SIZE
+
+        given = self.virtual_batch_size is not None
+        virtual = self.virtual_batch_size if given else DEFAULT_VIRTUAL_BATCH_SIZE
+        source = "" if given else " (the default; set it with --virtual-batch-size)"
+        _require(
+            self.batch_size % virtual == 0,
+            f"--batch-size {self.batch_size} must be a multiple of the virtual batch size "
+            f"{virtual}{source}: ghost batch norm normalizes whole virtual batches",
+        )
 
     def replace(self, **changes) -> TrainSettings:
         return dataclasses.replace(self, **changes)

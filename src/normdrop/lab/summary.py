@@ -110,7 +110,7 @@ ACCURACY_COLUMNS = (
     "Δ test vs plain",
     "p",
 )
-LOSS_COLUMNS = ("variant", "train loss", "val loss", "test loss", "Δ gap vs plain", "p")
+LOSS_COLUMNS = ("variant", "train loss", "val loss", "test loss", "Δ acc gap vs plain", "p")
 
 
 def accuracy_rows(summaries: Sequence[VariantSummary]) -> list[list[str]]:

@@ -208,10 +208,25 @@ def checkpoint_history(checkpoint: bytes | None) -> list[EpochRecord] | None:
         return None
 
 
+def _batch_multiple(model: torch.nn.Module) -> int:
+    """Batch sizes the model trains on must be multiples of this: the least common multiple of
+    its ghost batch norms' virtual batch sizes (1 without any)."""
+    from normdrop.nn.ghost_batchnorm import _GhostBatchNorm
+
+    return math.lcm(
+        *(m.virtual_batch_size for m in model.modules() if isinstance(m, _GhostBatchNorm))
+    )
+
+
 def _train_epoch(state: RunState, features: Tensor, labels: Tensor, batch_size: int) -> None:
     state.model.train()
     order = torch.randperm(len(features), generator=state.shuffle)
+    multiple = _batch_multiple(state.model)
     for batch in order.split(batch_size):
+        # The last batch of an epoch is smaller: ghost batch norm keeps its whole virtual
+        # batches (the samples left out are shuffled into other batches next epoch), and
+        # BatchNorm cannot normalize a batch of one.
+        batch = batch[: len(batch) - len(batch) % multiple]
         if len(batch) < 2:
             continue
         state.optimizer.zero_grad(set_to_none=True)

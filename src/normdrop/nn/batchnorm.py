@@ -26,8 +26,13 @@ def _check_batch_norm_config(num_features: int, eps: float, momentum: float | No
         raise InputTypeError(f"num_features must be a positive int, got {num_features!r}")
     if num_features <= 0:
         raise InputError(f"num_features must be a positive int, got {num_features}")
-    if not isinstance(eps, numbers.Real) or math.isnan(eps) or eps <= 0:
-        raise InputError(f"eps must be a positive number, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise InputTypeError(f"eps must be a real number (positive to train), got {eps!r}")
+    if math.isnan(eps):
+        raise InputError(f"eps must be a real number (positive to train), got {eps!r}")
+    # The sign of eps is checked by the forward, as torch.nn does (its own module tests expect
+    # "eps must be positive" from forward, not the constructor): eps = 0 is valid in eval mode,
+    # so a model whose BatchNorms were built with eps=0 for inference still converts and runs.
     if momentum is not None and not (isinstance(momentum, numbers.Real) and 0 <= momentum <= 1):
         raise InputError(
             f"momentum must be a number in [0, 1] or None (cumulative average), got {momentum!r}"

@@ -49,7 +49,7 @@ class _FrozenBatchNorm(torch.nn.Module):
 
     Args:
         num_features: C.
-        eps: added to ``running_var``; positive.
+        eps: added to ``running_var``; non-negative.
         device, dtype: of the buffers, initialized as a fresh BatchNorm's (weight 1, bias 0,
             mean 0, variance 1).
 
@@ -69,6 +69,8 @@ class _FrozenBatchNorm(torch.nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         _check_batch_norm_config(num_features, eps, None)
+        if eps < 0:  # eval-only, so eps = 0 is allowed as in torch.nn's eval mode
+            raise InputError(f"{type(self).__name__}: eps must be non-negative, got {eps}")
         super().__init__()
         self.num_features, self.eps = int(num_features), float(eps)
         self.momentum: float | None = 0.1

@@ -37,7 +37,9 @@ from normdrop.functional import (
 )
 from normdrop.nn.batchnorm import _BatchNorm
 
-__all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d"]
+__all__ = ["DEFAULT_VIRTUAL_BATCH_SIZE", "GhostBatchNorm1d", "GhostBatchNorm2d"]
+
+DEFAULT_VIRTUAL_BATCH_SIZE = 32
 
 
 def _to_ghost_layout(input: Tensor, ghosts: int) -> Tensor:
@@ -68,7 +70,7 @@ class _GhostBatchNorm(_BatchNorm):
     def __init__(
         self,
         num_features: int,
-        virtual_batch_size: int = 32,
+        virtual_batch_size: int = DEFAULT_VIRTUAL_BATCH_SIZE,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,

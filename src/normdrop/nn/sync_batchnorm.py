@@ -193,6 +193,8 @@ def _sync_batch_norm(
 ) -> Tensor:
     """Training-mode BatchNorm of the local slice ``input`` with the global batch statistics."""
     _check_companions(input, running_mean=running_mean, running_var=running_var, weight=weight)
+    if not eps > 0:  # every rank has the same eps, so every rank raises before the collective
+        raise InputError(f"SyncBatchNorm: eps must be positive during training, got {eps}")
     count = _values_per_channel(input)
     with torch.no_grad():
         if count > 0:

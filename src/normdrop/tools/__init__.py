@@ -10,13 +10,14 @@
 # Imported eagerly: `convert`, `lint` and `mc_dropout` are both functions and submodules, and
 # binding the function after its submodule has loaded is what keeps the function in place.
 from normdrop.tools.convert import convert
-from normdrop.tools.fold import fold_batchnorm
+from normdrop.tools.fold import FoldedBatchNorm, fold_batchnorm
 from normdrop.tools.lint import Finding, lint
 from normdrop.tools.mc_dropout import MCPrediction, mc_dropout, mc_predict
 from normdrop.tools.recalibrate import recalibrate_batchnorm
 
 __all__ = [
     "Finding",
+    "FoldedBatchNorm",
     "MCPrediction",
     "convert",
     "fold_batchnorm",

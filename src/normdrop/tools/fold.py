@@ -27,7 +27,7 @@ import warnings
 from collections import Counter
 
 import torch
-from torch import fx
+from torch import Tensor, fx
 
 from normdrop.errors import InputError
 from normdrop.nn.batch_renorm import BatchRenorm1d, BatchRenorm2d
@@ -35,7 +35,7 @@ from normdrop.nn.frozen_batchnorm import FrozenBatchNorm1d, FrozenBatchNorm2d, F
 from normdrop.nn.ghost_batchnorm import GhostBatchNorm1d, GhostBatchNorm2d
 from normdrop.nn.sync_batchnorm import _PLAIN_BATCHNORMS, SyncBatchNorm
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["FoldedBatchNorm", "fold_batchnorm"]
 
 # Exact types: a subclass may change the forward (weight standardization, a fused
 # activation), and then folding would be wrong.
@@ -157,6 +157,42 @@ def _fold(layer: torch.nn.Module, bn: torch.nn.Module) -> None:
     layer.bias = torch.nn.Parameter(bias.to(dtype), requires_grad=trainable)
 
 
+def _batched_rank(layer: torch.nn.Module) -> int:
+    """The rank of ``layer``'s batched output: 2 for Linear's ``(N, C)``, 2 + k for a k-D conv."""
+    if isinstance(layer, torch.nn.Linear):
+        return 2
+    return 2 + len(layer.kernel_size)
+
+
+class FoldedBatchNorm(torch.nn.Identity):
+    """What a folded BatchNorm becomes: the identity, for the layout the fold assumed.
+
+    The fold scales ``layer``'s output channel, weight dim 0, which is dim 1 of the output
+    only for a batched output: ``(N, C)`` from a Linear, ``(N, C, *)`` from a conv. A Linear
+    applied to ``(N, L, F)`` gives ``(N, L, C)``, where the BatchNorm normalized dim 1 (``L``)
+    and the fold scaled the last dim; an unbatched ``Conv1d`` output ``(C, L)`` is misread the
+    same way. Both run without error when ``L == C``, so the folded model would be silently
+    wrong: this layer refuses any other rank instead.
+    """
+
+    def __init__(self, rank: int, layer: str) -> None:
+        super().__init__()
+        self.rank, self.layer = rank, layer
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, folded_into={self.layer!r}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() != self.rank:
+            raise InputError(
+                f"fold_batchnorm: the BatchNorm folded into {self.layer!r} expected that layer's "
+                f"output to be {self.rank}-D with channels in dim 1, got shape "
+                f"{tuple(input.shape)}; the fold does not hold for this input: run the "
+                "original model"
+            )
+        return input
+
+
 def _refuse_training(module: torch.nn.Module, args: tuple) -> None:
     if module.training:
         raise InputError(
@@ -170,11 +206,12 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
     A BatchNorm is folded into the ``Linear``, ``Conv1d/2d/3d`` or ``ConvTranspose1d/2d/3d``
     that feeds it when that layer's output is used by the BatchNorm alone and neither module
-    is applied anywhere else; the BatchNorm becomes ``nn.Identity``. Only exact types fold (a
-    Conv subclass may standardize its weights) and modules with hooks are left alone. Linear
-    is assumed to produce ``(N, C)`` for its BatchNorm1d. In eval mode the result computes the
-    same function up to rounding; it refuses to run in training mode. The original model is
-    not modified. Models that ``torch.fx`` cannot trace fold only inside ``nn.Sequential``
+    is applied anywhere else; the BatchNorm becomes a :class:`FoldedBatchNorm` (an
+    ``nn.Identity``). Only exact types fold (a Conv subclass may standardize its weights) and
+    modules with hooks are left alone. In eval mode the result computes the same function up
+    to rounding; it refuses to run in training mode, and on a layer output that is not batched
+    ``(N, C, *)`` (a Linear on ``(N, L, F)``), where the fold would not hold. The original
+    model is not modified. Models that ``torch.fx`` cannot trace fold only inside ``nn.Sequential``
     containers, with a warning.
     """
     if not isinstance(model, torch.nn.Module):
@@ -191,8 +228,10 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
         )
         pairs = _pairs_in_sequentials(folded)
     for layer_path, bn_path in pairs:
-        _fold(folded.get_submodule(layer_path), folded.get_submodule(bn_path))
+        layer = folded.get_submodule(layer_path)
+        _fold(layer, folded.get_submodule(bn_path))
         parent, _, name = bn_path.rpartition(".")
-        folded.get_submodule(parent).add_module(name, torch.nn.Identity())
+        replacement = FoldedBatchNorm(_batched_rank(layer), layer_path)
+        folded.get_submodule(parent).add_module(name, replacement)
     folded.register_forward_pre_hook(_refuse_training)
     return folded

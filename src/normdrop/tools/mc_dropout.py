@@ -20,6 +20,7 @@ statistics). :func:`mc_dropout` turns on the dropout layers only.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -59,10 +60,20 @@ def mc_dropout(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     DropConnect and GaussianDropout. Every module's mode is restored on exit.
     """
     dropouts = [m for m in model.modules() if isinstance(m, DROPOUT_LAYERS)]
+    fused = _fused_dropouts(model)
     if not dropouts:
+        also = f" (the dropout fused into {', '.join(fused)} cannot be sampled)" if fused else ""
         raise InputError(
             f"mc_dropout: {type(model).__name__} has no dropout layer, so every Monte Carlo "
-            "sample would be the same"
+            f"sample would be the same{also}"
+        )
+    if fused:
+        warnings.warn(
+            f"mc_dropout: the dropout fused into {', '.join(fused)} stays off: it runs only "
+            "with its BatchNorm in training mode, which Monte Carlo dropout must avoid; use "
+            "BatchNorm, activation and a separate Dropout layer to sample it",
+            UserWarning,
+            stacklevel=3,
         )
     modes = {m: m.training for m in model.modules()}
     try:
@@ -73,6 +84,17 @@ def mc_dropout(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         for m, training in modes.items():
             m.training = training
+
+
+def _fused_dropouts(model: torch.nn.Module) -> list[str]:
+    """Paths of BatchNorm -> activation -> Dropout modules with p > 0 (normdrop.nn.BatchNormAct)."""
+    from normdrop.nn.norm_act import _BatchNormAct
+
+    return [
+        f"'{path or '<model>'}'"
+        for path, m in model.named_modules()
+        if isinstance(m, _BatchNormAct) and m.p > 0
+    ]
 
 
 def _probabilities(output: Tensor, activation: str | None) -> Tensor:
