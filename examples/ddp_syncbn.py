@@ -89,6 +89,7 @@ def train(args: argparse.Namespace) -> torch.nn.Module:
     if rank == 0 and args.out:
         torch.save(trained.state_dict(), args.out)
     if distributed:
+        dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
     return trained
 

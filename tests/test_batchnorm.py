@@ -618,3 +618,31 @@ def test_torch_module_db_error_inputs():
                     module(*sample.forward_input.args, **sample.forward_input.kwargs)
             checked += 1
     assert checked >= 6
+
+
+def test_torch_opinfo_corner_samples():
+    """Samples from PyTorch's own OpInfo for batch_norm: any real momentum (it uses -1.0) and an
+    empty 1-D input without statistics."""
+    x = torch.randn(3, 2, 3, 4)
+    stats_ours = (torch.zeros(2), torch.ones(2))
+    stats_ref = (torch.zeros(2), torch.ones(2))
+    ours = NF.batch_norm(x, *stats_ours, training=True, momentum=-1.0, eps=0.5)
+    ref = torch.nn.functional.batch_norm(x, *stats_ref, training=True, momentum=-1.0, eps=0.5)
+    assert_close_scaled(ours, ref, 1e-5)
+    for a, b in zip(stats_ours, stats_ref, strict=True):
+        assert_close_scaled(a, b, 1e-5)
+    empty = torch.empty(0)
+    assert NF.batch_norm(empty, None, None, training=True).shape == (0,)
+    with pytest.raises(TypeError, match="momentum must be a real number"):
+        NF.batch_norm(x, torch.zeros(2), torch.ones(2), training=True, momentum="0.1")
+
+
+def test_export_in_training_mode_on_the_reference_backend():
+    """The non-finite check of the running statistics must not branch on data under tracing."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), normdrop.nn.BatchNorm2d(4)).train()
+    x = torch.randn(2, 3, 8, 8)
+    with normdrop.use_backend("reference"):
+        exported = torch.export.export(model, (x,))
+    other = torch.randn(2, 3, 8, 8) + 3
+    expected = copy.deepcopy(model)(other)
+    assert_close_scaled(exported.module()(other), expected, 1e-5)

@@ -237,3 +237,26 @@ def test_dropout2d_on_3d_input_warns_like_torch():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         normdrop.nn.Dropout2d(0.5)(torch.ones(4, 8, 10, 10))
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [
+        ("dropout2d", ()),
+        ("dropout2d", (5,)),
+        ("dropout3d", ()),  # (5,) is read as an unbatched (C,) and is fine
+        ("feature_alpha_dropout", ()),
+        ("feature_alpha_dropout", (5,)),
+    ],
+)
+def test_channelwise_rank_is_checked_only_when_a_mask_is_drawn(name, shape):
+    """PyTorch passes any rank through in eval mode or with p = 0; only drawing a channel mask
+    needs (N, C, *). Its own OpInfo samples rely on this."""
+    ours, reference, _ = FUNCTIONS[name]
+    x = torch.randn(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for training, p in ((False, 0.5), (True, 0.0), (True, 1.0)):
+            torch.testing.assert_close(ours(x, p, training), reference(x, p, training))
+        with pytest.raises(RuntimeError, match=rf"{name}: channel-wise dropout needs"):
+            ours(x, 0.5, True)

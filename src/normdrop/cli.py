@@ -135,7 +135,7 @@ def _add_lab(sub) -> None:
     parser = sub.add_parser(
         "lab",
         help="does BatchNorm or Dropout help this model on this data?",
-        description="Train every variant over every seed, print accuracy and loss with 95%% "
+        description="Train every variant over every seed, print accuracy and loss with 95% "
         "confidence intervals and paired tests against plain, and write "
         "OUT/EXPERIMENT/report.html. Rerunning a command resumes it.",
     )

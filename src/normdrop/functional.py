@@ -116,6 +116,8 @@ def _check_batch_norm_args(
             f"float64), got dtype {input.dtype}"
         )
     if input.dim() < 2:
+        if input.numel() == 0:
+            return  # as in PyTorch, an empty input passes through (batch_norm returns a copy)
         raise InputError(
             "batch_norm: input must have shape (N, C, *) with at least 2 dims, "
             f"got shape {tuple(input.shape)}"
@@ -165,10 +167,12 @@ def _check_batch_norm_args(
                 "Expected more than 1 value per channel when training, "
                 f"got input size {input.size()}"
             )
-        if running_mean is not None and not (
-            isinstance(momentum, numbers.Real) and 0.0 <= momentum <= 1.0
+        # Any real momentum is accepted, as in PyTorch (whose own test samples use -1.0); the
+        # modules insist on [0, 1] and `normdrop lint` flags odd values.
+        if running_mean is not None and (
+            not isinstance(momentum, numbers.Real) or math.isnan(momentum)
         ):
-            raise InputError(f"batch_norm: momentum must be a number in [0, 1], got {momentum!r}")
+            raise InputTypeError(f"batch_norm: momentum must be a real number, got {momentum!r}")
     else:
         if eps < 0:
             raise InputError(f"batch_norm: eps must be non-negative, got {eps}")
@@ -202,8 +206,10 @@ def _update_running_stats(
     new_var = (1 - momentum) * running_var + momentum * unbiased_var
     running_mean.copy_(torch.where(finite, new_mean, running_mean))
     running_var.copy_(torch.where(finite, new_var, running_var))
-    # On an accelerator the check would cost a host sync per layer per step; skip it there.
-    if running_mean.device.type == "cpu" and not bool(finite.all()):
+    # On an accelerator the check would cost a host sync per layer per step, and a traced or
+    # compiled graph cannot branch on data: the buffers are protected either way.
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    if running_mean.device.type == "cpu" and not tracing and not bool(finite.all()):
         warnings.warn(
             "batch_norm: non-finite batch statistics (NaN or Inf in the input); the running "
             "statistics of the affected channels were left unchanged",
@@ -346,6 +352,8 @@ def batch_norm(
     NaN. See ``_update_running_stats``.
     """
     _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if input.dim() < 2:  # an empty input without channels: nothing to normalize
+        return input.clone()
     if training:
         with torch.no_grad():
             mean, var = batch_statistics(input)
@@ -389,6 +397,7 @@ def _feature_noise_shape(input: Tensor) -> tuple[int, ...]:
 
 
 def _dropout(
+    name: str,
     input: Tensor,
     p: float,
     training: bool,
@@ -406,6 +415,12 @@ def _dropout(
         return input
     if p == 1:  # input * 0, not zeros: NaN stays NaN, as in PyTorch
         return input.mul_(0) if inplace else input * 0
+    if channelwise and input.dim() < 2:
+        # Only now, as in PyTorch: in eval mode, or with p = 0 or 1, any rank passes.
+        raise InputError(
+            f"{name}: channel-wise dropout needs an input of shape (N, C, *) with at least 2 "
+            f"dims, got shape {tuple(input.shape)}"
+        )
     keep = 1.0 - p
     shape = _feature_noise_shape(input) if channelwise else input.shape
     noise = torch.empty(shape, dtype=input.dtype, device=input.device)
@@ -436,10 +451,11 @@ def dropout(
     returned.
     """
     _check_dropout_args("dropout", input, p)
-    return _dropout(input, p, training, inplace, generator, channelwise=False, alpha=False)
+    return _dropout("dropout", input, p, training, inplace, generator, False, alpha=False)
 
 
 def _channelwise_dropout(
+    name: str,
     input: Tensor,
     p: float,
     training: bool,
@@ -451,7 +467,7 @@ def _channelwise_dropout(
     batched = input.dim() == batched_rank
     if not batched:
         input = input.unsqueeze_(0) if inplace else input.unsqueeze(0)
-    result = _dropout(input, p, training, inplace, generator, channelwise=True, alpha=False)
+    result = _dropout(name, input, p, training, inplace, generator, channelwise=True, alpha=False)
     if not batched:
         result = result.squeeze_(0) if inplace else result.squeeze(0)
     return result
@@ -472,7 +488,7 @@ def dropout1d(
             f"dropout1d: input must have shape (N, C, L) or (C, L), got {input.dim()}-D input "
             f"of shape {tuple(input.shape)}; use dropout for element-wise dropout"
         )
-    return _channelwise_dropout(input, p, training, inplace, generator, 3)
+    return _channelwise_dropout("dropout1d", input, p, training, inplace, generator, 3)
 
 
 def dropout2d(
@@ -489,10 +505,6 @@ def dropout2d(
     warning, and other ranks are accepted with a deprecation warning.
     """
     _check_dropout_args("dropout2d", input, p)
-    if input.dim() < 2:
-        raise InputError(
-            f"dropout2d: input must have at least 2 dims, got shape {tuple(input.shape)}"
-        )
     if input.dim() not in (3, 4):
         warnings.warn(
             f"dropout2d: received a {input.dim()}-D input; dropout2d expects (N, C, H, W). "
@@ -507,7 +519,7 @@ def dropout2d(
             UserWarning,
             stacklevel=2,
         )
-    return _dropout(input, p, training, inplace, generator, channelwise=True, alpha=False)
+    return _dropout("dropout2d", input, p, training, inplace, generator, True, alpha=False)
 
 
 def dropout3d(
@@ -521,10 +533,6 @@ def dropout3d(
     """Zero whole channels of an ``(N, C, D, H, W)`` or ``(C, D, H, W)`` input, each with
     probability ``p``."""
     _check_dropout_args("dropout3d", input, p)
-    if input.dim() < 1:
-        raise InputError(
-            f"dropout3d: input must have at least 1 dim, got shape {tuple(input.shape)}"
-        )
     if input.dim() not in (4, 5):
         warnings.warn(
             f"dropout3d: received a {input.dim()}-D input; dropout3d expects (N, C, D, H, W) or "
@@ -532,7 +540,7 @@ def dropout3d(
             UserWarning,
             stacklevel=2,
         )
-    return _channelwise_dropout(input, p, training, inplace, generator, 5)
+    return _channelwise_dropout("dropout3d", input, p, training, inplace, generator, 5)
 
 
 def alpha_dropout(
@@ -550,7 +558,7 @@ def alpha_dropout(
     as in PyTorch.
     """
     _check_dropout_args("alpha_dropout", input, p)
-    return _dropout(input, p, training, inplace, generator, channelwise=False, alpha=True)
+    return _dropout("alpha_dropout", input, p, training, inplace, generator, False, alpha=True)
 
 
 def feature_alpha_dropout(
@@ -563,9 +571,4 @@ def feature_alpha_dropout(
 ) -> Tensor:
     """Alpha dropout of whole channels of an ``(N, C, *)`` input."""
     _check_dropout_args("feature_alpha_dropout", input, p)
-    if input.dim() < 2:
-        raise InputError(
-            "feature_alpha_dropout: input must have shape (N, C, *) with at least 2 dims, "
-            f"got shape {tuple(input.shape)}"
-        )
-    return _dropout(input, p, training, inplace, generator, channelwise=True, alpha=True)
+    return _dropout("feature_alpha_dropout", input, p, training, inplace, generator, True, True)
