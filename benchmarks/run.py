@@ -64,14 +64,23 @@ class Row:
 
 
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    return medians_ms([fn], repeats, warmup)[0]
+
+
+def medians_ms(fns: list[Callable[[], object]], repeats: int, warmup: int = 2) -> list[float]:
+    """Median milliseconds of each function, the functions taking turns: each repetition runs
+    all of them once, so they share the allocator's and the machine's state (a large tensor
+    freshly mapped by the allocator costs page faults; turns spread that evenly)."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for fn, spent in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) * 1e3 for spent in times]
 
 
 def copy_bandwidth(repeats: int) -> float:
@@ -139,12 +148,46 @@ def run_ops(repeats: int, bandwidth: float, shapes) -> list[Row]:
         nbytes = x.numel() * x.element_size()
         for case, torch_fn, ours_fn, (torch_inputs, ours_inputs) in cases:
             for mode in ("fwd", "fwd+bwd"):
-                torch_ms = median_ms(_timed(torch_fn, mode, grad, torch_inputs), repeats)
-                ours_ms = median_ms(_timed(ours_fn, mode, grad, ours_inputs), repeats)
+                torch_ms, ours_ms = medians_ms(
+                    [
+                        _timed(torch_fn, mode, grad, torch_inputs),
+                        _timed(ours_fn, mode, grad, ours_inputs),
+                    ],
+                    repeats,
+                )
                 bound_ms = TRAFFIC[case, mode] * nbytes / bandwidth * 1e3
                 rows.append(Row(case, shape, mode, torch_ms, ours_ms, bound_ms))
                 print(f"  {case:9s} {shape!s:18s} {mode:8s} torch {torch_ms:8.2f} ms  "
                       f"normdrop {ours_ms:8.2f} ms", flush=True)  # fmt: skip
+    return rows
+
+
+SMALL_SHAPES = [(32, 50), (64, 512), (128, 256)]
+
+
+def _small_batchnorm_ms(shape: tuple[int, ...], repeats: int) -> list[float]:
+    x = torch.randn(shape, requires_grad=True)
+    grad = torch.randn(shape)
+    torch_bn, ours_bn = nn.BatchNorm1d(shape[1]), normdrop.nn.BatchNorm1d(shape[1])
+    torch_run = _forward_backward(lambda: torch_bn(x), grad, [x, *torch_bn.parameters()])
+    ours_run = _forward_backward(lambda: ours_bn(x), grad, [x, *ours_bn.parameters()])
+
+    def reference_run():
+        with normdrop.use_backend("reference"):
+            ours_run()
+
+    return medians_ms([torch_run, reference_run, ours_run], max(repeats, 50), warmup=10)
+
+
+def run_small_batchnorm(repeats: int) -> list[tuple[tuple[int, ...], float, float, float]]:
+    """BatchNorm1d training forward+backward on small batches: ATen, normdrop's reference
+    backend and its fast backend (ms); overhead-dominated sizes, as in the lab's MLP."""
+    rows = []
+    for shape in SMALL_SHAPES:
+        times = _small_batchnorm_ms(shape, repeats)
+        rows.append((shape, *times))
+        print(f"  batchnorm {shape!s:12s} torch {times[0]:.3f} ms  reference {times[1]:.3f} ms  "
+              f"fast {times[2]:.3f} ms", flush=True)  # fmt: skip
     return rows
 
 
@@ -224,7 +267,8 @@ def _image_batches(batch: int, count: int) -> list[tuple[torch.Tensor, torch.Ten
     ]
 
 
-def step_ms(model: nn.Module, batches, repeats: int) -> float:
+def training_step(model: nn.Module, batches, backend: str = "fast") -> Callable[[], None]:
+    """One SGD step per call (forward, cross-entropy, backward, update), cycling the batches."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     index = 0
 
@@ -233,26 +277,35 @@ def step_ms(model: nn.Module, batches, repeats: int) -> float:
         x, y = batches[index % len(batches)]
         index += 1
         optimizer.zero_grad(set_to_none=True)
-        TF.cross_entropy(model(x), y).backward()
+        with normdrop.use_backend(backend):
+            TF.cross_entropy(model(x), y).backward()
         optimizer.step()
 
-    return median_ms(step, repeats, warmup=3)
+    return step
 
 
-def run_training(repeats: int) -> list[tuple[str, float, float, float]]:
+TRAINING_LAYERS = ("torch", "reference", "normdrop", "fused")
+
+
+def run_training(repeats: int) -> list[tuple[str, dict[str, float]]]:
+    """ms per step: torch.nn layers, normdrop layers on the reference backend and on the fast
+    one, and BatchNormAct (fused), the steps taking turns."""
     cases = [
+        ("MLP 64-512-512-10, digits, batch 64 (the lab's)", mlp, _digits_batches(64)),
         ("MLP 64-512-512-10, digits, batch 256", mlp, _digits_batches(256)),
         ("CNN 2 conv blocks, 32x32x3, batch 64", cnn, _image_batches(64, 8)),
     ]
     rows = []
     for name, build, batches in cases:
-        times = {}
-        for layers in ("torch", "normdrop", "fused"):
+        steps = []
+        for layers in TRAINING_LAYERS:
             torch.manual_seed(0)
-            times[layers] = step_ms(build(layers), batches, repeats)
-        rows.append((name, times["torch"], times["normdrop"], times["fused"]))
-        print(f"  {name}: torch {times['torch']:.2f} ms, normdrop {times['normdrop']:.2f} ms, "
-              f"fused {times['fused']:.2f} ms", flush=True)  # fmt: skip
+            model = build("normdrop" if layers == "reference" else layers)
+            backend = "reference" if layers == "reference" else "fast"
+            steps.append(training_step(model, batches, backend))
+        times = dict(zip(TRAINING_LAYERS, medians_ms(steps, repeats, warmup=3), strict=True))
+        rows.append((name, times))
+        print(f"  {name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in times.items()), flush=True)
     return rows
 
 
@@ -322,13 +375,15 @@ def _shape(shape) -> str:
 
 
 def report(args, runs, saved, first_calls) -> str:
-    """``runs``: per thread count, (threads, bandwidth, op rows, training rows)."""
+    """``runs``: per thread count, (threads, bandwidth, op rows, training rows, small rows)."""
     lines = [
         "# Benchmarks",
         "",
         f"Command: `{args.command}`  ",
         f"Machine: {machine()}  ",
         f"Threads: {', '.join(str(run[0]) for run in runs)} (torch and numba alike, per run)  ",
+        f"Load: 1-minute load average {args.load_before} before the run, {os.getloadavg()[0]:.2f} "
+        "after  ",
         f"Versions: Python {platform.python_version()}, torch {torch.__version__}, "
         f"numba {numba.__version__}, normdrop {normdrop.__version__}  ",
         f"Repetitions: median of {args.repeats} after warm-up; float32; dropout p = {P}",
@@ -342,7 +397,7 @@ def report(args, runs, saved, first_calls) -> str:
         "(BatchNorm in training mode); `fwd+bwd` is the forward and `torch.autograd.grad` of the",
         "input and the parameters (no accumulation into `.grad`).",
     ]
-    for threads, bandwidth, rows, _ in runs:
+    for threads, bandwidth, rows, _, _ in runs:
         lines += [
             "",
             f"## {threads} thread{'s' if threads > 1 else ''}",
@@ -368,16 +423,37 @@ def report(args, runs, saved, first_calls) -> str:
         lines.append(f"| {_shape(shape)} | {chain:,} | {fused:,} | {fused / chain:.2f} |")
     lines += [
         "",
-        "## Training steps (forward, backward, SGD step; ms per step)",
+        "## Small BatchNorm1d batches (training forward+backward, ms)",
         "",
-        "| threads | model | torch.nn | normdrop layers | speed-up | BatchNormAct | speed-up |",
+        "Overhead-dominated sizes (the lab's MLP runs BatchNorm1d on (64, 512)): ATen, normdrop's",
+        "reference backend (`normdrop.functional`) and its fast backend.",
+        "",
+        "| threads | shape | ATen | reference | fast | fast vs reference | fast vs ATen |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for threads, _, _, training in runs:
-        for name, torch_ms, ours_ms, fused_ms in training:
+    for threads, _, _, _, small in runs:
+        for shape, torch_ms, reference_ms, fast_ms in small:
             lines.append(
-                f"| {threads} | {name} | {torch_ms:.2f} | {ours_ms:.2f} | "
-                f"{torch_ms / ours_ms:.2f}x | {fused_ms:.2f} | {torch_ms / fused_ms:.2f}x |"
+                f"| {threads} | {_shape(shape)} | {torch_ms:.3f} | {reference_ms:.3f} | "
+                f"{fast_ms:.3f} | {reference_ms / fast_ms:.2f}x | {torch_ms / fast_ms:.2f}x |"
+            )
+    lines += [
+        "",
+        "## Training steps (forward, backward, SGD step; ms per step)",
+        "",
+        "Speed-ups are over the torch.nn model. `reference`: normdrop layers on the reference",
+        "backend; `fast`: normdrop layers (BatchNorm, ReLU, Dropout) on the kernels; `fused`:",
+        "BatchNormAct (BN -> ReLU -> Dropout in one module).",
+        "",
+        "| threads | model | torch.nn | reference | fast | speed-up | fused | speed-up |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for threads, _, _, training, _ in runs:
+        for name, t in training:
+            lines.append(
+                f"| {threads} | {name} | {t['torch']:.2f} | {t['reference']:.2f} | "
+                f"{t['normdrop']:.2f} | {t['torch'] / t['normdrop']:.2f}x | {t['fused']:.2f} | "
+                f"{t['torch'] / t['fused']:.2f}x |"
             )
     lines += [
         "",
@@ -412,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = ["..." if a in args.note else a for a in (argv or sys.argv[1:])]  # notes: at the end
     args.command = " ".join(["python benchmarks/run.py", *shown])
     args.notes = args.note
+    args.load_before = f"{os.getloadavg()[0]:.2f}"
     if args.quick:
         args.repeats = 3
     shapes = SHAPES[:1] + SHAPES[2:3] if args.quick else SHAPES
@@ -422,8 +499,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"threads {threads}: copy bandwidth, op cases", flush=True)
         bandwidth = copy_bandwidth(args.repeats)
         rows = run_ops(args.repeats, bandwidth, shapes)
+        print("small batches", flush=True)
+        small = run_small_batchnorm(args.repeats)
         print("training steps", flush=True)
-        runs.append((threads, bandwidth, rows, run_training(args.repeats)))
+        runs.append((threads, bandwidth, rows, run_training(args.repeats), small))
     saved = run_saved_bytes(shapes)
     print("first-call latency", flush=True)
     first_calls = first_call_seconds()

@@ -13,6 +13,7 @@ import multiprocessing
 import warnings
 
 import numba
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 import normdrop
 from normdrop import functional as F
-from normdrop.kernels import dispatch, ops
+from normdrop.kernels import cpu, dispatch, ops
 
 from _helpers import assert_close_scaled, tolerance
 
@@ -38,15 +39,15 @@ def _one_numba_thread():
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the fused kernel calls, so a silent fallback cannot pass for the fast path."""
+    """Counts the kernel calls, so a silent fallback cannot pass for the fast path."""
     calls = []
-    original = ops.bn_act_dropout
+    original = ops.batch_norm_act
 
     def spy(*args):
         calls.append(args[0].shape)
         return original(*args)
 
-    monkeypatch.setattr(ops, "bn_act_dropout", spy)
+    monkeypatch.setattr(ops, "batch_norm_act", spy)
     return calls
 
 
@@ -243,10 +244,17 @@ def test_reference_backend_never_calls_the_kernels(kernel_calls):
     assert kernel_calls == []
 
 
-def test_non_finite_channel_keeps_its_running_statistics():
-    x = torch.randn(8, 3, 4, 4)
-    x[2, 1, 0, 0] = float("nan")
-    fast, reference = normdrop.nn.BatchNorm2d(3), normdrop.nn.BatchNorm2d(3)
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [((8, 3, 4, 4), "planar"), ((8, 3, 4, 4), "channels_last"), ((40, 3), "rows")],
+)
+def test_non_finite_channel_keeps_its_running_statistics(shape, layout):
+    x = torch.randn(shape)
+    x[2, 1] = float("nan")
+    if layout == "channels_last":
+        x = channels_last(x)
+    cls = MODULES[len(shape) - 2] if len(shape) > 2 else MODULES[1]
+    fast, reference = cls(3), cls(3)
     with pytest.warns(RuntimeWarning, match="non-finite"):
         y = fast(x)
     with normdrop.use_backend("reference"), warnings.catch_warnings():
@@ -265,7 +273,9 @@ BAD_CALLS = [
     lambda f: f(torch.randn(4, 3), torch.zeros(2), torch.ones(2), training=True),
     lambda f: f(torch.randn(4, 3), torch.zeros(3), None, training=True),
     lambda f: f(torch.randn(4, 3), None, None, torch.ones(3, dtype=torch.float64), training=True),
-    lambda f: f(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, momentum=2.0),
+    lambda f: f(
+        torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, momentum=float("nan")
+    ),
     lambda f: f(torch.randn(4, 3), None, None, training=True, eps=0.0),
     lambda f: f(torch.randn(4, 3), None, None, training=False),
 ]
@@ -273,7 +283,7 @@ BAD_CALLS = [
 
 @pytest.mark.parametrize("call", BAD_CALLS)
 def test_bad_input_raises_what_the_reference_raises(call):
-    with pytest.raises(Exception) as expected:
+    with pytest.raises(Exception) as expected:  # the reference must refuse it, or the case is moot
         call(F.batch_norm)
     with pytest.raises(type(expected.value)) as got:
         call(dispatch.batch_norm)
@@ -323,3 +333,99 @@ def test_a_process_forked_after_the_kernels_ran_takes_the_reference():
     child.join(60)
     assert child.exitcode == 0
     torch.testing.assert_close(torch.tensor(got), expected)
+
+
+@st.composite
+def running_update_cases(draw):
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    channels = draw(st.integers(1, 40))
+    values = st.floats(-1e4, 1e4, allow_nan=False, width=32)
+    special = st.sampled_from([float("nan"), float("inf"), -float("inf")])
+    mean = draw(
+        st.lists(
+            values | special if draw(st.booleans()) else values,
+            min_size=channels,
+            max_size=channels,
+        )
+    )
+    var = draw(st.lists(st.floats(0, 1e4, width=32), min_size=channels, max_size=channels))
+    return {
+        "dtype": dtype,
+        "mean": torch.tensor(mean, dtype=dtype),
+        "var": torch.tensor(var, dtype=dtype),
+        "running_mean": torch.tensor(
+            draw(st.lists(values, min_size=channels, max_size=channels)), dtype=dtype
+        ),
+        "running_var": torch.tensor(var[::-1], dtype=dtype) + 0.5,
+        "count": draw(st.integers(1, 10**7)),
+        "momentum": draw(st.floats(-2, 2)),  # any real momentum, as torch accepts
+    }
+
+
+@given(case=running_update_cases())
+def test_running_average_twin_equals_the_reference(case):
+    """cpu.update_running_stats is functional._update_running_stats, bit for bit; for
+    non-finite statistics it leaves the buffers alone and says so (the caller then runs the
+    reference, which warns)."""
+    fast_mean, fast_var = case["running_mean"].clone(), case["running_var"].clone()
+    updated = cpu.update_running_stats(
+        fast_mean.numpy(),
+        fast_var.numpy(),
+        case["mean"].numpy(),
+        case["var"].numpy(),
+        case["count"],
+        case["momentum"],
+    )
+    ref_mean, ref_var = case["running_mean"].clone(), case["running_var"].clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        F._update_running_stats(
+            ref_mean, ref_var, case["mean"], case["var"], case["count"], case["momentum"]
+        )
+    warned = any("non-finite" in str(w.message) for w in caught)
+    assert updated == (not warned)
+    if updated:
+        assert torch.equal(fast_mean, ref_mean) and torch.equal(fast_var, ref_var)
+    else:
+        assert torch.equal(fast_mean, case["running_mean"])
+        assert torch.equal(fast_var, case["running_var"])
+
+
+@pytest.mark.parametrize("shape", [(700, 5), (64, 3, 40)])
+def test_running_averages_equal_the_reference_update_of_the_same_statistics(shape):
+    """Through the module: the buffers equal the reference update applied to the statistics
+    the kernel computed (so only the statistics themselves may differ, by rounding)."""
+    generator = torch.Generator().manual_seed(3)
+    module = MODULES[1](shape[1], momentum=0.3)
+    x = torch.randn(shape, generator=generator) * 3 + 7
+    stats = np.empty((3, shape[1]), np.float32)
+    expected_mean, expected_var = module.running_mean.clone(), module.running_var.clone()
+    plan = ops._plan(x, "identity", 0.0, 0.0, None, 0)
+    ops._run_forward(cpu.STATS, x, None, None, None, 0.0, 1e-5, stats, None, None, plan)
+    count = x.numel() // shape[1]
+    F._update_running_stats(
+        expected_mean,
+        expected_var,
+        torch.from_numpy(stats[0]),
+        torch.from_numpy(stats[2]),
+        count,
+        0.3,
+    )
+    module(x)
+    assert torch.equal(module.running_mean, expected_mean)
+    assert torch.equal(module.running_var, expected_var)
+
+
+@pytest.mark.parametrize("outlier", [0.0, 300.0])
+def test_rows_statistics_are_exact_for_offset_data_and_outlying_first_rows(outlier):
+    """The rows layout sums values shifted by the channel's first value in one pass: exact
+    for a large offset, and still to float32 rounding when that first value is an outlier."""
+    generator = torch.Generator().manual_seed(4)
+    x = 1e4 + torch.randn(4096, 6, generator=generator)
+    x[0] += outlier
+    mean, invstd = ops.batch_norm_stats(x, None, None, 0.0, 0.0)
+    x64 = x.double()
+    torch.testing.assert_close(mean.double(), x64.mean(0), rtol=1e-7, atol=0)
+    torch.testing.assert_close(
+        1 / invstd.double() ** 2, x64.var(0, unbiased=False), rtol=1e-5, atol=0
+    )

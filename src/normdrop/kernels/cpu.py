@@ -1,5 +1,5 @@
-r"""Numba CPU kernels: BatchNorm statistics, the fused BatchNorm -> activation -> Dropout forward
-and backward, and Dropout.
+r"""Numba CPU kernels: BatchNorm statistics (with the running averages), the fused BatchNorm ->
+activation -> Dropout forward and backward, and Dropout.
 
 Every kernel works on the tensor's memory as a flat array, in memory order, without copies.
 Two layouts cover the BatchNorm inputs (``C`` channels, ``S`` values per (sample, channel)):
@@ -13,23 +13,34 @@ The math is :mod:`normdrop.functional`'s; with ``z = (x - mean) * scale + shift`
 invstd * weight``, ``shift = bias``), ``a = act(z)`` and the dropout factor ``f`` (``1 / (1 - p)``
 or 0)::
 
-    forward:   y  = a * f
-    backward:  g  = (dy * f) * act'(z)                        (the gradient reaching z)
-               sum_g = sum(g),  sum_gxhat = invstd * sum(g * (x - mean))   per channel
-               dx = ((g - sum_g / m) - xhat * sum_gxhat / m) * scale      (training)
-               dx = g * scale                                            (inference)
+    statistics: mean, var (biased), invstd = 1 / sqrt(var + eps); running averages updated
+    forward:    y  = a * f
+    backward:   g  = (dy * f) * act'(z)                        (the gradient reaching z)
+                sum_g = sum(g),  sum_gxhat = invstd * sum(g * (x - mean))   per channel
+                dx = ((g - sum_g / m) - xhat * sum_gxhat / m) * scale      (training)
+                dx = g * scale                                            (inference)
+
+Two kernels per layout, whatever the activation and whether dropout is on (runtime arguments):
+the forward (statistics, running averages, normalize-activate-drop: any of them) and the
+backward (the sums, the coefficients, ``dx``). Each is one call from Python. Without dropout
+the loops read a buffer of always-kept words (factor exactly 1), so one loop serves both
+cases; the activation branch sits outside the element loops, so every loop is straight-line
+and vectorizes. Fewer, larger kernels compile faster than one per combination (JIT time is
+mostly per kernel and per ``prange`` loop).
 
 Determinism: work is cut into fixed blocks of ``BLOCK`` elements (a multiple of the generator's
-``GROUP``, so a block's dropout words are generated once, none wasted). A reduction stores one
-partial result per (block, plane) piece (planar) or per (block, channel) (rows) and merges them
-per channel in memory order, so the result does not depend on how many threads ran the blocks.
-Statistics are exact for data with a large offset: values are shifted by one value of their
-channel, then within a piece two passes (mean, then squared deviations from it, in float64),
-across pieces Chan's pairwise merge.
+``GROUP``; whole rows in the rows layout). A reduction stores one partial result per (block,
+plane) piece (planar) or per (block, channel) (rows) and merges them per channel in memory
+order, so the result does not depend on how many threads ran the blocks. Dropout words are
+generated ``CHUNK`` elements at a time into a small scratch that stays in L1. Inputs under
+``SERIAL_BELOW`` elements run their blocks in a plain loop: waking threads would cost more
+than it saves (and the results are the same either way).
 
-Specialization: the activation and whether dropout is on are constants of each compiled kernel
-(the ``*_kernel`` factories build one per combination, on first use), so the inner loops carry
-no branch but the per-element selects and vectorize.
+Statistics are exact for data with a large offset: values are shifted by one value of their
+channel and summed in float64; planar pieces take two passes (mean, then squared deviations),
+rows blocks one pass of shifted sums and squares (see ``_rows_moments``); across pieces or
+blocks, Chan's pairwise merge. The backward's sums are float64 totals too (in the rows layout
+of four-row partial sums in the input's dtype).
 
 Floating point: the kernels are compiled with ``fastmath=False``; only the in-cache summation
 helpers (``_sum*``) allow ``reassoc``, so that LLVM can vectorize a float64 sum. Their order is
@@ -39,45 +50,67 @@ propagate (no ``nnan``/``ninf``).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
 from numba import njit, prange
 
-from normdrop.kernels.philox import GROUP, fold31, stream_words
+from normdrop.kernels.philox import GROUP, fill_stream, fold31
 
 __all__ = [
     "ACTIVATIONS",
+    "APPLY",
+    "APPLY_RUNNING",
     "BLOCK",
-    "apply_kernel",
-    "batch_stats_planar",
-    "batch_stats_rows",
+    "CHUNK",
+    "SERIAL_BELOW",
+    "STATS",
+    "STATS_APPLY",
+    "backward_kernel",
     "dropout_flat",
     "forward_kernel",
     "make_params",
-    "reduce_kernel",
+    "update_running_stats",
 ]
 
-BLOCK = 64 * GROUP  # 16384 elements: a block's input, output and words sit in L2
-_CHUNK = 1024  # scratch length for the backward's per-plane sums (L1)
+BLOCK = 64 * GROUP  # 16384 elements: one parallel task; its input and output sit in L2
+CHUNK = 4 * GROUP  # 1024 elements: dropout words generated per step (4 KiB, L1)
+SERIAL_BELOW = 1 << 16  # elements: smaller inputs run on the calling thread only
+_ROWS_PER_STEP = 4  # rows layout: rows handled together (coefficients loaded once for four)
+_MIN_ROWS_PER_BLOCK = 32  # fewer blocks, smaller (C,)-per-block partial sums
 
 IDENTITY, RELU, LEAKY_RELU, GELU = 0, 1, 2, 3
 # Codes of normdrop.kernels.activations.ACTIVATION_NAMES; the formulas below follow torch's.
 ACTIVATIONS = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "gelu": GELU}
 PLANAR, ROWS = "planar", "rows"
+# What a forward kernel call does: the batch statistics (and running averages) only, then the
+# output too, the output from the statistics as given, or from the running buffers.
+STATS, STATS_APPLY, APPLY, APPLY_RUNNING = 0, 1, 2, 3
 
 # Scalar parameters travel in one small array of the input's dtype (float32 math stays
-# float32) and are unpacked into a tuple at the top of each kernel (registers, not loads).
+# float32) and are unpacked into a tuple at the top of each helper (registers, not loads).
 _SLOPE, _DROP_SCALE, _ZERO, _HALF, _ONE, _SQRT1_2, _GELU_BETA = range(7)
 
-_KERNEL = {"parallel": True, "cache": True, "fastmath": False}
+_HELPER = {"cache": True}
 _INLINE = {"inline": "always", "cache": True}
 _SUM = {"cache": True, "fastmath": {"reassoc"}}
+# Only prange loops run in parallel: no implicit parfors (np.zeros, array expressions), which
+# would each cost a thread launch per call and compile time.
+_PARALLEL = ("comprehension", "reduction", "inplace_binop", "setitem", "numpy", "stencil", "fusion")
+
+
+def _kernel(function):
+    """``njit`` for a kernel: parallel over its ``prange`` loops only, cached, no fastmath."""
+    parallel = dict.fromkeys(_PARALLEL, False)  # a fresh dict: numba pops its keys
+    return njit(parallel=parallel, cache=True, fastmath=False)(function)
 
 
 def make_params(dtype: np.dtype, negative_slope: float, drop_scale: float) -> np.ndarray:
-    """The kernels' scalar parameters in ``dtype`` (see the ``_SLOPE ...`` indices)."""
+    """The kernels' scalar parameters in ``dtype`` (see the ``_SLOPE ...`` indices).
+
+    The slope slot is what the piecewise-linear activations multiply negative values by:
+    ``negative_slope`` for leaky_relu, 1 for identity (relu ignores it).
+    """
     values = [
         negative_slope,
         drop_scale,
@@ -91,7 +124,7 @@ def make_params(dtype: np.dtype, negative_slope: float, drop_scale: float) -> np
 
 
 # --------------------------------------------------------------------------------------------
-# Element-wise pieces (act, drop, training: compile-time constants in the kernels)
+# Element-wise pieces
 # --------------------------------------------------------------------------------------------
 
 
@@ -101,28 +134,33 @@ def _unpack(params):
 
 
 @njit(**_INLINE)
-def _activate(z, act, cs):
-    if act == RELU:
-        return cs[_ZERO] if z < cs[_ZERO] else z  # NaN stays NaN, as torch.relu
-    if act == LEAKY_RELU:
-        return z if z > cs[_ZERO] else z * cs[_SLOPE]
-    if act == GELU:  # exact GELU: z * Phi(z)
-        return z * (cs[_HALF] * (cs[_ONE] + math.erf(z * cs[_SQRT1_2])))
-    return z
+def _piecewise(z, relu, cs):
+    """relu, leaky_relu or identity (slope 1): ``z`` if ``z > 0`` else ``z * slope`` (relu:
+    0), with torch's conventions (NaN stays NaN, relu(-inf) = 0)."""
+    negative = cs[_ZERO] if relu else z * cs[_SLOPE]
+    return negative if z <= cs[_ZERO] else z
 
 
 @njit(**_INLINE)
-def _activate_grad(d, z, act, cs):
-    """``d * act'(z)``, with the conventions of torch's backward formulas."""
-    if act == RELU:
-        return d if z > cs[_ZERO] else cs[_ZERO]
-    if act == LEAKY_RELU:
-        return d if z > cs[_ZERO] else d * cs[_SLOPE]
-    if act == GELU:
-        cdf = cs[_HALF] * (cs[_ONE] + math.erf(z * cs[_SQRT1_2]))
-        pdf = cs[_GELU_BETA] * math.exp(z * z * -cs[_HALF])
-        return d * (cdf + z * pdf)
-    return d
+def _piecewise_grad(d, z, relu, cs):
+    """``d * act'(z)`` for relu (torch's threshold_backward: 0 where ``z <= 0``), leaky_relu
+    and identity (``d * slope`` where ``not z > 0``)."""
+    if relu:
+        return cs[_ZERO] if z <= cs[_ZERO] else d
+    return d if z > cs[_ZERO] else d * cs[_SLOPE]
+
+
+@njit(**_INLINE)
+def _gelu(z, cs):
+    """Exact GELU: ``z * Phi(z)``."""
+    return z * (cs[_HALF] * (cs[_ONE] + math.erf(z * cs[_SQRT1_2])))
+
+
+@njit(**_INLINE)
+def _gelu_grad(d, z, cs):
+    cdf = cs[_HALF] * (cs[_ONE] + math.erf(z * cs[_SQRT1_2]))
+    pdf = cs[_GELU_BETA] * math.exp(z * z * -cs[_HALF])
+    return d * (cdf + z * pdf)
 
 
 @njit(**_INLINE)
@@ -131,62 +169,73 @@ def _drop_factor(word, threshold, cs):
 
 
 @njit(**_INLINE)
-def _forward_value(x, words, k, mu, sc, sh, threshold, cs, act, drop):
-    """The output at element ``k`` of a segment; ``words[k]`` is read only when ``drop``."""
-    a = _activate((x - mu) * sc + sh, act, cs)
-    return a * _drop_factor(words[k], threshold, cs) if drop else a
-
-
-@njit(**_INLINE)
-def _grad_at_z(dy, x, words, k, mu, sc, sh, threshold, cs, act, drop):
-    """The gradient reaching ``z`` at element ``k`` of a segment."""
-    d = dy * _drop_factor(words[k], threshold, cs) if drop else dy
-    return _activate_grad(d, (x - mu) * sc + sh, act, cs)
-
-
-@njit(**_INLINE)
-def _block_words(start, stop, offset, key0, key1, drop):
-    """The dropout words of elements ``[start, stop)``, and where element 0 would sit."""
-    if drop:
-        words, base = stream_words(offset + start, offset + stop, key0, key1)
-        return words, offset - base
-    return np.empty(0, np.uint32), 0  # never read: the loops only index it when drop
-
-
-@njit(**_INLINE)
 def _key(key0, key1, threshold):
     return np.uint32(key0), np.uint32(key1), np.uint32(max(threshold, 0))
 
 
-# --------------------------------------------------------------------------------------------
-# Block geometry
-# --------------------------------------------------------------------------------------------
+# A word kept at any threshold below 2^31 - 1. Without dropout the element loops read a buffer
+# of these (factor 1, exact): one loop serves both cases, an L1 load and a select cost nothing
+# next to the memory traffic, and half the loop variants halve the compile time.
+_KEEP_ALL = np.uint32(0x7FFFFFFF)
 
 
-@njit(cache=True)
-def _plane_pieces(numel, plane):
-    """Index of each block's first (block, plane) piece; the last entry is the piece count."""
-    n_blocks = (numel + BLOCK - 1) // BLOCK
-    first_piece = np.empty(n_blocks + 1, np.int64)
-    total = 0
-    for b in range(n_blocks):
-        start = b * BLOCK
-        stop = min(start + BLOCK, numel)
-        first_piece[b] = total
-        total += (stop - 1) // plane - start // plane + 1
-    first_piece[n_blocks] = total
-    return first_piece
+@njit(**_INLINE)
+def _word_buffer(size, drop):
+    words = np.empty(size, np.uint32)
+    if not drop:
+        for k in range(size):
+            words[k] = _KEEP_ALL
+    return words
+
+
+@njit(**_INLINE)
+def _row_words(step, channels, drop):
+    """Words buffer length for rows processed ``step`` elements at a time: without dropout one
+    row of always-kept words serves every row (filling more would cost time for nothing)."""
+    return step + 2 * GROUP if drop else channels
+
+
+@njit(**_INLINE)
+def _words(words, lo, hi, offset, k0, k1, drop):
+    """Fill ``words`` for elements ``[lo, hi)`` (when ``drop``); return ``w`` such that
+    element ``i`` reads ``words[w + i]``."""
+    if drop:
+        return offset - fill_stream(words, offset + lo, offset + hi, k0, k1)
+    return -lo
+
+
+@njit(**_INLINE)
+def _scale_shift(invstd, weight, bias):
+    """``scale = invstd * weight`` and ``shift = bias`` per channel (empty weight/bias: 1/0),
+    rounded as :func:`normdrop.functional._normalize` rounds them."""
+    # Plain loops: numba compiles slice assignment and array arithmetic slowly (seconds).
+    scale = np.empty(invstd.size, invstd.dtype)
+    shift = np.zeros(invstd.size, invstd.dtype)
+    for c in range(invstd.size):
+        scale[c] = invstd[c] * weight[c] if weight.size else invstd[c]
+        if bias.size:
+            shift[c] = bias[c]
+    return scale, shift
+
+
+@njit(**_INLINE)
+def _in_dtype(like, a, b, c):
+    """``a, b, c`` rounded to the dtype of the array ``like`` (as torch rounds a Python scalar
+    that multiplies a tensor)."""
+    values = np.empty(3, like.dtype)
+    values[0], values[1], values[2] = a, b, c
+    return values[0], values[1], values[2]
 
 
 @njit(**_INLINE)
 def _rows_per_block(channels):
-    """Whole rows per block for the rows layout: >= BLOCK elements, >= 8 rows (so the
-    per-block partial sums stay small next to the input)."""
-    return max(8, (BLOCK + channels - 1) // channels)
+    """Whole rows per block for the rows layout: >= BLOCK elements, >= _MIN_ROWS_PER_BLOCK
+    rows (so the per-block partial sums stay small next to the input)."""
+    return max(_MIN_ROWS_PER_BLOCK, (BLOCK + channels - 1) // channels)
 
 
 # --------------------------------------------------------------------------------------------
-# Reductions: fixed pieces, fixed merge order
+# Sums: fixed pieces, fixed merge order
 # --------------------------------------------------------------------------------------------
 
 
@@ -217,19 +266,28 @@ def _sum_squared_deviations(values, shift, mean):
     return total
 
 
-@njit(cache=True)
-def _channel_shifts(first_values):
-    """One value of each channel (float64), subtracted before summing.
+@njit(**_SUM)
+def _sum_products(gs, xs, mu):
+    """``sum(g * (x - mu))`` in float64."""
+    total = 0.0
+    for k in range(xs.size):
+        total += np.float64(gs[k]) * np.float64(xs[k] - mu)
+    return total
 
-    Data with a large offset then sum as small numbers: the piece means, and so the differences
-    of piece means in Chan's merge, keep their relative precision (a float64 mean of values
-    near 1e6 would lose six digits of the deviations).
-    """
-    shift = np.empty(first_values.size)
-    for c in range(first_values.size):
-        value = np.float64(first_values[c])
-        shift[c] = value if np.isfinite(value) else 0.0
-    return shift
+
+@njit(**_INLINE)
+def _plane_pieces(numel, plane):
+    """Index of each block's first (block, plane) piece; the last entry is the piece count."""
+    n_blocks = (numel + BLOCK - 1) // BLOCK
+    first_piece = np.empty(n_blocks + 1, np.int64)
+    total = 0
+    for b in range(n_blocks):
+        start = b * BLOCK
+        stop = min(start + BLOCK, numel)
+        first_piece[b] = total
+        total += (stop - 1) // plane - start // plane + 1
+    first_piece[n_blocks] = total
+    return first_piece
 
 
 @njit(**_INLINE)
@@ -243,7 +301,7 @@ def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     return count, mean_a + delta * weight_b, m2_a + m2_b + delta * delta * count_a * weight_b
 
 
-@njit(cache=True)
+@njit(**_INLINE)
 def _merge_plane_stats(first_piece, counts, means, m2s, channels, plane, samples):
     """Per-channel (mean, biased var) from the pieces, in memory order."""
     mean_out = np.empty(channels)
@@ -260,7 +318,7 @@ def _merge_plane_stats(first_piece, counts, means, m2s, channels, plane, samples
     return mean_out, var_out
 
 
-@njit(cache=True)
+@njit(**_INLINE)
 def _merge_plane_sums(first_piece, piece_g, piece_h, channels, plane, samples):
     """Per-channel sums of the pieces, in memory order."""
     sum_g = np.zeros(channels)
@@ -275,65 +333,15 @@ def _merge_plane_sums(first_piece, piece_g, piece_h, channels, plane, samples):
     return sum_g, sum_h
 
 
-@njit(**_KERNEL)
-def batch_stats_planar(x, channels, plane):
-    """Per-channel mean and biased variance (float64) of a planar ``(N, C, S)`` flat input."""
-    numel = x.size
-    shift = _channel_shifts(x[: channels * plane : plane])
-    first_piece = _plane_pieces(numel, plane)
-    n_blocks = first_piece.size - 1
-    counts = np.empty(first_piece[n_blocks], np.int64)
-    means = np.empty(first_piece[n_blocks])
-    m2s = np.empty(first_piece[n_blocks])
-    for b in prange(n_blocks):
-        start = b * BLOCK
-        stop = min(start + BLOCK, numel)
-        first = start // plane
-        for pl in range(first, (stop - 1) // plane + 1):
-            lo = max(start, pl * plane)
-            hi = min(stop, (pl + 1) * plane)
-            k = first_piece[b] + pl - first
-            c_shift = shift[pl % channels]
-            mean = _sum_shifted(x[lo:hi], c_shift) / (hi - lo)
-            counts[k] = hi - lo
-            means[k] = mean
-            m2s[k] = _sum_squared_deviations(x[lo:hi], c_shift, mean)
-    samples = numel // (channels * plane)
-    mean, var = _merge_plane_stats(first_piece, counts, means, m2s, channels, plane, samples)
-    return mean + shift, var
-
-
-@njit(**_KERNEL)
-def batch_stats_rows(x, channels):
-    """Per-channel mean and biased variance (float64) of a rows ``(M, C)`` flat input."""
-    rows = x.size // channels
-    shift = _channel_shifts(x[:channels])
-    per_block = _rows_per_block(channels)
-    n_blocks = (rows + per_block - 1) // per_block
-    means = np.zeros((n_blocks, channels))
-    m2s = np.zeros((n_blocks, channels))
-    for b in prange(n_blocks):
-        m0 = b * per_block
-        m1 = min(m0 + per_block, rows)
-        xs = x[m0 * channels : m1 * channels]
-        mean, m2 = means[b], m2s[b]
-        for r in range(m1 - m0):
-            row = xs[r * channels : (r + 1) * channels]
-            for c in range(channels):
-                mean[c] += np.float64(row[c]) - shift[c]
-        for c in range(channels):
-            mean[c] /= m1 - m0
-        for r in range(m1 - m0):
-            row = xs[r * channels : (r + 1) * channels]
-            for c in range(channels):
-                deviation = (np.float64(row[c]) - shift[c]) - mean[c]
-                m2[c] += deviation * deviation
-    # Chan's merge (as _chan_merge), block by block: every channel has the same count here,
-    # so the loop over channels is element-wise and vectorizes.
+@njit(**_INLINE)
+def _merge_rows_moments(means, m2s, per_block, rows):
+    """Chan's merge (as _chan_merge) of the blocks, in block order: every channel has the same
+    count here, so the loop over channels is element-wise and vectorizes."""
+    channels = means.shape[1]
     mean_acc = np.zeros(channels)
     m2_acc = np.zeros(channels)
     count = 0
-    for b in range(n_blocks):
+    for b in range(means.shape[0]):
         in_block = min(per_block, rows - b * per_block)
         weight_b = in_block / (count + in_block)
         block_mean, block_m2 = means[b], m2s[b]
@@ -342,236 +350,981 @@ def batch_stats_rows(x, channels):
             mean_acc[c] = mean_acc[c] + delta * weight_b
             m2_acc[c] = m2_acc[c] + block_m2[c] + delta * delta * count * weight_b
         count += in_block
-    return shift + mean_acc, m2_acc / count
+    for c in range(channels):
+        m2_acc[c] /= count
+    return mean_acc, m2_acc
+
+
+@njit(**_INLINE)
+def _merge_rows_sums(partial_g, partial_h, channels):
+    """Add the blocks' partial sums in block order."""
+    sum_g = np.zeros(channels)
+    sum_h = np.zeros(channels)
+    for b in range(partial_g.shape[0]):
+        for c in range(channels):
+            sum_g[c] += partial_g[b, c]
+            sum_h[c] += partial_h[b, c]
+    return sum_g, sum_h
 
 
 # --------------------------------------------------------------------------------------------
-# Fused forward: y = act((x - mean) * scale + shift) * f
-# --------------------------------------------------------------------------------------------
-
-# Per-channel vectors travel stacked in one (k, C) array ``coefs``. The planar kernels read them
-# as scalars per plane; the rows kernels as 1-D rows, per row of the input (2-D indexing in the
-# inner loop would stop LLVM from vectorizing it).
-_MEAN, _SCALE, _SHIFT, _INVSTD, _COEF_G, _COEF_XHAT = range(6)
-
-
-@functools.cache
-def forward_kernel(layout: str, act: int, drop: bool):
-    """The forward kernel ``(x, y, channels, plane, coefs, params, key0, key1, offset,
-    threshold)`` for one layout, activation and dropout on/off; ``coefs`` stacks mean, scale,
-    shift."""
-    if layout == PLANAR:
-
-        @njit(**_KERNEL)
-        def planar(x, y, channels, plane, coefs, params, key0, key1, offset, thr):
-            cs = _unpack(params)
-            k0, k1, t = _key(key0, key1, thr)
-            numel = x.size
-            for b in prange((numel + BLOCK - 1) // BLOCK):
-                start = b * BLOCK
-                stop = min(start + BLOCK, numel)
-                words, w0 = _block_words(start, stop, offset, k0, k1, drop)
-                for pl in range(start // plane, (stop - 1) // plane + 1):
-                    lo = max(start, pl * plane)
-                    hi = min(stop, (pl + 1) * plane)
-                    c = pl % channels
-                    mu, sc, sh = coefs[_MEAN, c], coefs[_SCALE, c], coefs[_SHIFT, c]
-                    xs, ys, ws = x[lo:hi], y[lo:hi], words[w0 + lo : w0 + hi]
-                    for k in range(hi - lo):
-                        ys[k] = _forward_value(xs[k], ws, k, mu, sc, sh, t, cs, act, drop)
-
-        return planar
-
-    @njit(**_KERNEL)
-    def rows(x, y, channels, plane, coefs, params, key0, key1, offset, thr):
-        cs = _unpack(params)
-        k0, k1, t = _key(key0, key1, thr)
-        per_block = _rows_per_block(channels) * channels
-        mean, scale, shift = coefs[_MEAN], coefs[_SCALE], coefs[_SHIFT]
-        for b in prange((x.size + per_block - 1) // per_block):
-            lo = b * per_block
-            hi = min(lo + per_block, x.size)
-            words, w0 = _block_words(lo, hi, offset, k0, k1, drop)
-            for start in range(lo, hi, channels):
-                xs, ys = x[start : start + channels], y[start : start + channels]
-                ws = words[w0 + start : w0 + start + channels]
-                for c in range(channels):
-                    ys[c] = _forward_value(xs[c], ws, c, mean[c], scale[c], shift[c], t, cs, act,
-                                           drop)  # fmt: skip
-
-    return rows
-
-
-# --------------------------------------------------------------------------------------------
-# Backward, pass 1: sum(g) and sum(g * (x - mean)) per channel
+# Statistics and running averages
 # --------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def reduce_kernel(layout: str, act: int, drop: bool):
-    """The kernel ``(dy, x, channels, plane, coefs, params, key0, key1, offset, threshold) ->
-    (sum_g, sum_h)`` (float64, ``h = g * (x - mean)``); ``coefs`` stacks mean, scale, shift."""
-    if layout == PLANAR:
+@njit(**_INLINE)
+def _channel_shifts(first_values):
+    """One value of each channel (float64), subtracted before summing.
 
-        @njit(**_KERNEL)
-        def planar(dy, x, channels, plane, coefs, params, key0, key1, offset, thr):
-            cs = _unpack(params)
-            k0, k1, t = _key(key0, key1, thr)
-            numel = x.size
-            first_piece = _plane_pieces(numel, plane)
-            n_blocks = first_piece.size - 1
-            piece_g = np.empty(first_piece[n_blocks])
-            piece_h = np.empty(first_piece[n_blocks])
+    Data with a large offset then sum as small numbers: the piece means, and so the differences
+    of piece means in Chan's merge, keep their relative precision (a float64 mean of values
+    near 1e6 would lose six digits of the deviations).
+    """
+    shift = np.empty(first_values.size)
+    for c in range(first_values.size):
+        value = np.float64(first_values[c])
+        shift[c] = value if np.isfinite(value) else 0.0
+    return shift
+
+
+@njit(**_INLINE)
+def update_running_stats(running_mean, running_var, mean, var, count, momentum):
+    """The fast twin of :func:`normdrop.functional._update_running_stats` (same formula and
+    rounding, tested equal): ``running <- (1 - momentum) * running + momentum * batch``, with
+    the unbiased variance ``var * (count / (count - 1))``, in the buffers' dtype.
+
+    Returns False, and leaves the buffers alone, when a channel's statistics are not finite:
+    the caller then runs the reference, which skips those channels and warns.
+    """
+    if count < 2:
+        return True
+    correction, keep, take = _in_dtype(running_mean, count / (count - 1), 1.0 - momentum, momentum)
+    for c in range(mean.size):
+        if not (np.isfinite(mean[c]) and np.isfinite(var[c] * correction)):
+            return False
+    for c in range(mean.size):
+        running_mean[c] = keep * running_mean[c] + take * mean[c]
+        running_var[c] = keep * running_var[c] + take * (var[c] * correction)
+    return True
+
+
+@njit(**_INLINE)
+def _finish_stats(mean64, var64, shift, count, running_mean, running_var, momentum, eps, stats):
+    """``stats`` = (mean, invstd, var) in the input's dtype (``mean64`` is of the shifted
+    values); the running averages, if given."""
+    one, eps_, _ = _in_dtype(stats, 1.0, eps, 0.0)
+    for c in range(mean64.size):
+        stats[0, c] = mean64[c] + shift[c]
+        stats[2, c] = var64[c]
+        stats[1, c] = one / np.sqrt(stats[2, c] + eps_)  # torch.rsqrt(var + eps), rounded alike
+    if running_mean.size == 0:
+        return True
+    return update_running_stats(running_mean, running_var, stats[0], stats[2], count, momentum)
+
+
+@njit(**_INLINE)
+def _running_stats(running_mean, running_var, eps, stats):
+    """Inference: ``stats`` = (running_mean, rsqrt(running_var + eps), running_var)."""
+    one, eps_, _ = _in_dtype(stats, 1.0, eps, 0.0)
+    for c in range(running_mean.size):
+        stats[0, c] = running_mean[c]
+        stats[2, c] = running_var[c]
+        stats[1, c] = one / np.sqrt(running_var[c] + eps_)
+
+
+@njit(**_HELPER)
+def _planar_moments(x, start, stop, plane, shift, channels, counts, means, m2s):
+    """Count, mean and sum of squared deviations of each (block, plane) piece of the block
+    ``[start, stop)`` (two passes, float64, values shifted by their channel's ``shift``)."""
+    first = start // plane
+    for pl in range(first, (stop - 1) // plane + 1):
+        lo = max(start, pl * plane)
+        hi = min(stop, (pl + 1) * plane)
+        c_shift = shift[pl % channels]
+        mean = _sum_shifted(x[lo:hi], c_shift) / (hi - lo)
+        counts[pl - first] = hi - lo
+        means[pl - first] = mean
+        m2s[pl - first] = _sum_squared_deviations(x[lo:hi], c_shift, mean)
+
+
+@njit(**_HELPER)
+def _rows_moments(xs, channels, shift, mean, m2):
+    """Per-channel mean and sum of squared deviations of the rows ``xs`` (one block), into
+    ``mean`` and ``m2``: one pass of shifted sums in float64, four rows at a time.
+
+    With ``d = x - shift`` (``shift`` a value of the channel), ``m2 = sum(d^2) - sum(d)^2 / n``.
+    Because the shift is one of the channel's values, ``(mean - shift)^2 <= n * var``: the
+    cancellation costs at most ``log10(n + 1)`` of float64's 16 digits (``n``, the block's rows,
+    is at most ``BLOCK``), which leaves the result exact far below float32 rounding, for data
+    with any offset. A second pass over the block would cost more than it could gain.
+    """
+    rows = xs.size // channels
+    sums = np.zeros(channels)
+    squares = np.zeros(channels)
+    r = 0
+    while r + 4 <= rows:
+        r0, r1 = xs[r * channels : (r + 1) * channels], xs[(r + 1) * channels : (r + 2) * channels]
+        r2, r3 = (
+            xs[(r + 2) * channels : (r + 3) * channels],
+            xs[(r + 3) * channels : (r + 4) * channels],
+        )
+        for c in range(channels):
+            s = shift[c]
+            d0, d1 = np.float64(r0[c]) - s, np.float64(r1[c]) - s
+            d2, d3 = np.float64(r2[c]) - s, np.float64(r3[c]) - s
+            sums[c] += (d0 + d1) + (d2 + d3)
+            squares[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        r += 4
+    for tail in range(r, rows):
+        row = xs[tail * channels : (tail + 1) * channels]
+        for c in range(channels):
+            d = np.float64(row[c]) - shift[c]
+            sums[c] += d
+            squares[c] += d * d
+    for c in range(channels):
+        mean[c] = sums[c] / rows
+        m2[c] = max(squares[c] - sums[c] * mean[c], 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward: statistics, then y = act((x - mean) * scale + shift) * f
+# --------------------------------------------------------------------------------------------
+
+
+@njit(**_INLINE)
+def _forward_plane(xs, ys, ws, mu, sc, sh, cs, act, t):
+    """One plane segment (one channel): ``ys = act((xs - mu) * sc + sh) * f``."""
+    if act == GELU:
+        for k in range(xs.size):
+            ys[k] = _gelu((xs[k] - mu) * sc + sh, cs) * _drop_factor(ws[k], t, cs)
+    else:
+        relu = act == RELU
+        for k in range(xs.size):
+            z = (xs[k] - mu) * sc + sh
+            ys[k] = _piecewise(z, relu, cs) * _drop_factor(ws[k], t, cs)
+
+
+@njit(**_INLINE)
+def _forward_row(xs, ys, ws, mean, scale, shift, cs, act, t):
+    """One row (every channel once)."""
+    if act == GELU:
+        for c in range(xs.size):
+            z = (xs[c] - mean[c]) * scale[c] + shift[c]
+            ys[c] = _gelu(z, cs) * _drop_factor(ws[c], t, cs)
+    else:
+        relu = act == RELU
+        for c in range(xs.size):
+            z = (xs[c] - mean[c]) * scale[c] + shift[c]
+            ys[c] = _piecewise(z, relu, cs) * _drop_factor(ws[c], t, cs)
+
+
+@njit(**_HELPER)
+def _forward_planar_block(
+    x, y, start, stop, channels, plane, mean, scale, shift, params, act, k0, k1, offset, t, drop
+):
+    cs = _unpack(params)
+    words = _word_buffer(CHUNK + 2 * GROUP, drop)
+    for lo in range(start, stop, CHUNK):
+        hi = min(lo + CHUNK, stop)
+        w = _words(words, lo, hi, offset, k0, k1, drop)
+        for pl in range(lo // plane, (hi - 1) // plane + 1):
+            s = max(lo, pl * plane)
+            e = min(hi, (pl + 1) * plane)
+            c = pl % channels
+            _forward_plane(
+                x[s:e], y[s:e], words[w + s : w + e], mean[c], scale[c], shift[c], cs, act, t
+            )
+
+
+@njit(**_INLINE)
+def _forward_rows4(x, y, words, lo, wlo, channels, mean, scale, shift, cs, relu, t, drop):
+    """Four rows at once (piecewise-linear activations): each per-channel coefficient is
+    loaded once for four rows. The rows are slices of the same arrays, so LLVM needs few
+    overlap checks to vectorize the loop."""
+    x0, x1 = x[lo : lo + channels], x[lo + channels : lo + 2 * channels]
+    x2, x3 = x[lo + 2 * channels : lo + 3 * channels], x[lo + 3 * channels : lo + 4 * channels]
+    y0, y1 = y[lo : lo + channels], y[lo + channels : lo + 2 * channels]
+    y2, y3 = y[lo + 2 * channels : lo + 3 * channels], y[lo + 3 * channels : lo + 4 * channels]
+    w0, w1 = words[wlo : wlo + channels], words[wlo + channels : wlo + 2 * channels]
+    w2, w3 = (
+        words[wlo + 2 * channels : wlo + 3 * channels],
+        words[wlo + 3 * channels : wlo + 4 * channels],
+    )
+    if drop:
+        for c in range(channels):
+            m, sc, sh = mean[c], scale[c], shift[c]
+            y0[c] = _piecewise((x0[c] - m) * sc + sh, relu, cs) * _drop_factor(w0[c], t, cs)
+            y1[c] = _piecewise((x1[c] - m) * sc + sh, relu, cs) * _drop_factor(w1[c], t, cs)
+            y2[c] = _piecewise((x2[c] - m) * sc + sh, relu, cs) * _drop_factor(w2[c], t, cs)
+            y3[c] = _piecewise((x3[c] - m) * sc + sh, relu, cs) * _drop_factor(w3[c], t, cs)
+    else:  # the always-kept words would only add a stream of loads
+        for c in range(channels):
+            m, sc, sh = mean[c], scale[c], shift[c]
+            y0[c] = _piecewise((x0[c] - m) * sc + sh, relu, cs)
+            y1[c] = _piecewise((x1[c] - m) * sc + sh, relu, cs)
+            y2[c] = _piecewise((x2[c] - m) * sc + sh, relu, cs)
+            y3[c] = _piecewise((x3[c] - m) * sc + sh, relu, cs)
+
+
+@njit(**_HELPER)
+def _forward_rows_block(
+    x, y, start, stop, channels, mean, scale, shift, params, act, k0, k1, offset, t, drop
+):
+    cs = _unpack(params)
+    step = _ROWS_PER_STEP * channels
+    words = _word_buffer(_row_words(step, channels, drop), drop)
+    for lo in range(start, stop, step):
+        hi = min(lo + step, stop)
+        w = _words(words, lo, hi, offset, k0, k1, drop)
+        if act != GELU and hi - lo == step:
+            _forward_rows4(
+                x, y, words, lo, w + lo, channels, mean, scale, shift, cs, act == RELU, t, drop
+            )
+        else:
+            for r in range(lo, hi, channels):
+                e = r + channels
+                ws = words[w + r : w + e] if drop else words[:channels]
+                _forward_row(x[r:e], y[r:e], ws, mean, scale, shift, cs, act, t)
+
+
+@njit(**_INLINE)
+def _passes(what):
+    """The passes of a forward call, as a range: 0 the statistics, 1 the output."""
+    return range(0 if what <= STATS_APPLY else 1, 1 if what == STATS else 2)
+
+
+@njit(**_INLINE)
+def _forward_planar_task(
+    stats_phase,
+    x,
+    y,
+    start,
+    stop,
+    channels,
+    plane,
+    shift64,
+    counts,
+    means,
+    m2s,
+    mean,
+    scale,
+    shift,
+    params,
+    act,
+    k0,
+    k1,
+    offset,
+    t,
+    drop,
+):
+    """One block of the planar forward: its pieces' moments, or its output."""
+    if stats_phase:
+        _planar_moments(x, start, stop, plane, shift64, channels, counts, means, m2s)
+    else:
+        _forward_planar_block(
+            x,
+            y,
+            start,
+            stop,
+            channels,
+            plane,
+            mean,
+            scale,
+            shift,
+            params,
+            act,
+            k0,
+            k1,
+            offset,
+            t,
+            drop,
+        )
+
+
+@_kernel
+def _forward_planar(
+    phases,
+    x,
+    y,
+    channels,
+    plane,
+    running_mean,
+    running_var,
+    momentum,
+    eps,
+    stats,
+    weight,
+    bias,
+    params,
+    act,
+    key0,
+    key1,
+    offset,
+    threshold,
+    drop,
+):
+    numel = x.size
+    n_blocks = (numel + BLOCK - 1) // BLOCK
+    finite = True
+    if phases == APPLY_RUNNING:
+        _running_stats(running_mean, running_var, eps, stats)
+    shift64 = _channel_shifts(x[: channels * plane : plane])
+    k0, k1, t = _key(key0, key1, threshold)
+    # One parallel loop for both phases (JIT time grows with each parallel loop).
+    for stats_pass in _passes(phases):
+        stats_phase = stats_pass == 0
+        first_piece = (
+            _plane_pieces(numel, plane) if stats_phase else np.zeros(n_blocks + 1, np.int64)
+        )
+        counts = np.empty(first_piece[n_blocks], np.int64)
+        means = np.empty(first_piece[n_blocks])
+        m2s = np.empty(first_piece[n_blocks])
+        scale, shift = _scale_shift(stats[1], weight, bias)  # unused in the statistics phase
+        if numel >= SERIAL_BELOW:
             for b in prange(n_blocks):
-                start = b * BLOCK
-                stop = min(start + BLOCK, numel)
-                words, w0 = _block_words(start, stop, offset, k0, k1, drop)
-                g_buf = np.empty(_CHUNK)
-                h_buf = np.empty(_CHUNK)
-                first = start // plane
-                for pl in range(first, (stop - 1) // plane + 1):
-                    c = pl % channels
-                    mu, sc, sh = coefs[_MEAN, c], coefs[_SCALE, c], coefs[_SHIFT, c]
-                    sum_g = 0.0
-                    sum_h = 0.0
-                    # Per plane piece, chunk by chunk: element-wise g into scratch, then sums.
-                    for lo in range(max(start, pl * plane), min(stop, (pl + 1) * plane), _CHUNK):
-                        hi = min(lo + _CHUNK, stop, (pl + 1) * plane)
-                        dys, xs, ws = dy[lo:hi], x[lo:hi], words[w0 + lo : w0 + hi]
-                        for k in range(hi - lo):
-                            g = _grad_at_z(dys[k], xs[k], ws, k, mu, sc, sh, t, cs, act, drop)
-                            g_buf[k] = g
-                            h_buf[k] = np.float64(g) * np.float64(xs[k] - mu)
-                        sum_g += _sum(g_buf[: hi - lo])
-                        sum_h += _sum(h_buf[: hi - lo])
-                    piece_g[first_piece[b] + pl - first] = sum_g
-                    piece_h[first_piece[b] + pl - first] = sum_h
+                p0, p1 = first_piece[b], first_piece[b + 1]
+                _forward_planar_task(
+                    stats_phase,
+                    x,
+                    y,
+                    b * BLOCK,
+                    min((b + 1) * BLOCK, numel),
+                    channels,
+                    plane,
+                    shift64,
+                    counts[p0:p1],
+                    means[p0:p1],
+                    m2s[p0:p1],
+                    stats[0],
+                    scale,
+                    shift,
+                    params,
+                    act,
+                    k0,
+                    k1,
+                    offset,
+                    t,
+                    drop,
+                )
+        else:
+            for b in range(n_blocks):
+                p0, p1 = first_piece[b], first_piece[b + 1]
+                _forward_planar_task(
+                    stats_phase,
+                    x,
+                    y,
+                    b * BLOCK,
+                    min((b + 1) * BLOCK, numel),
+                    channels,
+                    plane,
+                    shift64,
+                    counts[p0:p1],
+                    means[p0:p1],
+                    m2s[p0:p1],
+                    stats[0],
+                    scale,
+                    shift,
+                    params,
+                    act,
+                    k0,
+                    k1,
+                    offset,
+                    t,
+                    drop,
+                )
+        if stats_phase:
             samples = numel // (channels * plane)
-            return _merge_plane_sums(first_piece, piece_g, piece_h, channels, plane, samples)
+            mean, var = _merge_plane_stats(
+                first_piece, counts, means, m2s, channels, plane, samples
+            )
+            finite = _finish_stats(
+                mean,
+                var,
+                shift64,
+                numel // channels,
+                running_mean,
+                running_var,
+                momentum,
+                eps,
+                stats,
+            )
+    return finite
 
-        return planar
 
-    @njit(**_KERNEL)
-    def rows(dy, x, channels, plane, coefs, params, key0, key1, offset, thr):
-        cs = _unpack(params)
-        k0, k1, t = _key(key0, key1, thr)
-        per_block = _rows_per_block(channels) * channels
-        n_blocks = (x.size + per_block - 1) // per_block
-        mean, scale, shift = coefs[_MEAN], coefs[_SCALE], coefs[_SHIFT]
-        partial = np.zeros((n_blocks, 2, channels))
-        for b in prange(n_blocks):
-            lo = b * per_block
-            hi = min(lo + per_block, x.size)
-            words, w0 = _block_words(lo, hi, offset, k0, k1, drop)
-            acc_g, acc_h = partial[b, 0], partial[b, 1]
-            for start in range(lo, hi, channels):
-                dys, xs = dy[start : start + channels], x[start : start + channels]
-                ws = words[w0 + start : w0 + start + channels]
-                for c in range(channels):
-                    mu = mean[c]
-                    g = _grad_at_z(dys[c], xs[c], ws, c, mu, scale[c], shift[c], t, cs, act, drop)
-                    acc_g[c] += g
-                    acc_h[c] += np.float64(g) * np.float64(xs[c] - mu)
-        sum_g = np.zeros(channels)
-        sum_h = np.zeros(channels)
-        for b in range(n_blocks):
+@njit(**_INLINE)
+def _forward_rows_task(
+    stats_phase,
+    x,
+    y,
+    start,
+    stop,
+    channels,
+    shift64,
+    block_mean,
+    block_m2,
+    mean,
+    scale,
+    shift,
+    params,
+    act,
+    k0,
+    k1,
+    offset,
+    t,
+    drop,
+):
+    """One block of rows: its moments, or its output."""
+    if stats_phase:
+        _rows_moments(x[start:stop], channels, shift64, block_mean, block_m2)
+    else:
+        _forward_rows_block(
+            x, y, start, stop, channels, mean, scale, shift, params, act, k0, k1, offset, t, drop
+        )
+
+
+@_kernel
+def _forward_rows(
+    phases,
+    x,
+    y,
+    channels,
+    plane,
+    running_mean,
+    running_var,
+    momentum,
+    eps,
+    stats,
+    weight,
+    bias,
+    params,
+    act,
+    key0,
+    key1,
+    offset,
+    threshold,
+    drop,
+):
+    rows = x.size // channels
+    per_block = _rows_per_block(channels)
+    n_blocks = (rows + per_block - 1) // per_block
+    step = per_block * channels
+    finite = True
+    if phases == APPLY_RUNNING:
+        _running_stats(running_mean, running_var, eps, stats)
+    shift64 = _channel_shifts(x[:channels])
+    k0, k1, t = _key(key0, key1, threshold)
+    for stats_pass in _passes(phases):
+        stats_phase = stats_pass == 0
+        width = channels if stats_phase else 0
+        means = np.empty((n_blocks, width))
+        m2s = np.empty((n_blocks, width))
+        scale, shift = _scale_shift(stats[1], weight, bias)  # unused in the statistics phase
+        if x.size >= SERIAL_BELOW:
+            for b in prange(n_blocks):
+                _forward_rows_task(
+                    stats_phase,
+                    x,
+                    y,
+                    b * step,
+                    min((b + 1) * step, x.size),
+                    channels,
+                    shift64,
+                    means[b],
+                    m2s[b],
+                    stats[0],
+                    scale,
+                    shift,
+                    params,
+                    act,
+                    k0,
+                    k1,
+                    offset,
+                    t,
+                    drop,
+                )
+        else:
+            for b in range(n_blocks):
+                _forward_rows_task(
+                    stats_phase,
+                    x,
+                    y,
+                    b * step,
+                    min((b + 1) * step, x.size),
+                    channels,
+                    shift64,
+                    means[b],
+                    m2s[b],
+                    stats[0],
+                    scale,
+                    shift,
+                    params,
+                    act,
+                    k0,
+                    k1,
+                    offset,
+                    t,
+                    drop,
+                )
+        if stats_phase:
+            mean, var = _merge_rows_moments(means, m2s, per_block, rows)
+            finite = _finish_stats(
+                mean, var, shift64, rows, running_mean, running_var, momentum, eps, stats
+            )
+    return finite
+
+
+# --------------------------------------------------------------------------------------------
+# Backward: sums of g and g * (x - mean) per channel, then dx
+# --------------------------------------------------------------------------------------------
+
+
+@njit(**_INLINE)
+def _grad_plane(dys, xs, ws, gs, mu, sc, sh, cs, act, t):
+    """``gs = g``, the gradient reaching ``z``, for one plane segment."""
+    if act == GELU:
+        for k in range(xs.size):
+            d = dys[k] * _drop_factor(ws[k], t, cs)
+            gs[k] = _gelu_grad(d, (xs[k] - mu) * sc + sh, cs)
+    else:
+        relu = act == RELU
+        for k in range(xs.size):
+            d = dys[k] * _drop_factor(ws[k], t, cs)
+            gs[k] = _piecewise_grad(d, (xs[k] - mu) * sc + sh, relu, cs)
+
+
+@njit(**_INLINE)
+def _grad_row(dys, xs, ws, gs, mean, scale, shift, cs, act, t):
+    """``gs = g`` for one row."""
+    if act == GELU:
+        for c in range(xs.size):
+            d = dys[c] * _drop_factor(ws[c], t, cs)
+            gs[c] = _gelu_grad(d, (xs[c] - mean[c]) * scale[c] + shift[c], cs)
+    else:
+        relu = act == RELU
+        for c in range(xs.size):
+            d = dys[c] * _drop_factor(ws[c], t, cs)
+            gs[c] = _piecewise_grad(d, (xs[c] - mean[c]) * scale[c] + shift[c], relu, cs)
+
+
+@njit(**_INLINE)
+def _accumulate_rows(gs, xs, mean, channels, acc_g, acc_h):
+    """``acc_g += sum_r g``, ``acc_h += sum_r g * (x - mean)`` over the rows of ``gs``/``xs``:
+    four rows are added in the input's dtype, then to the float64 totals (a quarter of the
+    float64 work; four roundings of the dtype per term at most)."""
+    rows = xs.size // channels
+    if rows == _ROWS_PER_STEP:
+        g0, g1 = gs[:channels], gs[channels : 2 * channels]
+        g2, g3 = gs[2 * channels : 3 * channels], gs[3 * channels :]
+        x0, x1 = xs[:channels], xs[channels : 2 * channels]
+        x2, x3 = xs[2 * channels : 3 * channels], xs[3 * channels :]
+        for c in range(channels):
+            mu = mean[c]
+            acc_g[c] += (g0[c] + g1[c]) + (g2[c] + g3[c])
+            acc_h[c] += (g0[c] * (x0[c] - mu) + g1[c] * (x1[c] - mu)) + (
+                g2[c] * (x2[c] - mu) + g3[c] * (x3[c] - mu)
+            )
+    else:
+        for r in range(rows):
+            g, x = gs[r * channels : (r + 1) * channels], xs[r * channels : (r + 1) * channels]
             for c in range(channels):
-                sum_g[c] += partial[b, 0, c]
-                sum_h[c] += partial[b, 1, c]
-        return sum_g, sum_h
-
-    return rows
-
-
-# --------------------------------------------------------------------------------------------
-# Backward, pass 2: dx
-# --------------------------------------------------------------------------------------------
+                acc_g[c] += g[c]
+                acc_h[c] += g[c] * (x[c] - mean[c])
 
 
 @njit(**_INLINE)
-def _apply_plane(dys, xs, dxs, ws, mu, sc, sh, inv, coef_g, coef_xhat, t, cs, act, drop, training):
-    # The branch sits outside the loops: each loop is straight-line and vectorizes.
+def _apply_plane(gs, xs, dxs, mu, sc, inv, coef_g, coef_xhat, training):
+    """``dx`` of one plane segment from its ``g``."""
     if training:
         for k in range(xs.size):
-            g = _grad_at_z(dys[k], xs[k], ws, k, mu, sc, sh, t, cs, act, drop)
-            dxs[k] = ((g - coef_g) - ((xs[k] - mu) * inv) * coef_xhat) * sc
+            dxs[k] = ((gs[k] - coef_g) - ((xs[k] - mu) * inv) * coef_xhat) * sc
     else:
         for k in range(xs.size):
-            dxs[k] = _grad_at_z(dys[k], xs[k], ws, k, mu, sc, sh, t, cs, act, drop) * sc
+            dxs[k] = gs[k] * sc
 
 
 @njit(**_INLINE)
-def _apply_row(dys, xs, dxs, ws, mean, scale, shift, invstd, coef_g, coef_xhat, t, cs, act, drop,
-               training):  # fmt: skip
+def _apply_row(gs, xs, dxs, mean, scale, invstd, coef_g, coef_xhat, training):
     if training:
         for c in range(xs.size):
-            mu, sc = mean[c], scale[c]
-            g = _grad_at_z(dys[c], xs[c], ws, c, mu, sc, shift[c], t, cs, act, drop)
-            dxs[c] = ((g - coef_g[c]) - ((xs[c] - mu) * invstd[c]) * coef_xhat[c]) * sc
+            xhat = (xs[c] - mean[c]) * invstd[c]
+            dxs[c] = ((gs[c] - coef_g[c]) - xhat * coef_xhat[c]) * scale[c]
     else:
         for c in range(xs.size):
-            g = _grad_at_z(dys[c], xs[c], ws, c, mean[c], scale[c], shift[c], t, cs, act, drop)
-            dxs[c] = g * scale[c]
+            dxs[c] = gs[c] * scale[c]
 
 
-@functools.cache
-def apply_kernel(layout: str, act: int, drop: bool):
-    """The kernel ``(dy, x, dx, channels, plane, coefs, training, params, key0, key1, offset,
-    threshold)``; ``coefs`` stacks mean, scale, shift, invstd, ``sum_g / m`` and
-    ``sum_gxhat / m`` (the last two unused in inference)."""
-    if layout == PLANAR:
+@njit(**_INLINE)
+def _apply_rows4(g, x, dx, glo, lo, channels, mean, scale, invstd, coef_g, coef_xhat):
+    """``dx`` of four rows in training (see ``_forward_rows4``); ``g`` rows start at
+    ``glo``, ``x`` and ``dx`` rows at ``lo``."""
+    g0, g1 = g[glo : glo + channels], g[glo + channels : glo + 2 * channels]
+    g2, g3 = g[glo + 2 * channels : glo + 3 * channels], g[glo + 3 * channels : glo + 4 * channels]
+    x0, x1 = x[lo : lo + channels], x[lo + channels : lo + 2 * channels]
+    x2, x3 = x[lo + 2 * channels : lo + 3 * channels], x[lo + 3 * channels : lo + 4 * channels]
+    d0, d1 = dx[lo : lo + channels], dx[lo + channels : lo + 2 * channels]
+    d2, d3 = dx[lo + 2 * channels : lo + 3 * channels], dx[lo + 3 * channels : lo + 4 * channels]
+    for c in range(channels):
+        m, inv, cg, cx, sc = mean[c], invstd[c], coef_g[c], coef_xhat[c], scale[c]
+        d0[c] = ((g0[c] - cg) - ((x0[c] - m) * inv) * cx) * sc
+        d1[c] = ((g1[c] - cg) - ((x1[c] - m) * inv) * cx) * sc
+        d2[c] = ((g2[c] - cg) - ((x2[c] - m) * inv) * cx) * sc
+        d3[c] = ((g3[c] - cg) - ((x3[c] - m) * inv) * cx) * sc
 
-        @njit(**_KERNEL)
-        def planar(dy, x, dx, channels, plane, coefs, training, params, key0, key1, offset, thr):
-            cs = _unpack(params)
-            k0, k1, t = _key(key0, key1, thr)
-            numel = x.size
-            for b in prange((numel + BLOCK - 1) // BLOCK):
-                start = b * BLOCK
-                stop = min(start + BLOCK, numel)
-                words, w0 = _block_words(start, stop, offset, k0, k1, drop)
-                for pl in range(start // plane, (stop - 1) // plane + 1):
-                    lo = max(start, pl * plane)
-                    hi = min(stop, (pl + 1) * plane)
-                    c = pl % channels
-                    _apply_plane(
-                        dy[lo:hi],
-                        x[lo:hi],
-                        dx[lo:hi],
-                        words[w0 + lo : w0 + hi],
-                        coefs[_MEAN, c],
-                        coefs[_SCALE, c],
-                        coefs[_SHIFT, c],
-                        coefs[_INVSTD, c],
-                        coefs[_COEF_G, c],
-                        coefs[_COEF_XHAT, c],
-                        t,
-                        cs,
-                        act,
-                        drop,
-                        training,
-                    )
 
-        return planar
+@njit(**_INLINE)
+def _finish_sums(sum_g, sum_h, invstd, count, training, coefs, grad_weight, grad_bias):
+    """``grad_weight = sum(g * xhat)``, ``grad_bias = sum(g)`` in the input's dtype; in
+    training, ``coefs`` = (sum_g / m, sum_gxhat / m), the apply pass's coefficients."""
+    for c in range(invstd.size):
+        sum_gxhat = sum_h[c] * np.float64(invstd[c])
+        grad_weight[c] = sum_gxhat
+        grad_bias[c] = sum_g[c]
+        if training:
+            coefs[0, c] = sum_g[c] / count
+            coefs[1, c] = sum_gxhat / count
 
-    @njit(**_KERNEL)
-    def rows(dy, x, dx, channels, plane, coefs, training, params, key0, key1, offset, thr):
-        cs = _unpack(params)
-        k0, k1, t = _key(key0, key1, thr)
-        per_block = _rows_per_block(channels) * channels
-        mean, scale, shift = coefs[_MEAN], coefs[_SCALE], coefs[_SHIFT]
-        invstd, coef_g, coef_xhat = coefs[_INVSTD], coefs[_COEF_G], coefs[_COEF_XHAT]
-        for b in prange((x.size + per_block - 1) // per_block):
-            lo = b * per_block
-            hi = min(lo + per_block, x.size)
-            words, w0 = _block_words(lo, hi, offset, k0, k1, drop)
-            for start in range(lo, hi, channels):
-                stop = start + channels
-                _apply_row(dy[start:stop], x[start:stop], dx[start:stop],
-                           words[w0 + start : w0 + stop], mean, scale, shift, invstd, coef_g,
-                           coef_xhat, t, cs, act, drop, training)  # fmt: skip
 
-    return rows
+@njit(**_HELPER)
+def _backward_planar_block(
+    apply,
+    dy,
+    x,
+    dx,
+    start,
+    stop,
+    channels,
+    plane,
+    mean,
+    scale,
+    shift,
+    invstd,
+    coef_g,
+    coef_xhat,
+    training,
+    params,
+    act,
+    k0,
+    k1,
+    offset,
+    t,
+    drop,
+    piece_g,
+    piece_h,
+):
+    """One block of the backward: its (block, plane) pieces' sums into ``piece_g``,
+    ``piece_h`` (its own slices: piece 0 is the block's first plane), or with ``apply``, its
+    ``dx``. One helper for both passes: ``g`` is computed the same way in each."""
+    cs = _unpack(params)
+    words = _word_buffer(CHUNK + 2 * GROUP, drop)
+    gs = np.empty(CHUNK, dy.dtype)
+    first = start // plane
+    if not apply:
+        for k in range(piece_g.size):
+            piece_g[k] = 0.0
+            piece_h[k] = 0.0
+    for lo in range(start, stop, CHUNK):
+        hi = min(lo + CHUNK, stop)
+        w = _words(words, lo, hi, offset, k0, k1, drop)
+        for pl in range(lo // plane, (hi - 1) // plane + 1):
+            s = max(lo, pl * plane)
+            e = min(hi, (pl + 1) * plane)
+            c = pl % channels
+            g = gs[: e - s]
+            _grad_plane(
+                dy[s:e], x[s:e], words[w + s : w + e], g, mean[c], scale[c], shift[c], cs, act, t
+            )
+            if apply:
+                _apply_plane(
+                    g,
+                    x[s:e],
+                    dx[s:e],
+                    mean[c],
+                    scale[c],
+                    invstd[c],
+                    coef_g[c],
+                    coef_xhat[c],
+                    training,
+                )
+            else:
+                piece_g[pl - first] += _sum(g)
+                piece_h[pl - first] += _sum_products(g, x[s:e], mean[c])
+
+
+@njit(**_HELPER)
+def _backward_rows_block(
+    apply,
+    dy,
+    x,
+    dx,
+    start,
+    stop,
+    channels,
+    mean,
+    scale,
+    shift,
+    invstd,
+    coef_g,
+    coef_xhat,
+    training,
+    params,
+    act,
+    k0,
+    k1,
+    offset,
+    t,
+    drop,
+    acc_g,
+    acc_h,
+):
+    """One block of rows, ``_ROWS_PER_STEP`` rows at a time: per-channel float64 sums into
+    ``acc_g``, ``acc_h``, or with ``apply``, its ``dx``. Without activation and dropout
+    ``g = dy`` is read in place."""
+    cs = _unpack(params)
+    plain = act == IDENTITY and not drop
+    step = _ROWS_PER_STEP * channels
+    words = _word_buffer(0 if plain else _row_words(step, channels, drop), drop)
+    gs = np.empty(0 if plain else step, dy.dtype)
+    if not apply:
+        for c in range(channels):
+            acc_g[c] = 0.0
+            acc_h[c] = 0.0
+    for lo in range(start, stop, step):
+        hi = min(lo + step, stop)
+        if plain:
+            g = dy[lo:hi]
+        else:
+            w = _words(words, lo, hi, offset, k0, k1, drop)
+            for r in range(lo, hi, channels):
+                e = r + channels
+                _grad_row(
+                    dy[r:e],
+                    x[r:e],
+                    words[w + r : w + e] if drop else words[:channels],
+                    gs[r - lo : e - lo],
+                    mean,
+                    scale,
+                    shift,
+                    cs,
+                    act,
+                    t,
+                )
+            g = gs[: hi - lo]
+        if apply and training and hi - lo == step:
+            _apply_rows4(g, x, dx, 0, lo, channels, mean, scale, invstd, coef_g, coef_xhat)
+        elif apply:
+            for r in range(0, hi - lo, channels):
+                e = r + channels
+                _apply_row(
+                    g[r:e],
+                    x[lo + r : lo + e],
+                    dx[lo + r : lo + e],
+                    mean,
+                    scale,
+                    invstd,
+                    coef_g,
+                    coef_xhat,
+                    training,
+                )
+        else:
+            _accumulate_rows(g, x[lo:hi], mean, channels, acc_g, acc_h)
+
+
+@_kernel
+def _backward_planar(
+    sums,
+    dy,
+    x,
+    dx,
+    channels,
+    plane,
+    mean,
+    invstd,
+    weight,
+    bias,
+    params,
+    act,
+    key0,
+    key1,
+    offset,
+    threshold,
+    drop,
+    training,
+    grad_weight,
+    grad_bias,
+):
+    numel = x.size
+    n_blocks = (numel + BLOCK - 1) // BLOCK
+    scale, shift = _scale_shift(invstd, weight, bias)
+    k0, k1, t = _key(key0, key1, threshold)
+    coefs = np.zeros((2, channels), dx.dtype)
+    coef_g, coef_xhat = coefs[0], coefs[1]
+    # One parallel loop for both passes (JIT time grows with each parallel loop).
+    for apply_pass in range(0 if sums else 1, 2):
+        apply = apply_pass == 1
+        first_piece = np.zeros(n_blocks + 1, np.int64) if apply else _plane_pieces(numel, plane)
+        piece_g = np.empty(first_piece[n_blocks])
+        piece_h = np.empty(first_piece[n_blocks])
+        if numel >= SERIAL_BELOW:
+            for b in prange(n_blocks):
+                p0, p1 = first_piece[b], first_piece[b + 1]
+                _backward_planar_block(
+                    apply,
+                    dy,
+                    x,
+                    dx,
+                    b * BLOCK,
+                    min((b + 1) * BLOCK, numel),
+                    channels,
+                    plane,
+                    mean,
+                    scale,
+                    shift,
+                    invstd,
+                    coef_g,
+                    coef_xhat,
+                    training,
+                    params,
+                    act,
+                    k0,
+                    k1,
+                    offset,
+                    t,
+                    drop,
+                    piece_g[p0:p1],
+                    piece_h[p0:p1],
+                )
+        else:
+            for b in range(n_blocks):
+                p0, p1 = first_piece[b], first_piece[b + 1]
+                _backward_planar_block(
+                    apply,
+                    dy,
+                    x,
+                    dx,
+                    b * BLOCK,
+                    min((b + 1) * BLOCK, numel),
+                    channels,
+                    plane,
+                    mean,
+                    scale,
+                    shift,
+                    invstd,
+                    coef_g,
+                    coef_xhat,
+                    training,
+                    params,
+                    act,
+                    k0,
+                    k1,
+                    offset,
+                    t,
+                    drop,
+                    piece_g[p0:p1],
+                    piece_h[p0:p1],
+                )
+        if not apply:
+            samples = numel // (channels * plane)
+            sum_g, sum_h = _merge_plane_sums(
+                first_piece, piece_g, piece_h, channels, plane, samples
+            )
+            _finish_sums(
+                sum_g, sum_h, invstd, numel // channels, training, coefs, grad_weight, grad_bias
+            )
+
+
+@_kernel
+def _backward_rows(
+    sums,
+    dy,
+    x,
+    dx,
+    channels,
+    plane,
+    mean,
+    invstd,
+    weight,
+    bias,
+    params,
+    act,
+    key0,
+    key1,
+    offset,
+    threshold,
+    drop,
+    training,
+    grad_weight,
+    grad_bias,
+):
+    per_block = _rows_per_block(channels) * channels
+    n_blocks = (x.size + per_block - 1) // per_block
+    scale, shift = _scale_shift(invstd, weight, bias)
+    k0, k1, t = _key(key0, key1, threshold)
+    coefs = np.zeros((2, channels), dx.dtype)
+    coef_g, coef_xhat = coefs[0], coefs[1]
+    for apply_pass in range(0 if sums else 1, 2):
+        apply = apply_pass == 1
+        width = 0 if apply else channels
+        partial_g = np.empty((n_blocks, width))
+        partial_h = np.empty((n_blocks, width))
+        if x.size >= SERIAL_BELOW:
+            for b in prange(n_blocks):
+                _backward_rows_block(
+                    apply,
+                    dy,
+                    x,
+                    dx,
+                    b * per_block,
+                    min((b + 1) * per_block, x.size),
+                    channels,
+                    mean,
+                    scale,
+                    shift,
+                    invstd,
+                    coef_g,
+                    coef_xhat,
+                    training,
+                    params,
+                    act,
+                    k0,
+                    k1,
+                    offset,
+                    t,
+                    drop,
+                    partial_g[b],
+                    partial_h[b],
+                )
+        else:
+            for b in range(n_blocks):
+                _backward_rows_block(
+                    apply,
+                    dy,
+                    x,
+                    dx,
+                    b * per_block,
+                    min((b + 1) * per_block, x.size),
+                    channels,
+                    mean,
+                    scale,
+                    shift,
+                    invstd,
+                    coef_g,
+                    coef_xhat,
+                    training,
+                    params,
+                    act,
+                    k0,
+                    k1,
+                    offset,
+                    t,
+                    drop,
+                    partial_g[b],
+                    partial_h[b],
+                )
+        if not apply:
+            sum_g, sum_h = _merge_rows_sums(partial_g, partial_h, channels)
+            _finish_sums(
+                sum_g, sum_h, invstd, x.size // channels, training, coefs, grad_weight, grad_bias
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,16 +1332,60 @@ def apply_kernel(layout: str, act: int, drop: bool):
 # --------------------------------------------------------------------------------------------
 
 
-@njit(**_KERNEL)
+@njit(**_HELPER)
+def _dropout_block(src, dst, start, stop, params, k0, k1, offset, t):
+    cs = _unpack(params)
+    words = _word_buffer(CHUNK + 2 * GROUP, True)
+    for lo in range(start, stop, CHUNK):
+        hi = min(lo + CHUNK, stop)
+        w = _words(words, lo, hi, offset, k0, k1, True)
+        xs, ys, ws = src[lo:hi], dst[lo:hi], words[w + lo : w + hi]
+        for k in range(hi - lo):
+            ys[k] = xs[k] * _drop_factor(ws[k], t, cs)
+
+
+@_kernel
 def dropout_flat(src, dst, params, key0, key1, offset, threshold):
     """``dst = src * f`` element-wise over flat memory (``dst`` may be ``src``)."""
-    cs = _unpack(params)
     k0, k1, t = _key(key0, key1, threshold)
     numel = src.size
-    for b in prange((numel + BLOCK - 1) // BLOCK):
-        start = b * BLOCK
-        stop = min(start + BLOCK, numel)
-        words, w0 = _block_words(start, stop, offset, k0, k1, True)
-        xs, ys, ws = src[start:stop], dst[start:stop], words[w0 + start : w0 + stop]
-        for k in range(stop - start):
-            ys[k] = xs[k] * _drop_factor(ws[k], t, cs)
+    n_blocks = (numel + BLOCK - 1) // BLOCK
+    if numel >= SERIAL_BELOW:
+        for b in prange(n_blocks):
+            _dropout_block(
+                src, dst, b * BLOCK, min((b + 1) * BLOCK, numel), params, k0, k1, offset, t
+            )
+    else:
+        for b in range(n_blocks):
+            _dropout_block(
+                src, dst, b * BLOCK, min((b + 1) * BLOCK, numel), params, k0, k1, offset, t
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# By layout
+# --------------------------------------------------------------------------------------------
+
+_FORWARD = {PLANAR: _forward_planar, ROWS: _forward_rows}
+_BACKWARD = {PLANAR: _backward_planar, ROWS: _backward_rows}
+
+
+def forward_kernel(layout: str):
+    """``(what, x, y, channels, plane, running_mean, running_var, momentum, eps, stats, weight,
+    bias, params, act, key0, key1, offset, threshold, drop) -> bool``.
+
+    ``stats`` (3, C) holds mean, invstd and the biased var in the input's dtype. ``what``:
+    ``STATS`` computes them from the batch (float64 sums) and updates the running buffers
+    (unless empty) by :func:`update_running_stats`, returning False when some statistic is
+    not finite (buffers then untouched); ``STATS_APPLY`` then writes the output too; ``APPLY``
+    writes it from the statistics as given, ``APPLY_RUNNING`` from the running buffers:
+    ``y = act((x - mean) * invstd * weight + bias) * f`` (empty weight/bias: none).
+    """
+    return _FORWARD[layout]
+
+
+def backward_kernel(layout: str):
+    """``(sums, dy, x, dx, channels, plane, mean, invstd, weight, bias, params, act, key0, key1,
+    offset, threshold, drop, training, grad_weight, grad_bias)``: with ``sums`` (required in
+    training), the ``(C,)`` parameter gradients, then ``dx``."""
+    return _BACKWARD[layout]

@@ -1,11 +1,11 @@
 r"""The fast kernels as ``torch.library`` custom ops, so autograd, ``torch.compile`` and
-``torch.export`` see them as single operators.
+``torch.export`` see them as single operators, and their eager twins.
 
 Ops (namespace ``normdrop``):
 
 * ``batch_norm_stats(input, running_mean!, running_var!, momentum, eps) -> (mean, invstd)``:
-  the training statistics, ``(C,)`` each; the running buffers (optional) are updated in place
-  by :func:`normdrop.functional._update_running_stats`.
+  the training statistics, ``(C,)`` each; the running buffers (optional) are updated in place,
+  as :func:`normdrop.functional._update_running_stats` updates them.
 * ``bn_act_dropout(input, weight, bias, mean, invstd, training, eps, activation,
   negative_slope, p, seed, offset) -> output``: ``dropout(act((x - mean) * invstd * weight +
   bias))``, differentiable in ``input``, ``weight`` and ``bias``; ``mean`` and ``invstd`` are
@@ -21,6 +21,12 @@ Ops (namespace ``normdrop``):
 planar (contiguous) nor rows (channels_last) are copied to contiguous first; the dispatcher
 only sends tensors that need no copy.
 
+Eager mode (plain CPU tensors, not tracing) skips the custom-op dispatch, which would cost more
+than the kernels on small inputs: :func:`batch_norm_act` runs the statistics and the forward in
+one ``torch.autograd.Function`` (:class:`_BatchNormActFunction`) whose backward is one kernel
+call, and :func:`dropout` runs :class:`_DropoutFunction`. They call the same kernels, with the
+same arguments, as the ops.
+
 Double backward: when the backward itself is differentiated (``create_graph=True``), it is
 computed by autograd over the reference formulas of :mod:`normdrop.functional`, so gradient
 penalties work; the kernels only serve first-order gradients.
@@ -31,6 +37,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -44,6 +51,7 @@ from normdrop.kernels.activations import activate
 __all__ = [
     "PLANAR",
     "ROWS",
+    "batch_norm_act",
     "batch_norm_stats",
     "bn_act_dropout",
     "dropout",
@@ -53,8 +61,8 @@ __all__ = [
     "usable",
 ]
 
-PLANAR = "planar"
-ROWS = "rows"
+PLANAR = cpu.PLANAR
+ROWS = cpu.ROWS
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,23 +99,33 @@ def usable() -> bool:
 # Eager calls
 # --------------------------------------------------------------------------------------------
 
-_PLAIN = (Tensor, torch.nn.Parameter)
+_PLAIN = frozenset((Tensor, torch.nn.Parameter))
+
+
+def _records_nothing(*tensors: Tensor | None) -> bool:
+    """True when neither autograd nor torch.jit.trace would record a call on ``tensors``."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    return not torch.jit.is_tracing()
 
 
 def _eager(*tensors: Tensor | None) -> bool:
     """True for plain CPU tensors outside ``torch.compile``/``torch.export`` tracing.
 
-    Then the public functions below run the ops' implementations directly (and the autograd
-    twins of the ops), which saves the custom-op dispatch, tens of microseconds per call; the
-    registered ops serve tracing, fake tensors and every other tensor subclass.
+    Then the public functions below run the kernels through ``torch.autograd.Function``s, which
+    saves the custom-op dispatch, tens of microseconds per call; the registered ops serve
+    tracing, fake tensors and every other tensor subclass.
     """
     if torch.compiler.is_compiling():
         return False
-    return all(t is None or type(t) in _PLAIN for t in tensors)
+    for tensor in tensors:  # noqa: SIM110 (a loop: a generator costs ~1 us, every call)
+        if tensor is not None and type(tensor) not in _PLAIN:
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------
-# Memory layouts
+# Memory layouts and numpy views
 # --------------------------------------------------------------------------------------------
 
 
@@ -123,9 +141,8 @@ def layout_of(input: Tensor) -> str | None:
     """
     if input.dim() < 2:
         return None
-    plane = math.prod(input.shape[2:])
     if input.is_contiguous():
-        return ROWS if plane == 1 else PLANAR
+        return ROWS if math.prod(input.shape[2:]) == 1 else PLANAR
     if input.permute(_channels_last_order(input.dim())).is_contiguous():
         return ROWS
     return None
@@ -145,7 +162,7 @@ def _flat(tensor: Tensor, layout: str) -> np.ndarray:
     tensor = tensor.detach()
     if layout == ROWS and not tensor.is_contiguous():
         tensor = tensor.permute(_channels_last_order(tensor.dim()))
-    return tensor.view(-1).numpy()
+    return tensor.numpy().reshape(-1)  # numpy's reshape: cheaper than torch's view
 
 
 def _dense_order(tensor: Tensor) -> Tensor | None:
@@ -166,12 +183,12 @@ def _same_layout(tensor: Tensor, like: Tensor) -> Tensor:
     return out
 
 
-def _channels_and_plane(input: Tensor) -> tuple[int, int]:
-    return int(input.shape[1]), int(math.prod(input.shape[2:]))
+_EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 
 
-def _np_dtype(dtype: torch.dtype) -> np.dtype:
-    return np.dtype(np.float32) if dtype == torch.float32 else np.dtype(np.float64)
+def _vector(tensor: Tensor | None, dtype: torch.dtype) -> np.ndarray:
+    """A ``(C,)`` tensor as numpy (no copy); None as an empty array (the kernels' "absent")."""
+    return _EMPTY[dtype] if tensor is None else tensor.detach().numpy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,26 +212,154 @@ def _dropout_key(p: float, seed: Tensor | None) -> tuple[int, int, int, bool]:
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel_params(dtype: torch.dtype, negative_slope: float, p: float) -> np.ndarray:
-    return cpu.make_params(_np_dtype(dtype), negative_slope, _drop_scale(p, dtype))
+def _kernel_params(dtype: torch.dtype, activation: str, negative_slope: float, p: float):
+    """``(params, act)``: the kernels' scalar array and activation code."""
+    slope = 1.0 if activation == "identity" else negative_slope
+    dtype_np = np.dtype(np.float32) if dtype == torch.float32 else np.dtype(np.float64)
+    return cpu.make_params(dtype_np, slope, _drop_scale(p, dtype)), cpu.ACTIVATIONS[activation]
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel calls, shared by the ops and the eager functions
+# --------------------------------------------------------------------------------------------
+
+
+class _Plan(NamedTuple):
+    """What a call's kernels need besides the tensors; made once per forward, kept for the
+    backward."""
+
+    layout: str
+    channels: int
+    plane: int
+    params: np.ndarray
+    act: int
+    key0: int
+    key1: int
+    offset: int
+    threshold: int
+    drop: bool
+
+
+def _plan(
+    input: Tensor, activation: str, negative_slope: float, p: float, seed: Tensor | None, offset
+) -> _Plan:
+    """The plan of a call on ``input``, which must be planar or rows (see :func:`layout_of`)."""
+    params, act = _kernel_params(input.dtype, activation, negative_slope, p)
+    key0, key1, threshold, drop = _dropout_key(p, seed)
+    shape = input.shape  # int(): under torch.jit.trace, sizes and their products are tensors
+    return _Plan(
+        layout_of(input),
+        int(shape[1]),
+        int(math.prod(shape[2:])),
+        params,
+        act,
+        key0,
+        key1,
+        offset,
+        threshold,
+        drop,
+    )
+
+
+def _run_forward(
+    what: int,
+    input: Tensor,
+    output: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+    stats: np.ndarray,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    plan: _Plan,
+) -> None:
+    """One forward kernel call; see :func:`normdrop.kernels.cpu.forward_kernel`.
+
+    ``cpu.STATS`` fills ``stats`` (3, C: mean, invstd, var) from the batch: float64 sums (two
+    passes per plane piece, or shifted sums per block of rows; Chan's merge across them),
+    rounded to the input's dtype as :func:`normdrop.functional.batch_norm` rounds them, and
+    updates the running buffers; ``cpu.STATS_APPLY`` also writes ``output``, as do
+    ``cpu.APPLY`` (statistics given) and ``cpu.APPLY_RUNNING`` (from the running buffers).
+    """
+    dtype = input.dtype
+    x = _flat(input, plan.layout)
+    _launching()
+    finite = cpu.forward_kernel(plan.layout)(
+        what,
+        x,
+        x if output is None else _flat(output, plan.layout),
+        plan.channels,
+        plan.plane,
+        _vector(running_mean, dtype),
+        _vector(running_var, dtype),
+        momentum,
+        eps,
+        stats,
+        _vector(weight, dtype),
+        _vector(bias, dtype),
+        plan.params,
+        plan.act,
+        plan.key0,
+        plan.key1,
+        plan.offset,
+        plan.threshold,
+        plan.drop,
+    )
+    if not finite:  # a NaN/Inf channel: the reference skips it and warns
+        mean, var = torch.from_numpy(stats[0]), torch.from_numpy(stats[2])
+        count = math.prod(input.shape) // plan.channels
+        F._update_running_stats(running_mean, running_var, mean, var, count, momentum)
+
+
+def _run_backward(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: np.ndarray,
+    invstd: np.ndarray,
+    training: bool,
+    need_sums: bool,
+    plan: _Plan,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_input, grad_weight, grad_bias)`` in one kernel call (the sums, then dx); the last
+    two are ``sum(g * xhat)`` and ``sum(g)`` (zeros in inference without ``need_sums``).
+    ``input`` is as the plan was made for."""
+    grad_output = _same_layout(grad_output, input)
+    dtype = input.dtype
+    grad_input = torch.empty_like(input)
+    grad_weight = torch.zeros(plan.channels, dtype=dtype)
+    grad_bias = torch.zeros(plan.channels, dtype=dtype)
+    _launching()
+    cpu.backward_kernel(plan.layout)(
+        training or need_sums,
+        _flat(grad_output, plan.layout),
+        _flat(input, plan.layout),
+        _flat(grad_input, plan.layout),
+        plan.channels,
+        plan.plane,
+        mean,
+        invstd,
+        _vector(weight, dtype),
+        _vector(bias, dtype),
+        plan.params,
+        plan.act,
+        plan.key0,
+        plan.key1,
+        plan.offset,
+        plan.threshold,
+        plan.drop,
+        training,
+        grad_weight.numpy(),
+        grad_bias.numpy(),
+    )
+    return grad_input, grad_weight, grad_bias
 
 
 # --------------------------------------------------------------------------------------------
 # BatchNorm statistics and running averages
 # --------------------------------------------------------------------------------------------
-
-
-def _batch_stats(input: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance, ``(C,)`` in the input's dtype (float64 sums)."""
-    input, layout = _prepared(input)
-    channels, plane = _channels_and_plane(input)
-    x = _flat(input, layout)
-    _launching()
-    if layout == PLANAR:
-        mean, var = cpu.batch_stats_planar(x, channels, plane)
-    else:
-        mean, var = cpu.batch_stats_rows(x, channels)
-    return torch.from_numpy(mean.astype(x.dtype)), torch.from_numpy(var.astype(x.dtype))
 
 
 def _batch_norm_stats(
@@ -228,13 +373,26 @@ def _batch_norm_stats(
 
     Mean and biased variance are accumulated in float64 (two passes per block, Chan's merge
     across blocks); ``invstd = rsqrt(var + eps)`` in the input's dtype, as the reference. The
-    running buffers, when given, are updated by :func:`normdrop.functional._update_running_stats`.
+    running buffers, when given, are updated as
+    :func:`normdrop.functional._update_running_stats` updates them.
     """
-    mean, var = _batch_stats(input)
-    if running_mean is not None:
-        count = input.numel() // input.shape[1]
-        F._update_running_stats(running_mean, running_var, mean, var, count, momentum)
-    return mean, torch.rsqrt(var + eps)
+    input, _ = _prepared(input)
+    plan = _plan(input, "identity", 0.0, 0.0, None, 0)
+    stats = torch.empty((3, plan.channels), dtype=input.dtype)
+    _run_forward(
+        cpu.STATS,
+        input,
+        None,
+        running_mean,
+        running_var,
+        float(momentum),
+        float(eps),
+        stats.numpy(),
+        None,
+        None,
+        plan,
+    )
+    return stats[0].clone(), stats[1].clone()
 
 
 _batch_norm_stats_op = torch.library.custom_op(
@@ -266,22 +424,6 @@ def batch_norm_stats(
 # --------------------------------------------------------------------------------------------
 
 
-def _numpy(tensor: Tensor) -> np.ndarray:
-    return tensor.detach().numpy()
-
-
-def _coefs(mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> np.ndarray:
-    """The kernels' per-channel ``(6, C)`` stack: mean, scale, shift, invstd and two slots for
-    the backward's coefficients; ``scale = invstd * weight`` as ``functional._normalize``."""
-    coefs = np.zeros((6, mean.shape[0]), dtype=_np_dtype(invstd.dtype))
-    coefs[0] = _numpy(mean)
-    coefs[3] = _numpy(invstd)
-    coefs[1] = coefs[3] if weight is None else coefs[3] * _numpy(weight)
-    if bias is not None:
-        coefs[2] = _numpy(bias)
-    return coefs
-
-
 def _bn_act_dropout(
     input: Tensor,
     weight: Tensor | None,
@@ -297,23 +439,14 @@ def _bn_act_dropout(
     offset: int,
 ) -> Tensor:
     """``dropout(act((x - mean) * invstd * weight + bias), p)`` in one pass over ``input``."""
-    input, layout = _prepared(input)
+    input, _ = _prepared(input)
+    plan = _plan(input, activation, negative_slope, p, seed, offset)
+    stats = torch.empty((3, plan.channels), dtype=input.dtype)
+    stats[0] = mean.detach()
+    stats[1] = invstd.detach()
     output = torch.empty_like(input)
-    channels, plane = _channels_and_plane(input)
-    key0, key1, threshold, drop = _dropout_key(p, seed)
-    kernel = cpu.forward_kernel(layout, cpu.ACTIVATIONS[activation], drop)
-    _launching()
-    kernel(
-        _flat(input, layout),
-        _flat(output, layout),
-        channels,
-        plane,
-        _coefs(mean, invstd, weight, bias),
-        _kernel_params(input.dtype, negative_slope, p),
-        key0,
-        key1,
-        offset,
-        threshold,
+    _run_forward(
+        cpu.APPLY, input, output, None, None, 0.0, float(eps), stats.numpy(), weight, bias, plan
     )
     return output
 
@@ -349,31 +482,19 @@ def _bn_act_dropout_backward(
 
     With ``need_sums=False`` in inference, the per-channel sums are skipped (returned as 0).
     """
-    input, layout = _prepared(input)
-    grad_output = _same_layout(grad_output, input)
-    channels, plane = _channels_and_plane(input)
-    key0, key1, threshold, drop = _dropout_key(p, seed)
-    act = cpu.ACTIVATIONS[activation]
-    coefs = _coefs(mean, invstd, weight, bias)
-    dy, x = _flat(grad_output, layout), _flat(input, layout)
-    tail = (_kernel_params(input.dtype, negative_slope, p), key0, key1, offset, threshold)
-    _launching()
-    if training or need_sums:
-        kernel = cpu.reduce_kernel(layout, act, drop)
-        sum_g, sum_h = kernel(dy, x, channels, plane, coefs, *tail)
-        sum_g = torch.from_numpy(sum_g)
-        sum_gxhat = torch.from_numpy(sum_h) * invstd.detach().double()
-    else:
-        sum_g = torch.zeros(channels, dtype=torch.float64)
-        sum_gxhat = torch.zeros(channels, dtype=torch.float64)
-    if training:
-        count = input.numel() // channels
-        coefs[4] = (sum_g / count).numpy()
-        coefs[5] = (sum_gxhat / count).numpy()
-    grad_input = torch.empty_like(input)
-    kernel = cpu.apply_kernel(layout, act, drop)
-    kernel(dy, x, _flat(grad_input, layout), channels, plane, coefs, training, *tail)
-    return grad_input, sum_gxhat.to(input.dtype), sum_g.to(input.dtype)
+    input, _ = _prepared(input)
+    plan = _plan(input, activation, negative_slope, p, seed, offset)
+    return _run_backward(
+        grad_output,
+        input,
+        weight,
+        bias,
+        mean.detach().numpy(),
+        invstd.detach().numpy(),
+        bool(training),
+        bool(need_sums),
+        plan,
+    )
 
 
 _bn_act_dropout_backward_op = torch.library.custom_op(
@@ -455,56 +576,48 @@ def _differentiable_grads(grad_output, saved, config) -> tuple[Tensor | None, ..
     )
 
 
-def _backward_bn_act_dropout(ctx, grad_output):
-    input, weight, bias, mean, invstd, seed = ctx.saved_tensors
-    training, _, activation, slope, p, offset = ctx.config
+def _needed(ctx, weight, bias, grads) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    grad_input, grad_weight, grad_bias = grads
     needs = ctx.needs_input_grad
-    if torch.is_grad_enabled():
-        grad_input, grad_weight, grad_bias = _differentiable_grads(
-            grad_output, ctx.saved_tensors, ctx.config
-        )
-    else:
-        backward = (
-            _bn_act_dropout_backward if _eager(grad_output, input) else _bn_act_dropout_backward_op
-        )
-        grad_input, grad_weight, grad_bias = backward(
-            grad_output,
-            input,
-            weight,
-            bias,
-            mean,
-            invstd,
-            training,
-            activation,
-            slope,
-            p,
-            seed,
-            offset,
-            bool(needs[1] or needs[2]),
-        )
     return (
         grad_input if needs[0] else None,
         grad_weight if weight is not None and needs[1] else None,
         grad_bias if bias is not None and needs[2] else None,
-        *([None] * 9),
     )
 
 
+def _grads(ctx, grad_output, saved) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The op's backward: ``saved`` = (input, weight, bias, mean, invstd, seed),
+    ``ctx.config`` = (training, eps, activation, slope, p, offset)."""
+    input, weight, bias, mean, invstd, seed = saved
+    training, _, activation, slope, p, offset = ctx.config
+    if torch.is_grad_enabled():
+        return _needed(ctx, weight, bias, _differentiable_grads(grad_output, saved, ctx.config))
+    needs = ctx.needs_input_grad
+    backward = _bn_act_dropout_backward if _eager(grad_output) else _bn_act_dropout_backward_op
+    grads = backward(
+        grad_output,
+        input,
+        weight,
+        bias,
+        mean,
+        invstd,
+        training,
+        activation,
+        slope,
+        p,
+        seed,
+        offset,
+        bool(needs[1] or needs[2]),
+    )
+    return _needed(ctx, weight, bias, grads)
+
+
+def _backward_bn_act_dropout(ctx, grad_output):
+    return (*_grads(ctx, grad_output, ctx.saved_tensors), *([None] * 9))
+
+
 _bn_act_dropout_op.register_autograd(_backward_bn_act_dropout, setup_context=_setup_bn_act_dropout)
-
-
-class _BnActDropoutFunction(torch.autograd.Function):
-    """The eager twin of the op: same implementation, setup and backward, less dispatch."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _bn_act_dropout(*inputs)
-        _setup_bn_act_dropout(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return _backward_bn_act_dropout(ctx, grad_output)
 
 
 def bn_act_dropout(
@@ -521,12 +634,160 @@ def bn_act_dropout(
     seed: Tensor | None,
     offset: int,
 ) -> Tensor:
-    """The ``normdrop::bn_act_dropout`` op (through an equivalent autograd.Function in eager
-    mode, where the op's dispatch would cost more than the kernel on small inputs)."""
-    args = (input, weight, bias, mean, invstd, training, eps, activation, negative_slope, p)
-    if _eager(input, weight, bias, mean, invstd, seed):
-        return _BnActDropoutFunction.apply(*args, seed, offset)
-    return _bn_act_dropout_op(*args, seed, offset)
+    """The ``normdrop::bn_act_dropout`` op: given the statistics, normalize, activate, drop."""
+    return _bn_act_dropout_op(
+        input,
+        weight,
+        bias,
+        mean,
+        invstd,
+        training,
+        eps,
+        activation,
+        negative_slope,
+        p,
+        seed,
+        offset,
+    )
+
+
+def _eager_forward(
+    input,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    training,
+    momentum,
+    eps,
+    activation,
+    negative_slope,
+    p,
+    seed,
+) -> tuple[Tensor, np.ndarray, _Plan]:
+    """Output, ``(3, C)`` statistics (numpy) and plan of one eager call: one kernel call."""
+    plan = _plan(input, activation, negative_slope, p, seed, 0)
+    output = torch.empty_like(input)
+    stats = np.empty((3, plan.channels), plan.params.dtype)
+    what = cpu.STATS_APPLY if training else cpu.APPLY_RUNNING
+    _run_forward(
+        what, input, output, running_mean, running_var, momentum, eps, stats, weight, bias, plan
+    )
+    return output, stats, plan
+
+
+class _BatchNormActFunction(torch.autograd.Function):
+    """Eager BatchNorm -> activation -> Dropout: statistics, running averages and output in one
+    kernel call, the backward in one.
+
+    The same kernels and the same saved tensors as ``batch_norm_stats`` followed by
+    ``bn_act_dropout``, without the op dispatch or any intermediate torch op; mean and invstd
+    stay numpy arrays on ``ctx`` (tensors only for a double backward).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        momentum,
+        eps,
+        activation,
+        negative_slope,
+        p,
+        seed,
+    ):
+        output, stats, plan = _eager_forward(
+            input,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            training,
+            momentum,
+            eps,
+            activation,
+            negative_slope,
+            p,
+            seed,
+        )
+        ctx.save_for_backward(input, weight, bias)
+        ctx.stats, ctx.plan, ctx.seed = stats, plan, seed
+        ctx.config = (training, eps, activation, negative_slope, p, 0)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, bias = ctx.saved_tensors
+        stats = ctx.stats
+        if torch.is_grad_enabled():
+            mean, invstd = torch.from_numpy(stats[0]), torch.from_numpy(stats[1])
+            saved = (input, weight, bias, mean, invstd, ctx.seed)
+            grads = _differentiable_grads(grad_output, saved, ctx.config)
+        else:
+            needs = ctx.needs_input_grad
+            grads = _run_backward(
+                grad_output,
+                input,
+                weight,
+                bias,
+                stats[0],
+                stats[1],
+                ctx.config[0],
+                needs[1] or needs[2],
+                ctx.plan,
+            )
+        return (*_needed(ctx, weight, bias, grads), *([None] * 9))
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    p: float,
+    seed: Tensor | None,
+) -> Tensor:
+    """``dropout(act(batch_norm(input)), p)`` on the kernels, arguments already checked.
+
+    Eager: :class:`_BatchNormActFunction`. Traced: the ``batch_norm_stats`` op (training) and
+    the ``bn_act_dropout`` op, which ``torch.compile`` and ``torch.export`` keep in the graph.
+    """
+    if _eager(input, weight, bias, running_mean, running_var):
+        args = (
+            input,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            training,
+            momentum,
+            eps,
+            activation,
+            negative_slope,
+            p,
+            seed,
+        )
+        if _records_nothing(input, weight, bias):
+            return _eager_forward(*args)[0]  # skip autograd.Function: nothing to record
+        return _BatchNormActFunction.apply(*args)
+    if training:
+        mean, invstd = batch_norm_stats(input.detach(), running_mean, running_var, momentum, eps)
+    else:
+        mean, invstd = running_mean.detach(), torch.rsqrt(running_var.detach() + eps)
+    return bn_act_dropout(
+        input, weight, bias, mean, invstd, training, eps, activation, negative_slope, p, seed, 0
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,20 +795,23 @@ def bn_act_dropout(
 # --------------------------------------------------------------------------------------------
 
 
+def _memory(tensor: Tensor) -> np.ndarray:
+    """A dense tensor's memory as a flat numpy array (no copy)."""
+    return _dense_order(tensor.detach()).numpy().reshape(-1)
+
+
 def _dropout_into(source: Tensor, target: Tensor, p: float, seed: Tensor, offset: int) -> None:
     """``target = source * factor`` over flat memory; both dense with the same strides."""
     key0, key1, threshold, _ = _dropout_key(p, seed)
-    params = _kernel_params(source.dtype, 0.0, p)
-    src = _dense_order(source.detach()).reshape(-1).numpy()
-    dst = _dense_order(target.detach()).reshape(-1).numpy()
+    params, _ = _kernel_params(source.dtype, "identity", 0.0, p)
     _launching()
-    cpu.dropout_flat(src, dst, params, key0, key1, offset, threshold)
+    cpu.dropout_flat(_memory(source), _memory(target), params, key0, key1, offset, threshold)
 
 
 def _dropout(input: Tensor, p: float, seed: Tensor, offset: int) -> Tensor:
     """``input * factor``: element ``i`` (memory order) kept iff Philox says so, scaled by
     ``1 / (1 - p)``."""
-    if _dense_order(input) is None:
+    if not input.is_contiguous() and _dense_order(input) is None:
         input = input.contiguous()
     output = torch.empty_like(input)
     _dropout_into(input, output, p, seed, offset)
@@ -568,32 +832,39 @@ def _setup_dropout(ctx, inputs, output) -> None:
     ctx.config = (p, offset, tuple(output.shape), tuple(output.stride()))
 
 
-def _backward_dropout(ctx, grad_output):
-    (seed,) = ctx.saved_tensors
+def _dropout_grad(ctx, grad_output, seed):
     p, offset, shape, strides = ctx.config
     if tuple(grad_output.stride()) != strides:
         # The mask follows memory order: the gradient must be laid out as the output was.
         grad_output = torch.empty_strided(
             shape, strides, dtype=grad_output.dtype, device=grad_output.device
         ).copy_(grad_output)
-    return dropout(grad_output, p, seed, offset), None, None, None
+    if not torch.is_grad_enabled() and _eager(grad_output):
+        return _dropout(grad_output, p, seed, offset)
+    return dropout(grad_output, p, seed, offset)  # differentiable: double backward
+
+
+def _backward_dropout(ctx, grad_output):
+    (seed,) = ctx.saved_tensors
+    return _dropout_grad(ctx, grad_output, seed), None, None, None
 
 
 _dropout_op.register_autograd(_backward_dropout, setup_context=_setup_dropout)
 
 
 class _DropoutFunction(torch.autograd.Function):
-    """The eager twin of the op: same implementation, setup and backward, less dispatch."""
+    """The eager twin of the op: same implementation and backward, less dispatch."""
 
     @staticmethod
     def forward(ctx, input, p, seed, offset):
         output = _dropout(input, p, seed, offset)
-        _setup_dropout(ctx, (input, p, seed, offset), output)
+        ctx.seed = seed  # a 0-dim int64 tensor without history
+        ctx.config = (p, offset, tuple(output.shape), tuple(output.stride()))
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        return _backward_dropout(ctx, grad_output)
+        return _dropout_grad(ctx, grad_output, ctx.seed), None, None, None
 
 
 def dropout(input: Tensor, p: float, seed: Tensor, offset: int) -> Tensor:

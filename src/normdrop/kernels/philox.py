@@ -40,6 +40,8 @@ probability is ``1 - p`` up to the ``2^-31`` grid of the uniform.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from numba import njit
@@ -127,13 +129,26 @@ def fill_words(words, first_group, n_groups, k0, k1):
 
 
 @njit(cache=True)
-def stream_words(first, stop, k0, k1):
-    """Words of stream elements ``[first, stop)``: ``(words, base)``; ``j`` is at ``j - base``."""
+def fill_stream(words, first, stop, k0, k1):
+    """Write the words of stream elements ``[first, stop)`` into ``words``; return ``base``.
+
+    Element ``j`` lands at ``words[j - base]``. Whole groups are generated, so ``words`` needs
+    ``stop - first + 2 * GROUP`` entries at most (``stop - first + GROUP`` when
+    ``first`` is a multiple of ``GROUP``).
+    """
     first_group = first // GROUP
     n_groups = (stop + GROUP - 1) // GROUP - first_group
-    words = np.empty(n_groups * GROUP, np.uint32)
     fill_words(words, first_group, n_groups, k0, k1)
-    return words, first_group * GROUP
+    return first_group * GROUP
+
+
+@njit(cache=True)
+def stream_words(first, stop, k0, k1):
+    """Words of stream elements ``[first, stop)``: ``(words, base)``; ``j`` is at ``j - base``."""
+    n_groups = (stop + GROUP - 1) // GROUP - first // GROUP
+    words = np.empty(n_groups * GROUP, np.uint32)
+    base = fill_stream(words, first, stop, k0, k1)
+    return words, base
 
 
 @njit(cache=True)
@@ -198,6 +213,7 @@ def uniform(seed: int, offset: int, n: int) -> torch.Tensor:
     return torch.from_numpy(folded * _UNIFORM_SCALE)
 
 
+@functools.lru_cache(maxsize=256)  # a bisection of ~31 steps: once per p, not per call
 def keep_threshold(p: float) -> int:
     """The largest folded word ``f`` whose uniform is ``<= p`` (float32 math, as on a GPU).
 
