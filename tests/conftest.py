@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import random
 
+import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -13,6 +16,7 @@ settings.register_profile(
     "ci",
     max_examples=25,
     deadline=None,
+    derandomize=True,  # CI must not flake: the same cases on every run
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile("thorough", max_examples=300, deadline=None)
@@ -20,3 +24,12 @@ settings.load_profile(os.environ.get("NORMDROP_HYPOTHESIS", "ci"))
 
 # pytest -n auto already runs one worker per core; more threads per worker only oversubscribe.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_generators():
+    """Every test starts from the same global RNG state, whatever ran before it on its worker:
+    statistical assertions (99.9% intervals) then pass or fail deterministically."""
+    random.seed(0)
+    np.random.seed(0)  # noqa: NPY002 -- code under test may use numpy's global generator
+    torch.manual_seed(0)
