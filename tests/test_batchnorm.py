@@ -646,3 +646,16 @@ def test_export_in_training_mode_on_the_reference_backend():
     other = torch.randn(2, 3, 8, 8) + 3
     expected = copy.deepcopy(model)(other)
     assert_close_scaled(exported.module()(other), expected, 1e-5)
+
+
+def test_torchscript_gives_a_clear_error_and_the_way_out():
+    from normdrop.tools import convert
+
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), normdrop.nn.BatchNorm1d(4), normdrop.nn.Dropout(0.2)
+    )
+    with pytest.raises(RuntimeError, match=r"cannot be compiled by torch\.jit\.script"):
+        torch.jit.script(model)
+    scripted = torch.jit.script(convert(model, to="torch").eval())
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(scripted(x), model.eval()(x))

@@ -102,6 +102,14 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                 f"channels (dim 1) in shape {tuple(input.shape)}"
             )
 
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        # torch.jit.script would fail deep inside with "Can't redefine method: forward".
+        raise InputError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script (its forward calls "
+            "normdrop's kernels); use torch.compile or torch.export, or "
+            "normdrop.tools.convert(model, to='torch') for a TorchScript model"
+        )
+
     def _momentum_for_this_batch(self) -> float:
         """The running-average factor: ``momentum``, or 1/t at batch t for ``momentum=None``."""
         if self.momentum is None:

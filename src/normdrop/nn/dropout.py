@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from normdrop import functional as F
+from normdrop.errors import InputError
 from normdrop.functional import _check_dropout_p
 from normdrop.kernels import dispatch
 
@@ -39,6 +40,14 @@ class _Dropout(torch.nn.modules.dropout._DropoutNd):
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
         _check_dropout_p(type(self).__name__, p)
         super().__init__(p, inplace)
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        # torch.jit.script would fail deep inside with "Can't redefine method: forward".
+        raise InputError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script (its forward calls "
+            "normdrop's kernels); use torch.compile or torch.export, or "
+            "normdrop.tools.convert(model, to='torch') for a TorchScript model"
+        )
 
     def forward(self, input: Tensor) -> Tensor:
         inplace = self.inplace and self._honours_inplace
