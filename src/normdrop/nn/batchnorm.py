@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Container
 
 import torch
 from torch import Tensor
@@ -36,6 +37,25 @@ def _check_batch_norm_config(num_features: int, eps: float, momentum: float | No
     if momentum is not None and not (isinstance(momentum, numbers.Real) and 0 <= momentum <= 1):
         raise InputError(
             f"momentum must be a number in [0, 1] or None (cumulative average), got {momentum!r}"
+        )
+
+
+def check_input(
+    name: str, input: Tensor, num_features: int, ranks: Container[int], shapes: str
+) -> None:
+    """What every BatchNorm-like module checks of its input: a tensor of one of ``ranks``
+    (described by ``shapes``, e.g. ``"(N, C, H, W)"``) with ``num_features`` channels in dim 1."""
+    if not isinstance(input, Tensor):
+        raise InputTypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() not in ranks:
+        raise InputError(
+            f"{name} expects input of shape {shapes}, got {input.dim()}-D input "
+            f"of shape {tuple(input.shape)}"
+        )
+    if input.shape[1] != num_features:
+        raise InputError(
+            f"{name}(num_features={num_features}) got input with {input.shape[1]} "
+            f"channels (dim 1) in shape {tuple(input.shape)}"
         )
 
 
@@ -86,21 +106,8 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         )
 
     def _check_input_dim(self, input: Tensor) -> None:
-        name = type(self).__name__
-        if not isinstance(input, Tensor):
-            raise InputTypeError(
-                f"{name}: input must be a torch.Tensor, got {type(input).__name__}"
-            )
-        if input.dim() not in self._input_ranks:
-            raise InputError(
-                f"{name} expects input of shape {self._input_shapes}, got {input.dim()}-D input "
-                f"of shape {tuple(input.shape)}"
-            )
-        if input.shape[1] != self.num_features:
-            raise InputError(
-                f"{name}(num_features={self.num_features}) got input with {input.shape[1]} "
-                f"channels (dim 1) in shape {tuple(input.shape)}"
-            )
+        name, ranks, shapes = type(self).__name__, self._input_ranks, self._input_shapes
+        check_input(name, input, self.num_features, ranks, shapes)
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
         # torch.jit.script would fail deep inside with "Can't redefine method: forward".

@@ -27,12 +27,13 @@ import torch
 from torch import Tensor
 
 from normdrop import functional as F
-from normdrop.errors import InputError, InputTypeError
+from normdrop.errors import InputError
 from normdrop.nn.batchnorm import (
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
     _check_batch_norm_config,
+    check_input,
 )
 
 __all__ = [
@@ -98,25 +99,10 @@ class _FrozenBatchNorm(torch.nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
 
-    def _check_input(self, input: Tensor) -> None:
-        name = type(self).__name__
-        if not isinstance(input, Tensor):
-            raise InputTypeError(
-                f"{name}: input must be a torch.Tensor, got {type(input).__name__}"
-            )
-        if input.dim() not in self._input_ranks:
-            raise InputError(
-                f"{name} expects input of shape {self._input_shapes}, got {input.dim()}-D input "
-                f"of shape {tuple(input.shape)}"
-            )
-        if input.shape[1] != self.num_features:
-            raise InputError(
-                f"{name}(num_features={self.num_features}) got input with {input.shape[1]} "
-                f"channels (dim 1) in shape {tuple(input.shape)}"
-            )
-
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input(input)
+        check_input(
+            type(self).__name__, input, self.num_features, self._input_ranks, self._input_shapes
+        )
         return F.batch_norm(
             input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
         )

@@ -235,6 +235,7 @@ class SyncBatchNorm(_BatchNorm):
     must call forward (and backward) the same number of times, as with any collective.
     """
 
+    _input_ranks = range(2, 65)  # (N, C, *): any rank from 2
     _input_shapes = "(N, C, *)"
 
     def __init__(
@@ -256,21 +257,8 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if not isinstance(input, Tensor):
-            raise InputTypeError(
-                f"SyncBatchNorm: input must be a torch.Tensor, got {type(input).__name__}"
-            )
-        if input.dim() < 2:
-            raise InputError(
-                f"SyncBatchNorm expects input of shape (N, C, *), got {input.dim()}-D input "
-                f"of shape {tuple(input.shape)}"
-            )
-        if input.shape[1] != self.num_features:
-            raise InputError(
-                f"SyncBatchNorm(num_features={self.num_features}) got input with "
-                f"{input.shape[1]} channels (dim 1) in shape {tuple(input.shape)}"
-            )
-        if not input.is_floating_point():
+        super()._check_input_dim(input)
+        if not input.is_floating_point():  # the synchronized path skips functional's checks
             raise InputTypeError(
                 f"SyncBatchNorm: input must be a floating-point tensor, got dtype {input.dtype}"
             )
