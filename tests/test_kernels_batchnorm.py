@@ -39,15 +39,21 @@ def _one_numba_thread():
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the kernel calls, so a silent fallback cannot pass for the fast path."""
+    """Counts the forward kernel calls (the eager path and the ops alike), so a silent fallback
+    cannot pass for the fast path."""
     calls = []
-    original = ops.batch_norm_act
+    original = cpu.forward_kernel
 
-    def spy(*args):
-        calls.append(args[0].shape)
-        return original(*args)
+    def spy(layout):
+        kernel = original(layout)
 
-    monkeypatch.setattr(ops, "batch_norm_act", spy)
+        def counted(*args):
+            calls.append(layout)
+            return kernel(*args)
+
+        return counted
+
+    monkeypatch.setattr(cpu, "forward_kernel", spy)
     return calls
 
 
@@ -210,12 +216,15 @@ def test_results_do_not_depend_on_thread_count(channels_last_input):
 def test_kernels_read_the_memory_in_place():
     x = channels_last(torch.randn(2, 3, 4, 5))
     assert ops.layout_of(x) == ops.ROWS
-    assert ops._flat(x, ops.ROWS).__array_interface__["data"][0] == x.data_ptr()
+    assert ops._prepared(x)[0] is x  # no copy: the kernels get x.data_ptr()
     y = torch.randn(2, 3, 4, 5)
     assert ops.layout_of(y) == ops.PLANAR
-    assert ops._flat(y, ops.PLANAR).__array_interface__["data"][0] == y.data_ptr()
+    assert ops._prepared(y)[0] is y
     assert ops.layout_of(torch.randn(4, 3)) == ops.ROWS
-    assert ops.layout_of(torch.randn(2, 3, 4, 5)[..., ::2]) is None
+    strided = torch.randn(2, 3, 4, 5)[..., ::2]
+    assert ops.layout_of(strided) is None
+    copied, layout = ops._prepared(strided)
+    assert layout == ops.PLANAR and copied.is_contiguous() and torch.equal(copied, strided)
 
 
 @pytest.mark.parametrize(
@@ -429,3 +438,67 @@ def test_rows_statistics_are_exact_for_offset_data_and_outlying_first_rows(outli
     torch.testing.assert_close(
         1 / invstd.double() ** 2, x64.var(0, unbiased=False), rtol=1e-5, atol=0
     )
+
+
+def test_module_cache_follows_every_change_a_user_makes(kernel_calls):
+    """The eager path caches what a module's last call found (kernels.eager.ModuleCache): every
+    change below must be seen, step after step, in lockstep with torch.nn."""
+    ours = normdrop.nn.BatchNorm2d(3)
+    theirs = torch.nn.BatchNorm2d(3)
+    generator = torch.Generator().manual_seed(0)
+
+    def step(shape=(4, 3, 5, 5), dtype=torch.float32, layout=torch.contiguous_format):
+        x = torch.randn(shape, dtype=dtype, generator=generator).to(memory_format=layout)
+        grad = torch.randn(shape, dtype=dtype, generator=generator)
+        results = []
+        for module in (ours, theirs):
+            xi = x.clone().requires_grad_()
+            y = module(xi)
+            params = [p for p in module.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(y, [xi, *params], grad) if y.requires_grad else ()
+            results.append((y, grads, [b.clone() for b in module.buffers()]))
+        rtol = tolerance(dtype)
+        (y1, g1, b1), (y2, g2, b2) = results
+        assert_close_scaled(y1, y2, rtol)
+        for a, b in zip([*g1, *b1], [*g2, *b2], strict=True):
+            assert_close_scaled(a.to(b.dtype), b, rtol)
+
+    step()
+    step()  # a cached call
+    with torch.no_grad():  # an optimizer's in-place update of the same memory
+        for module in (ours, theirs):
+            module.weight.mul_(2).add_(0.5)
+            module.bias.sub_(1)
+    step()
+    for module in (ours, theirs):  # new memory under the same Parameter object
+        module.weight.data = torch.full((3,), 3.0)
+    step()
+    for module in (ours, theirs):  # a new buffer tensor
+        module.running_var = torch.full((3,), 4.0)
+    step()
+    state = {k: v * 1.5 for k, v in theirs.state_dict().items() if v.is_floating_point()}
+    for module in (ours, theirs):
+        module.load_state_dict(state, strict=False)
+    step()
+    for module in (ours, theirs):
+        module.eps = 1e-1
+    step()
+    for module in (ours, theirs):
+        module.momentum = 0.5
+    step()
+    step(shape=(6, 3, 2, 7))
+    step(layout=torch.channels_last)
+    for module in (ours, theirs):
+        module.double()
+    ours.load_state_dict(theirs.state_dict())  # float32 rounding differences end here
+    step(dtype=torch.float64)
+    for module in (ours, theirs):
+        module.eval()
+    step(dtype=torch.float64)
+    for module in (ours, theirs):
+        module.train()
+        module.weight.requires_grad_(False)
+    step(dtype=torch.float64)
+    with torch.no_grad():
+        step(dtype=torch.float64)
+    assert len(kernel_calls) >= 11

@@ -53,7 +53,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange, types
+from numba.extending import intrinsic
 
 from normdrop.kernels.philox import GROUP, fill_stream, fold31
 
@@ -63,6 +64,8 @@ __all__ = [
     "APPLY_RUNNING",
     "BLOCK",
     "CHUNK",
+    "RUN",
+    "RUN_ROWS",
     "SERIAL_BELOW",
     "STATS",
     "STATS_APPLY",
@@ -76,6 +79,17 @@ __all__ = [
 BLOCK = 64 * GROUP  # 16384 elements: one parallel task; its input and output sit in L2
 CHUNK = 4 * GROUP  # 1024 elements: dropout words generated per step (4 KiB, L1)
 SERIAL_BELOW = 1 << 16  # elements: smaller inputs run on the calling thread only
+# Sums run in the input's dtype (full vector width) over at most RUN values, or RUN_ROWS rows in
+# the rows layout, then add to float64 totals: each float32 partial sum has at most a few dozen
+# terms, so its rounding stays near float32's unit roundoff (see "Sums" below).
+RUN = 2048
+RUN_ROWS = 32
+# Statistics: one pass of sums about a center (the mean of a planar piece's CENTER_VALUES first
+# values, or of CENTER_ROWS rows spread over the input); a second pass about the mean only where
+# (mean - center)^2 > RECENTER * var (see _piece_moments and _rows_statistics).
+CENTER_VALUES = 16
+CENTER_ROWS = 32
+RECENTER = 2.0
 _ROWS_PER_STEP = 4  # rows layout: rows handled together (coefficients loaded once for four)
 _MIN_ROWS_PER_BLOCK = 32  # fewer blocks, smaller (C,)-per-block partial sums
 
@@ -91,9 +105,11 @@ STATS, STATS_APPLY, APPLY, APPLY_RUNNING = 0, 1, 2, 3
 # float32) and are unpacked into a tuple at the top of each helper (registers, not loads).
 _SLOPE, _DROP_SCALE, _ZERO, _HALF, _ONE, _SQRT1_2, _GELU_BETA = range(7)
 
-_HELPER = {"cache": True}
-_INLINE = {"inline": "always", "cache": True}
-_SUM = {"cache": True, "fastmath": {"reassoc"}}
+# error_model="numpy": a float division by zero gives inf/NaN as in torch (rsqrt(0 + eps) with
+# eps = 0 in eval), and no zero check blocks the vectorization of a loop that divides.
+_HELPER = {"cache": True, "error_model": "numpy"}
+_INLINE = {"inline": "always", "cache": True, "error_model": "numpy"}
+_SUM = {"cache": True, "fastmath": {"reassoc"}, "error_model": "numpy"}
 # Only prange loops run in parallel: no implicit parfors (np.zeros, array expressions), which
 # would each cost a thread launch per call and compile time.
 _PARALLEL = ("comprehension", "reduction", "inplace_binop", "setitem", "numpy", "stencil", "fusion")
@@ -102,7 +118,29 @@ _PARALLEL = ("comprehension", "reduction", "inplace_binop", "setitem", "numpy", 
 def _kernel(function):
     """``njit`` for a kernel: parallel over its ``prange`` loops only, cached, no fastmath."""
     parallel = dict.fromkeys(_PARALLEL, False)  # a fresh dict: numba pops its keys
-    return njit(parallel=parallel, cache=True, fastmath=False)(function)
+    return njit(parallel=parallel, cache=True, fastmath=False, error_model="numpy")(function)
+
+
+@intrinsic
+def _pointer(typingctx, address, like):
+    """``address`` (an integer) as a pointer to elements of the array ``like``'s dtype."""
+    pointer = types.CPointer(like.dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+    return pointer(address, like), codegen
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _memory(address, size, like):
+    """The ``size`` elements of ``like``'s dtype at ``address`` as a flat array, no copy.
+
+    The big arrays reach the kernels as ``tensor.data_ptr()``: a tensor's numpy view costs
+    about a microsecond to make, several per training step, which matters on small inputs. The
+    caller guarantees dense memory of ``size`` elements there, alive for the call.
+    """
+    return carray(_pointer(address, like), size)
 
 
 def make_params(dtype: np.dtype, negative_slope: float, drop_scale: float) -> np.ndarray:
@@ -208,14 +246,28 @@ def _words(words, lo, hi, offset, k0, k1, drop):
 def _scale_shift(invstd, weight, bias):
     """``scale = invstd * weight`` and ``shift = bias`` per channel (empty weight/bias: 1/0),
     rounded as :func:`normdrop.functional._normalize` rounds them."""
-    # Plain loops: numba compiles slice assignment and array arithmetic slowly (seconds).
+    # Plain loops: numba compiles slice assignment and array arithmetic slowly (seconds); the
+    # branches sit outside them, so that they vectorize.
     scale = np.empty(invstd.size, invstd.dtype)
     shift = np.zeros(invstd.size, invstd.dtype)
-    for c in range(invstd.size):
-        scale[c] = invstd[c] * weight[c] if weight.size else invstd[c]
-        if bias.size:
+    if weight.size:
+        for c in range(invstd.size):
+            scale[c] = invstd[c] * weight[c]
+    else:
+        for c in range(invstd.size):
+            scale[c] = invstd[c]
+    if bias.size:
+        for c in range(invstd.size):
             shift[c] = bias[c]
     return scale, shift
+
+
+@njit(**_INLINE)
+def _output_coefficients(stats_phase, invstd, weight, bias):
+    """:func:`_scale_shift` for the output pass; empty arrays for the statistics pass."""
+    if stats_phase:
+        return np.empty(0, invstd.dtype), np.empty(0, invstd.dtype)
+    return _scale_shift(invstd, weight, bias)
 
 
 @njit(**_INLINE)
@@ -240,39 +292,68 @@ def _rows_per_block(channels):
 
 
 @njit(**_SUM)
-def _sum(values):
-    total = 0.0
+def _run_sum(values, shift):
+    """``sum(values - shift)`` in the values' dtype (vector lanes; at most ``RUN`` values)."""
+    total = values.dtype.type(0.0)
     for k in range(values.size):
-        total += values[k]
+        total += values[k] - shift
     return total
 
 
 @njit(**_SUM)
-def _sum_shifted(values, shift):
-    """``sum(values - shift)`` in float64."""
-    total = 0.0
+def _run_moments(values, center):
+    """``(sum(d), sum(d * d))`` with ``d = values - center``, in the values' dtype."""
+    total = values.dtype.type(0.0)
+    squares = values.dtype.type(0.0)
     for k in range(values.size):
-        total += np.float64(values[k]) - shift
-    return total
+        deviation = values[k] - center
+        total += deviation
+        squares += deviation * deviation
+    return total, squares
 
 
 @njit(**_SUM)
-def _sum_squared_deviations(values, shift, mean):
-    """``sum(((values - shift) - mean)^2)`` in float64."""
-    total = 0.0
-    for k in range(values.size):
-        deviation = (np.float64(values[k]) - shift) - mean
-        total += deviation * deviation
-    return total
-
-
-@njit(**_SUM)
-def _sum_products(gs, xs, mu):
-    """``sum(g * (x - mu))`` in float64."""
-    total = 0.0
+def _run_products(gs, xs, mu):
+    """``(sum(g), sum(g * (x - mu)))`` in the values' dtype."""
+    total = gs.dtype.type(0.0)
+    products = gs.dtype.type(0.0)
     for k in range(xs.size):
-        total += np.float64(gs[k]) * np.float64(xs[k] - mu)
+        total += gs[k]
+        products += gs[k] * (xs[k] - mu)
+    return total, products
+
+
+@njit(**_INLINE)
+def _sum64(values, shift):
+    """``sum(values - shift)`` as a float64 total of ``RUN``-value runs."""
+    total = 0.0
+    for lo in range(0, values.size, RUN):
+        total += _run_sum(values[lo : lo + RUN], shift)
     return total
+
+
+@njit(**_INLINE)
+def _moments64(values, center):
+    """``(sum(d), sum(d * d))``, ``d = values - center``: float64 totals of runs."""
+    total = 0.0
+    squares = 0.0
+    for lo in range(0, values.size, RUN):
+        run_total, run_squares = _run_moments(values[lo : lo + RUN], center)
+        total += run_total
+        squares += run_squares
+    return total, squares
+
+
+@njit(**_INLINE)
+def _products64(gs, xs, mu):
+    """``(sum(g), sum(g * (x - mu)))``: float64 totals of runs."""
+    total = 0.0
+    products = 0.0
+    for lo in range(0, xs.size, RUN):
+        run_total, run_products = _run_products(gs[lo : lo + RUN], xs[lo : lo + RUN], mu)
+        total += run_total
+        products += run_products
+    return total, products
 
 
 @njit(**_INLINE)
@@ -334,37 +415,21 @@ def _merge_plane_sums(first_piece, piece_g, piece_h, channels, plane, samples):
 
 
 @njit(**_INLINE)
-def _merge_rows_moments(means, m2s, per_block, rows):
-    """Chan's merge (as _chan_merge) of the blocks, in block order: every channel has the same
-    count here, so the loop over channels is element-wise and vectorizes."""
-    channels = means.shape[1]
-    mean_acc = np.zeros(channels)
-    m2_acc = np.zeros(channels)
-    count = 0
-    for b in range(means.shape[0]):
-        in_block = min(per_block, rows - b * per_block)
-        weight_b = in_block / (count + in_block)
-        block_mean, block_m2 = means[b], m2s[b]
+def _add_blocks(partial, channels):
+    """Per-channel float64 totals of the blocks' partial sums ``(blocks, C)``, in block
+    order."""
+    total = np.zeros(channels)
+    for b in range(partial.shape[0]):
+        row = partial[b]
         for c in range(channels):
-            delta = block_mean[c] - mean_acc[c]
-            mean_acc[c] = mean_acc[c] + delta * weight_b
-            m2_acc[c] = m2_acc[c] + block_m2[c] + delta * delta * count * weight_b
-        count += in_block
-    for c in range(channels):
-        m2_acc[c] /= count
-    return mean_acc, m2_acc
+            total[c] += row[c]
+    return total
 
 
 @njit(**_INLINE)
 def _merge_rows_sums(partial_g, partial_h, channels):
     """Add the blocks' partial sums in block order."""
-    sum_g = np.zeros(channels)
-    sum_h = np.zeros(channels)
-    for b in range(partial_g.shape[0]):
-        for c in range(channels):
-            sum_g[c] += partial_g[b, c]
-            sum_h[c] += partial_h[b, c]
-    return sum_g, sum_h
+    return _add_blocks(partial_g, channels), _add_blocks(partial_h, channels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,11 +464,14 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     if count < 2:
         return True
     correction, keep, take = _in_dtype(running_mean, count / (count - 1), 1.0 - momentum, momentum)
+    not_finite = 0  # a count, not an early return: the loop vectorizes
     for c in range(mean.size):
-        if not (np.isfinite(mean[c]) and np.isfinite(var[c] * correction)):
-            return False
+        not_finite += 0 if np.isfinite(mean[c]) and np.isfinite(var[c] * correction) else 1
+    if not_finite:
+        return False
     for c in range(mean.size):
         running_mean[c] = keep * running_mean[c] + take * mean[c]
+    for c in range(mean.size):
         running_var[c] = keep * running_var[c] + take * (var[c] * correction)
     return True
 
@@ -413,10 +481,14 @@ def _finish_stats(mean64, var64, shift, count, running_mean, running_var, moment
     """``stats`` = (mean, invstd, var) in the input's dtype (``mean64`` is of the shifted
     values); the running averages, if given."""
     one, eps_, _ = _in_dtype(stats, 1.0, eps, 0.0)
+    mean, invstd, var = stats[0], stats[1], stats[2]
+    # One output per loop: few arrays per loop, so that LLVM vectorizes each.
     for c in range(mean64.size):
-        stats[0, c] = mean64[c] + shift[c]
-        stats[2, c] = var64[c]
-        stats[1, c] = one / np.sqrt(stats[2, c] + eps_)  # torch.rsqrt(var + eps), rounded alike
+        mean[c] = mean64[c] + shift[c]
+    for c in range(mean64.size):
+        var[c] = var64[c]
+    for c in range(mean64.size):
+        invstd[c] = one / np.sqrt(var[c] + eps_)  # torch.rsqrt(var + eps), rounded alike
     if running_mean.size == 0:
         return True
     return update_running_stats(running_mean, running_var, stats[0], stats[2], count, momentum)
@@ -432,63 +504,173 @@ def _running_stats(running_mean, running_var, eps, stats):
         stats[1, c] = one / np.sqrt(running_var[c] + eps_)
 
 
+@njit(**_INLINE)
+def _leading_mean(xs):
+    """The float64 mean of the first ``CENTER_VALUES`` values of ``xs``, rounded to the dtype
+    (0 where it is not finite): a first estimate of the mean, used as a center. The first
+    values, not values spread over ``xs``: those would be loads out of memory order, which
+    cost more than the pass itself on large inputs."""
+    picks = min(CENTER_VALUES, xs.size)
+    total = 0.0
+    for k in range(picks):
+        total += xs[k]
+    mean = total / picks
+    return xs.dtype.type(mean if np.isfinite(mean) else 0.0)
+
+
+@njit(**_INLINE)
+def _centered_moments(total, squares, n):
+    """``(sum(d)^2 / n, m2 = sum(d^2) - sum(d)^2 / n)`` from the sums of ``d = x - center``."""
+    centered = total * total / n
+    return centered, squares - centered
+
+
+@njit(**_INLINE)
+def _piece_moments(xs, shift):
+    """``(mean - shift, m2)`` of the values ``xs`` (float64; ``m2`` is the sum of squared
+    deviations), from one pass of sums in the values' dtype about a center ``mu``::
+
+        d = x - mu,   m2 = sum(d^2) - sum(d)^2 / n
+
+    exact while ``mu`` is near the mean. ``mu`` is first the mean of the leading values; where
+    ``(mean - mu)^2 > RECENTER * var`` the cancellation would cost digits of the dtype's sums,
+    so a second pass (the piece is in L2 by then) sums about the mean, rounded to the dtype:
+    the corrected two-pass algorithm (Chan, Golub & LeVeque 1983). ``shift`` (a value of the
+    channel) is what the piece means are relative to, so that Chan's merge of the pieces keeps
+    their precision for data with a large offset.
+    """
+    n = xs.size
+    mu = _leading_mean(xs)
+    total, squares = _moments64(xs, mu)
+    centered, m2 = _centered_moments(total, squares, n)
+    if centered > RECENTER * m2:
+        mu = xs.dtype.type(np.float64(mu) + total / n)
+        total, squares = _moments64(xs, mu)
+        centered, m2 = _centered_moments(total, squares, n)
+    return (np.float64(mu) - np.float64(shift)) + total / n, max(m2, 0.0)
+
+
 @njit(**_HELPER)
 def _planar_moments(x, start, stop, plane, shift, channels, counts, means, m2s):
     """Count, mean and sum of squared deviations of each (block, plane) piece of the block
-    ``[start, stop)`` (two passes, float64, values shifted by their channel's ``shift``)."""
+    ``[start, stop)`` (see :func:`_piece_moments`; means relative to the channel's ``shift``).
+    The block is at most ``BLOCK`` values, so a second pass, when needed, reads it from L2."""
     first = start // plane
     for pl in range(first, (stop - 1) // plane + 1):
         lo = max(start, pl * plane)
         hi = min(stop, (pl + 1) * plane)
-        c_shift = shift[pl % channels]
-        mean = _sum_shifted(x[lo:hi], c_shift) / (hi - lo)
         counts[pl - first] = hi - lo
-        means[pl - first] = mean
-        m2s[pl - first] = _sum_squared_deviations(x[lo:hi], c_shift, mean)
+        means[pl - first], m2s[pl - first] = _piece_moments(
+            x[lo:hi], x.dtype.type(shift[pl % channels])
+        )
+
+
+@njit(**_INLINE)
+def _four_rows(xs, lo, channels):
+    """The four rows of ``channels`` values starting at ``lo``, as slices."""
+    return (
+        xs[lo : lo + channels],
+        xs[lo + channels : lo + 2 * channels],
+        xs[lo + 2 * channels : lo + 3 * channels],
+        xs[lo + 3 * channels : lo + 4 * channels],
+    )
+
+
+@njit(**_INLINE)
+def _accumulate_moments(xs, channels, center, rows_lo, rows_hi, sums, squares):
+    """``sums[c] += sum(d)``, ``squares[c] += sum(d * d)`` with ``d = x - center[c]``, as
+    :func:`_accumulate_shifted` sums."""
+    acc = np.empty(channels, xs.dtype)
+    acc2 = np.empty(channels, xs.dtype)
+    for run in range(rows_lo, rows_hi, RUN_ROWS):
+        end = min(run + RUN_ROWS, rows_hi)
+        for c in range(channels):
+            acc[c] = 0.0
+            acc2[c] = 0.0
+        r = run
+        while r + 4 <= end:
+            r0, r1, r2, r3 = _four_rows(xs, r * channels, channels)
+            for c in range(channels):
+                m = center[c]
+                d0, d1, d2, d3 = r0[c] - m, r1[c] - m, r2[c] - m, r3[c] - m
+                acc[c] += (d0 + d1) + (d2 + d3)
+                acc2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            r += 4
+        for tail in range(r, end):
+            row = xs[tail * channels : (tail + 1) * channels]
+            for c in range(channels):
+                d = row[c] - center[c]
+                acc[c] += d
+                acc2[c] += d * d
+        for c in range(channels):
+            sums[c] += acc[c]
+            squares[c] += acc2[c]
+
+
+@njit(**_INLINE)
+def _rows_center(x, channels, rows):
+    """Each channel's first mean estimate, in the dtype: the float64 mean of ``CENTER_ROWS``
+    rows spread evenly over the input (0 where that is not finite). Rows are sampled across the
+    whole input so that images in channels_last give a center near the mean, not near one
+    corner of the first image."""
+    picks = min(rows, CENTER_ROWS)
+    total = np.zeros(channels)
+    for k in range(picks):
+        r = k * rows // picks
+        row = x[r * channels : (r + 1) * channels]
+        for c in range(channels):
+            total[c] += row[c]
+    center = np.empty(channels, x.dtype)
+    for c in range(channels):
+        mean = total[c] / picks
+        center[c] = mean if np.isfinite(mean) else 0.0
+    return center
 
 
 @njit(**_HELPER)
-def _rows_moments(xs, channels, shift, mean, m2):
-    """Per-channel mean and sum of squared deviations of the rows ``xs`` (one block), into
-    ``mean`` and ``m2``: one pass of shifted sums in float64, four rows at a time.
-
-    With ``d = x - shift`` (``shift`` a value of the channel), ``m2 = sum(d^2) - sum(d)^2 / n``.
-    Because the shift is one of the channel's values, ``(mean - shift)^2 <= n * var``: the
-    cancellation costs at most ``log10(n + 1)`` of float64's 16 digits (``n``, the block's rows,
-    is at most ``BLOCK``), which leaves the result exact far below float32 rounding, for data
-    with any offset. A second pass over the block would cost more than it could gain.
-    """
-    rows = xs.size // channels
-    sums = np.zeros(channels)
-    squares = np.zeros(channels)
-    r = 0
-    while r + 4 <= rows:
-        r0, r1 = xs[r * channels : (r + 1) * channels], xs[(r + 1) * channels : (r + 2) * channels]
-        r2, r3 = (
-            xs[(r + 2) * channels : (r + 3) * channels],
-            xs[(r + 3) * channels : (r + 4) * channels],
-        )
-        for c in range(channels):
-            s = shift[c]
-            d0, d1 = np.float64(r0[c]) - s, np.float64(r1[c]) - s
-            d2, d3 = np.float64(r2[c]) - s, np.float64(r3[c]) - s
-            sums[c] += (d0 + d1) + (d2 + d3)
-            squares[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        r += 4
-    for tail in range(r, rows):
-        row = xs[tail * channels : (tail + 1) * channels]
-        for c in range(channels):
-            d = np.float64(row[c]) - shift[c]
-            sums[c] += d
-            squares[c] += d * d
+def _rows_moments(xs, channels, center, sums, squares):
+    """``sums[c] = sum(d)``, ``squares[c] = sum(d * d)`` with ``d = x - center[c]`` over the
+    rows ``xs`` (one block): sums in the dtype over runs of ``RUN_ROWS`` rows, float64 across
+    runs."""
     for c in range(channels):
-        mean[c] = sums[c] / rows
-        m2[c] = max(squares[c] - sums[c] * mean[c], 0.0)
+        sums[c] = 0.0
+        squares[c] = 0.0
+    _accumulate_moments(xs, channels, center, 0, xs.size // channels, sums, squares)
+
+
+@njit(**_INLINE)
+def _rows_statistics(sums, squares, center, channels, count):
+    """``(mean - center, var, recenter)`` per channel from the blocks' sums about ``center``:
+    ``m2 = sum(d^2) - sum(d)^2 / n``. This is exact while the center is near the mean; where
+    ``(mean - center)^2 > RECENTER * var`` for some channel the cancellation would cost digits of
+    the dtype's sums, and ``recenter`` asks for a second pass about the mean."""
+    total = _add_blocks(sums, channels)
+    total_sq = _add_blocks(squares, channels)
+    mean = np.empty(channels)
+    var = np.empty(channels)
+    per_value = 1.0 / count  # a product, not a division per channel (a vector divide is slow)
+    far = 0
+    for c in range(channels):
+        offset = total[c] * per_value
+        centered = total[c] * offset
+        m2 = total_sq[c] - centered
+        far += 1 if centered > RECENTER * m2 else 0
+        mean[c] = offset
+        var[c] = max(m2, 0.0) * per_value
+    return mean, var, far > 0
 
 
 # --------------------------------------------------------------------------------------------
 # Forward: statistics, then y = act((x - mean) * scale + shift) * f
 # --------------------------------------------------------------------------------------------
+
+
+@njit(**_INLINE)
+def _affine(xs, ys, mu, sc, sh):
+    """``ys = (xs - mu) * sc + sh``: what the other loops compute with the identity and no
+    dropout (their factor 1 and slope 1 change nothing), without reading words."""
+    for k in range(xs.size):
+        ys[k] = (xs[k] - mu) * sc + sh
 
 
 @njit(**_INLINE)
@@ -522,6 +704,13 @@ def _forward_row(xs, ys, ws, mean, scale, shift, cs, act, t):
 def _forward_planar_block(
     x, y, start, stop, channels, plane, mean, scale, shift, params, act, k0, k1, offset, t, drop
 ):
+    if act == IDENTITY and not drop:  # plain BatchNorm: no words, no activation
+        for pl in range(start // plane, (stop - 1) // plane + 1):
+            s = max(start, pl * plane)
+            e = min(stop, (pl + 1) * plane)
+            c = pl % channels
+            _affine(x[s:e], y[s:e], mean[c], scale[c], shift[c])
+        return
     cs = _unpack(params)
     words = _word_buffer(CHUNK + 2 * GROUP, drop)
     for lo in range(start, stop, CHUNK):
@@ -534,6 +723,26 @@ def _forward_planar_block(
             _forward_plane(
                 x[s:e], y[s:e], words[w + s : w + e], mean[c], scale[c], shift[c], cs, act, t
             )
+
+
+@njit(**_INLINE)
+def _affine_row(xs, ys, mean, scale, shift):
+    """One row of :func:`_affine`: ``ys = (xs - mean) * scale + shift`` per channel."""
+    for c in range(xs.size):
+        ys[c] = (xs[c] - mean[c]) * scale[c] + shift[c]
+
+
+@njit(**_INLINE)
+def _affine_rows4(x, y, lo, channels, mean, scale, shift):
+    """Four rows of :func:`_affine_row`, each coefficient loaded once for the four."""
+    x0, x1, x2, x3 = _four_rows(x, lo, channels)
+    y0, y1, y2, y3 = _four_rows(y, lo, channels)
+    for c in range(channels):
+        m, sc, sh = mean[c], scale[c], shift[c]
+        y0[c] = (x0[c] - m) * sc + sh
+        y1[c] = (x1[c] - m) * sc + sh
+        y2[c] = (x2[c] - m) * sc + sh
+        y3[c] = (x3[c] - m) * sc + sh
 
 
 @njit(**_INLINE)
@@ -570,8 +779,16 @@ def _forward_rows4(x, y, words, lo, wlo, channels, mean, scale, shift, cs, relu,
 def _forward_rows_block(
     x, y, start, stop, channels, mean, scale, shift, params, act, k0, k1, offset, t, drop
 ):
-    cs = _unpack(params)
     step = _ROWS_PER_STEP * channels
+    if act == IDENTITY and not drop:  # plain BatchNorm: no words, no activation
+        for lo in range(start, stop, step):
+            if stop - lo >= step:
+                _affine_rows4(x, y, lo, channels, mean, scale, shift)
+            else:
+                for r in range(lo, stop, channels):
+                    _affine_row(x[r : r + channels], y[r : r + channels], mean, scale, shift)
+        return
+    cs = _unpack(params)
     words = _word_buffer(_row_words(step, channels, drop), drop)
     for lo in range(start, stop, step):
         hi = min(lo + step, stop)
@@ -644,8 +861,9 @@ def _forward_planar_task(
 @_kernel
 def _forward_planar(
     phases,
-    x,
-    y,
+    x_at,
+    y_at,
+    numel,
     channels,
     plane,
     running_mean,
@@ -663,7 +881,7 @@ def _forward_planar(
     threshold,
     drop,
 ):
-    numel = x.size
+    x, y = _memory(x_at, numel, params), _memory(y_at, numel, params)
     n_blocks = (numel + BLOCK - 1) // BLOCK
     finite = True
     if phases == APPLY_RUNNING:
@@ -679,7 +897,7 @@ def _forward_planar(
         counts = np.empty(first_piece[n_blocks], np.int64)
         means = np.empty(first_piece[n_blocks])
         m2s = np.empty(first_piece[n_blocks])
-        scale, shift = _scale_shift(stats[1], weight, bias)  # unused in the statistics phase
+        scale, shift = _output_coefficients(stats_phase, stats[1], weight, bias)
         if numel >= SERIAL_BELOW:
             for b in prange(n_blocks):
                 p0, p1 = first_piece[b], first_piece[b + 1]
@@ -759,9 +977,9 @@ def _forward_rows_task(
     start,
     stop,
     channels,
-    shift64,
-    block_mean,
-    block_m2,
+    center,
+    block_sums,
+    block_squares,
     mean,
     scale,
     shift,
@@ -773,20 +991,28 @@ def _forward_rows_task(
     t,
     drop,
 ):
-    """One block of rows: its moments, or its output."""
+    """One block of rows: its moments about ``center``, or its output."""
     if stats_phase:
-        _rows_moments(x[start:stop], channels, shift64, block_mean, block_m2)
+        _rows_moments(x[start:stop], channels, center, block_sums, block_squares)
     else:
         _forward_rows_block(
             x, y, start, stop, channels, mean, scale, shift, params, act, k0, k1, offset, t, drop
         )
 
 
+@njit(**_INLINE)
+def _rows_passes(what):
+    """The passes of a rows forward call: 0 the moments, 1 the moments again about the mean
+    (only when :func:`_rows_statistics` asks for it), 2 the output."""
+    return range(0 if what <= STATS_APPLY else 2, 2 if what == STATS else 3)
+
+
 @_kernel
 def _forward_rows(
     phases,
-    x,
-    y,
+    x_at,
+    y_at,
+    numel,
     channels,
     plane,
     running_mean,
@@ -804,21 +1030,26 @@ def _forward_rows(
     threshold,
     drop,
 ):
-    rows = x.size // channels
+    x, y = _memory(x_at, numel, params), _memory(y_at, numel, params)
+    rows = numel // channels
     per_block = _rows_per_block(channels)
     n_blocks = (rows + per_block - 1) // per_block
     step = per_block * channels
     finite = True
+    recenter = False
     if phases == APPLY_RUNNING:
         _running_stats(running_mean, running_var, eps, stats)
-    shift64 = _channel_shifts(x[:channels])
+    with_stats = phases <= STATS_APPLY
+    center = _rows_center(x, channels, rows) if with_stats else np.empty(0, x.dtype)
+    width = channels if with_stats else 0
+    sums = np.empty((n_blocks, width))
+    squares = np.empty((n_blocks, width))
     k0, k1, t = _key(key0, key1, threshold)
-    for stats_pass in _passes(phases):
-        stats_phase = stats_pass == 0
-        width = channels if stats_phase else 0
-        means = np.empty((n_blocks, width))
-        m2s = np.empty((n_blocks, width))
-        scale, shift = _scale_shift(stats[1], weight, bias)  # unused in the statistics phase
+    for task in _rows_passes(phases):
+        if task == 1 and not recenter:
+            continue
+        stats_phase = task < 2
+        scale, shift = _output_coefficients(stats_phase, stats[1], weight, bias)
         if x.size >= SERIAL_BELOW:
             for b in prange(n_blocks):
                 _forward_rows_task(
@@ -828,9 +1059,9 @@ def _forward_rows(
                     b * step,
                     min((b + 1) * step, x.size),
                     channels,
-                    shift64,
-                    means[b],
-                    m2s[b],
+                    center,
+                    sums[b],
+                    squares[b],
                     stats[0],
                     scale,
                     shift,
@@ -851,9 +1082,9 @@ def _forward_rows(
                     b * step,
                     min((b + 1) * step, x.size),
                     channels,
-                    shift64,
-                    means[b],
-                    m2s[b],
+                    center,
+                    sums[b],
+                    squares[b],
                     stats[0],
                     scale,
                     shift,
@@ -866,9 +1097,16 @@ def _forward_rows(
                     drop,
                 )
         if stats_phase:
-            mean, var = _merge_rows_moments(means, m2s, per_block, rows)
+            mean, var, recenter = _rows_statistics(sums, squares, center, channels, rows)
+            center64 = np.empty(channels)
+            for c in range(channels):
+                center64[c] = center[c]
+            if task == 0 and recenter:
+                for c in range(channels):  # the mean, rounded to the dtype: a second pass
+                    center[c] = center64[c] + mean[c]
+                continue
             finite = _finish_stats(
-                mean, var, shift64, rows, running_mean, running_var, momentum, eps, stats
+                mean, var, center64, rows, running_mean, running_var, momentum, eps, stats
             )
     return finite
 
@@ -908,9 +1146,8 @@ def _grad_row(dys, xs, ws, gs, mean, scale, shift, cs, act, t):
 
 @njit(**_INLINE)
 def _accumulate_rows(gs, xs, mean, channels, acc_g, acc_h):
-    """``acc_g += sum_r g``, ``acc_h += sum_r g * (x - mean)`` over the rows of ``gs``/``xs``:
-    four rows are added in the input's dtype, then to the float64 totals (a quarter of the
-    float64 work; four roundings of the dtype per term at most)."""
+    """``acc_g += sum_r g``, ``acc_h += sum_r g * (x - mean)`` over the rows of ``gs``/``xs``,
+    in the input's dtype (the caller adds these run sums to float64 totals)."""
     rows = xs.size // channels
     if rows == _ROWS_PER_STEP:
         g0, g1 = gs[:channels], gs[channels : 2 * channels]
@@ -975,13 +1212,46 @@ def _apply_rows4(g, x, dx, glo, lo, channels, mean, scale, invstd, coef_g, coef_
 def _finish_sums(sum_g, sum_h, invstd, count, training, coefs, grad_weight, grad_bias):
     """``grad_weight = sum(g * xhat)``, ``grad_bias = sum(g)`` in the input's dtype; in
     training, ``coefs`` = (sum_g / m, sum_gxhat / m), the apply pass's coefficients."""
+    sum_gxhat = np.empty(invstd.size)
+    for c in range(invstd.size):  # one output per loop, branches outside: they vectorize
+        sum_gxhat[c] = sum_h[c] * np.float64(invstd[c])
     for c in range(invstd.size):
-        sum_gxhat = sum_h[c] * np.float64(invstd[c])
-        grad_weight[c] = sum_gxhat
+        grad_weight[c] = sum_gxhat[c]
+    for c in range(invstd.size):
         grad_bias[c] = sum_g[c]
-        if training:
-            coefs[0, c] = sum_g[c] / count
-            coefs[1, c] = sum_gxhat / count
+    if training:
+        coef_g, coef_xhat = coefs[0], coefs[1]
+        for c in range(invstd.size):
+            coef_g[c] = sum_g[c] / count
+        for c in range(invstd.size):
+            coef_xhat[c] = sum_gxhat[c] / count
+
+
+@njit(**_INLINE)
+def _backward_arrays(dy_at, x_at, dx_at, numel, params):
+    """``dy``, ``x`` and ``dx`` (empty when ``dx_at`` is 0: no input gradient wanted)."""
+    return (
+        _memory(dy_at, numel, params),
+        _memory(x_at, numel, params),
+        _memory(dx_at, numel if dx_at else 0, params),
+    )
+
+
+@njit(**_INLINE)
+def _output(address, channels, params):
+    """A ``(C,)`` gradient output; a scratch array where the address is 0 (not wanted)."""
+    return _memory(address, channels, params) if address else np.empty(channels, params.dtype)
+
+
+@njit(**_INLINE)
+def _outputs(grad_weight_at, grad_bias_at, channels, params):
+    return _output(grad_weight_at, channels, params), _output(grad_bias_at, channels, params)
+
+
+@njit(**_INLINE)
+def _backward_passes(sums, dx_at):
+    """0 the sums (when asked for), 1 ``dx`` (unless its address is 0)."""
+    return range(0 if sums else 1, 2 if dx_at else 1)
 
 
 @njit(**_HELPER)
@@ -1013,11 +1283,32 @@ def _backward_planar_block(
 ):
     """One block of the backward: its (block, plane) pieces' sums into ``piece_g``,
     ``piece_h`` (its own slices: piece 0 is the block's first plane), or with ``apply``, its
-    ``dx``. One helper for both passes: ``g`` is computed the same way in each."""
+    ``dx``. One helper for both passes: ``g`` is computed the same way in each; without
+    activation and dropout it is ``dy`` itself (``dy * 1``), read in place."""
+    first = start // plane
+    if act == IDENTITY and not drop:
+        for pl in range(first, (stop - 1) // plane + 1):
+            s = max(start, pl * plane)
+            e = min(stop, (pl + 1) * plane)
+            c = pl % channels
+            if apply:
+                _apply_plane(
+                    dy[s:e],
+                    x[s:e],
+                    dx[s:e],
+                    mean[c],
+                    scale[c],
+                    invstd[c],
+                    coef_g[c],
+                    coef_xhat[c],
+                    training,
+                )
+            else:
+                piece_g[pl - first], piece_h[pl - first] = _products64(dy[s:e], x[s:e], mean[c])
+        return
     cs = _unpack(params)
     words = _word_buffer(CHUNK + 2 * GROUP, drop)
     gs = np.empty(CHUNK, dy.dtype)
-    first = start // plane
     if not apply:
         for k in range(piece_g.size):
             piece_g[k] = 0.0
@@ -1046,8 +1337,9 @@ def _backward_planar_block(
                     training,
                 )
             else:
-                piece_g[pl - first] += _sum(g)
-                piece_h[pl - first] += _sum_products(g, x[s:e], mean[c])
+                total, products = _products64(g, x[s:e], mean[c])
+                piece_g[pl - first] += total
+                piece_h[pl - first] += products
 
 
 @njit(**_HELPER)
@@ -1076,14 +1368,17 @@ def _backward_rows_block(
     acc_g,
     acc_h,
 ):
-    """One block of rows, ``_ROWS_PER_STEP`` rows at a time: per-channel float64 sums into
-    ``acc_g``, ``acc_h``, or with ``apply``, its ``dx``. Without activation and dropout
-    ``g = dy`` is read in place."""
+    """One block of rows, ``_ROWS_PER_STEP`` rows at a time: per-channel sums into ``acc_g``,
+    ``acc_h`` (float64 totals of ``RUN_ROWS``-row sums in the dtype), or with ``apply``, its
+    ``dx``. Without activation and dropout ``g = dy`` is read in place."""
     cs = _unpack(params)
     plain = act == IDENTITY and not drop
     step = _ROWS_PER_STEP * channels
     words = _word_buffer(0 if plain else _row_words(step, channels, drop), drop)
     gs = np.empty(0 if plain else step, dy.dtype)
+    run_g = np.zeros(0 if apply else channels, dy.dtype)
+    run_h = np.zeros(0 if apply else channels, dy.dtype)
+    run_rows = 0
     if not apply:
         for c in range(channels):
             acc_g[c] = 0.0
@@ -1126,15 +1421,24 @@ def _backward_rows_block(
                     training,
                 )
         else:
-            _accumulate_rows(g, x[lo:hi], mean, channels, acc_g, acc_h)
+            _accumulate_rows(g, x[lo:hi], mean, channels, run_g, run_h)
+            run_rows += (hi - lo) // channels
+            if run_rows >= RUN_ROWS or hi == stop:
+                for c in range(channels):
+                    acc_g[c] += run_g[c]
+                    acc_h[c] += run_h[c]
+                    run_g[c] = 0.0
+                    run_h[c] = 0.0
+                run_rows = 0
 
 
 @_kernel
 def _backward_planar(
     sums,
-    dy,
-    x,
-    dx,
+    dy_at,
+    x_at,
+    dx_at,
+    numel,
     channels,
     plane,
     mean,
@@ -1149,17 +1453,18 @@ def _backward_planar(
     threshold,
     drop,
     training,
-    grad_weight,
-    grad_bias,
+    grad_weight_at,
+    grad_bias_at,
 ):
-    numel = x.size
+    dy, x, dx = _backward_arrays(dy_at, x_at, dx_at, numel, params)
+    grad_weight, grad_bias = _outputs(grad_weight_at, grad_bias_at, channels, params)
     n_blocks = (numel + BLOCK - 1) // BLOCK
     scale, shift = _scale_shift(invstd, weight, bias)
     k0, k1, t = _key(key0, key1, threshold)
-    coefs = np.zeros((2, channels), dx.dtype)
+    coefs = np.zeros((2, channels), params.dtype)
     coef_g, coef_xhat = coefs[0], coefs[1]
     # One parallel loop for both passes (JIT time grows with each parallel loop).
-    for apply_pass in range(0 if sums else 1, 2):
+    for apply_pass in _backward_passes(sums, dx_at):
         apply = apply_pass == 1
         first_piece = np.zeros(n_blocks + 1, np.int64) if apply else _plane_pieces(numel, plane)
         piece_g = np.empty(first_piece[n_blocks])
@@ -1235,9 +1540,10 @@ def _backward_planar(
 @_kernel
 def _backward_rows(
     sums,
-    dy,
-    x,
-    dx,
+    dy_at,
+    x_at,
+    dx_at,
+    numel,
     channels,
     plane,
     mean,
@@ -1252,16 +1558,18 @@ def _backward_rows(
     threshold,
     drop,
     training,
-    grad_weight,
-    grad_bias,
+    grad_weight_at,
+    grad_bias_at,
 ):
+    dy, x, dx = _backward_arrays(dy_at, x_at, dx_at, numel, params)
+    grad_weight, grad_bias = _outputs(grad_weight_at, grad_bias_at, channels, params)
     per_block = _rows_per_block(channels) * channels
-    n_blocks = (x.size + per_block - 1) // per_block
+    n_blocks = (numel + per_block - 1) // per_block
     scale, shift = _scale_shift(invstd, weight, bias)
     k0, k1, t = _key(key0, key1, threshold)
-    coefs = np.zeros((2, channels), dx.dtype)
+    coefs = np.zeros((2, channels), params.dtype)
     coef_g, coef_xhat = coefs[0], coefs[1]
-    for apply_pass in range(0 if sums else 1, 2):
+    for apply_pass in _backward_passes(sums, dx_at):
         apply = apply_pass == 1
         width = 0 if apply else channels
         partial_g = np.empty((n_blocks, width))
@@ -1371,11 +1679,13 @@ _BACKWARD = {PLANAR: _backward_planar, ROWS: _backward_rows}
 
 
 def forward_kernel(layout: str):
-    """``(what, x, y, channels, plane, running_mean, running_var, momentum, eps, stats, weight,
-    bias, params, act, key0, key1, offset, threshold, drop) -> bool``.
+    """``(what, x_at, y_at, numel, channels, plane, running_mean, running_var, momentum, eps,
+    stats, weight, bias, params, act, key0, key1, offset, threshold, drop) -> bool``.
 
+    ``x_at``/``y_at`` are the addresses of the input and output memory (``numel`` elements each,
+    dense in the layout's order: ``tensor.data_ptr()``; the same for a statistics-only call).
     ``stats`` (3, C) holds mean, invstd and the biased var in the input's dtype. ``what``:
-    ``STATS`` computes them from the batch (float64 sums) and updates the running buffers
+    ``STATS`` computes them from the batch (float64 totals) and updates the running buffers
     (unless empty) by :func:`update_running_stats`, returning False when some statistic is
     not finite (buffers then untouched); ``STATS_APPLY`` then writes the output too; ``APPLY``
     writes it from the statistics as given, ``APPLY_RUNNING`` from the running buffers:
@@ -1385,7 +1695,8 @@ def forward_kernel(layout: str):
 
 
 def backward_kernel(layout: str):
-    """``(sums, dy, x, dx, channels, plane, mean, invstd, weight, bias, params, act, key0, key1,
-    offset, threshold, drop, training, grad_weight, grad_bias)``: with ``sums`` (required in
-    training), the ``(C,)`` parameter gradients, then ``dx``."""
+    """``(sums, dy_at, x_at, dx_at, numel, channels, plane, mean, invstd, weight, bias, params,
+    act, key0, key1, offset, threshold, drop, training, grad_weight_at, grad_bias_at)``: with
+    ``sums`` (required in training), the ``(C,)`` parameter gradients, then ``dx``. Addresses as
+    in :func:`forward_kernel`; ``dx_at`` 0 skips ``dx``, a gradient address 0 discards it."""
     return _BACKWARD[layout]

@@ -26,9 +26,9 @@ from normdrop.backend import get_backend
 from normdrop.kernels.activations import ACTIVATION_NAMES, activate, check_activation
 
 try:
-    from normdrop.kernels import ops, philox
+    from normdrop.kernels import eager, ops, philox
 except ImportError:  # numba missing or broken: everything takes the reference path
-    ops = philox = None
+    eager = ops = philox = None
 
 __all__ = [
     "ACTIVATION_NAMES",
@@ -206,10 +206,32 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    cache: eager.ModuleCache | None = None,
 ) -> Tensor:
-    """:func:`normdrop.functional.batch_norm`, on the kernels when they apply."""
+    """:func:`normdrop.functional.batch_norm`, on the kernels when they apply.
+
+    ``cache`` (a module's :class:`normdrop.kernels.eager.ModuleCache`) lets repeated eager calls
+    with the same tensors skip the checks they already passed.
+    """
+    if cache is not None and eager is not None and not torch.compiler.is_compiling():
+        output = eager.batch_norm(
+            cache, input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
+        if output is not None:
+            return output
     if not _fast_batch_norm(input, running_mean, running_var, weight, bias):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if cache is not None and ops._eager(input, running_mean, running_var, weight, bias):
+        F._check_batch_norm_args(
+            input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
+        eager.remember(cache, input, running_mean, running_var, weight, bias, training, eps)
+        output = eager.batch_norm(
+            cache, input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
+        if output is not None:
+            return output
     return _fast_batch_norm_act(
         input,
         running_mean,

@@ -125,7 +125,7 @@ def _eager(*tensors: Tensor | None) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Memory layouts and numpy views
+# Memory layouts
 # --------------------------------------------------------------------------------------------
 
 
@@ -155,14 +155,6 @@ def _prepared(input: Tensor) -> tuple[Tensor, str]:
         input = input.contiguous()
         layout = layout_of(input)
     return input, layout
-
-
-def _flat(tensor: Tensor, layout: str) -> np.ndarray:
-    """The tensor's memory as a 1-D numpy array, no copy."""
-    tensor = tensor.detach()
-    if layout == ROWS and not tensor.is_contiguous():
-        tensor = tensor.permute(_channels_last_order(tensor.dim()))
-    return tensor.numpy().reshape(-1)  # numpy's reshape: cheaper than torch's view
 
 
 def _dense_order(tensor: Tensor) -> Tensor | None:
@@ -283,12 +275,13 @@ def _run_forward(
     ``cpu.APPLY`` (statistics given) and ``cpu.APPLY_RUNNING`` (from the running buffers).
     """
     dtype = input.dtype
-    x = _flat(input, plan.layout)
+    x_at = input.data_ptr()  # dense memory in the plan's layout: see cpu._memory
     _launching()
     finite = cpu.forward_kernel(plan.layout)(
         what,
-        x,
-        x if output is None else _flat(output, plan.layout),
+        x_at,
+        x_at if output is None else output.data_ptr(),
+        input.numel(),
         plan.channels,
         plan.plane,
         _vector(running_mean, dtype),
@@ -334,9 +327,10 @@ def _run_backward(
     _launching()
     cpu.backward_kernel(plan.layout)(
         training or need_sums,
-        _flat(grad_output, plan.layout),
-        _flat(input, plan.layout),
-        _flat(grad_input, plan.layout),
+        grad_output.data_ptr(),
+        input.data_ptr(),
+        grad_input.data_ptr(),
+        input.numel(),
         plan.channels,
         plan.plane,
         mean,
@@ -351,8 +345,8 @@ def _run_backward(
         plan.threshold,
         plan.drop,
         training,
-        grad_weight.numpy(),
-        grad_bias.numpy(),
+        grad_weight.data_ptr(),
+        grad_bias.data_ptr(),
     )
     return grad_input, grad_weight, grad_bias
 

@@ -123,6 +123,16 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             return 1.0 / (float(self.num_batches_tracked) + 1.0)
         return self.momentum
 
+    def _fast_path_cache(self) -> dispatch.eager.ModuleCache | None:
+        """What the kernels' eager path remembers between calls (made on first use, so modules
+        built or unpickled without ``__init__`` have one too)."""
+        if torch.compiler.is_compiling():  # traced calls take the custom ops
+            return None
+        cache = self.__dict__.get("_eager_cache")
+        if cache is None and dispatch.eager is not None:
+            cache = self.__dict__["_eager_cache"] = dispatch.eager.ModuleCache()
+        return cache
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         updates_running_stats = self.training and self.track_running_stats
@@ -139,6 +149,7 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             use_batch_stats,
             momentum,
             self.eps,
+            cache=self._fast_path_cache(),
         )
         if updates_running_stats:
             self.num_batches_tracked.add_(1)
