@@ -222,7 +222,11 @@ def batch_norm(
             return output
     if not _fast_batch_norm(input, running_mean, running_var, weight, bias):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if cache is not None and ops._eager(input, running_mean, running_var, weight, bias):
+    if (
+        cache is not None
+        and not torch.jit.is_tracing()  # sizes are tensors there: nothing to remember
+        and ops._eager(input, running_mean, running_var, weight, bias)
+    ):
         F._check_batch_norm_args(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )

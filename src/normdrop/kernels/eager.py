@@ -129,6 +129,7 @@ def _lookup(cache, input, running_mean, running_var, weight, bias, training, eps
         or not input.is_cpu
         or get_backend() != "fast"
         or not ops.usable()
+        or torch.jit.is_tracing()  # the tracer records the registered ops instead
         or torch._C._functorch.is_functorch_wrapped_tensor(input)
     ):
         return None
@@ -257,12 +258,13 @@ def batch_norm(
 ) -> Tensor | None:
     """The BatchNorm call (arguments as :func:`normdrop.functional.batch_norm`) on the cached
     fast path, or None when ``cache`` does not cover it (the caller then takes the general
-    path). Not for tracing: the caller checks ``torch.compiler.is_compiling()`` first."""
+    path). Not for torch.compile: the caller checks ``torch.compiler.is_compiling()`` first;
+    jit.trace takes the general path (see ``_lookup``)."""
     entry = _lookup(cache, input, running_mean, running_var, weight, bias, training, eps)
     if entry is None:
         return None
     momentum = float(momentum) if training and running_mean is not None else 0.0
-    if not torch.jit.is_tracing() and not (
+    if not (
         torch.is_grad_enabled()
         and (
             input.requires_grad

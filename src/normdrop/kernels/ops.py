@@ -281,7 +281,7 @@ def _run_forward(
         what,
         x_at,
         x_at if output is None else output.data_ptr(),
-        input.numel(),
+        int(input.numel()),  # may be a tensor under torch.jit.trace
         plan.channels,
         plan.plane,
         _vector(running_mean, dtype),
@@ -330,7 +330,7 @@ def _run_backward(
         grad_output.data_ptr(),
         input.data_ptr(),
         grad_input.data_ptr(),
-        input.numel(),
+        int(input.numel()),  # may be a tensor under torch.jit.trace
         plan.channels,
         plan.plane,
         mean,
