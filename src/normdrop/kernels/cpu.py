@@ -36,14 +36,15 @@ generated ``CHUNK`` elements at a time into a small scratch that stays in L1. In
 ``SERIAL_BELOW`` elements run their blocks in a plain loop: waking threads would cost more
 than it saves (and the results are the same either way).
 
-Statistics are exact for data with a large offset: values are shifted by one value of their
-channel and summed in float64; planar pieces take two passes (mean, then squared deviations),
-rows blocks one pass of shifted sums and squares (see ``_rows_moments``); across pieces or
-blocks, Chan's pairwise merge. The backward's sums are float64 totals too (in the rows layout
-of four-row partial sums in the input's dtype).
+Statistics are exact for data with a large offset: values are summed about a center near the
+mean (``m2 = sum(d^2) - sum(d)^2 / n``, ``d = x - center``), with a second pass about the mean
+where the center turned out far from it (``_piece_moments``, ``_rows_statistics``); the sums
+run in the input's dtype over short runs (``RUN`` values, ``RUN_ROWS`` rows) that add up in
+float64; across pieces or blocks, Chan's pairwise merge. The backward's sums are built the same
+way (runs in the dtype, float64 totals).
 
 Floating point: the kernels are compiled with ``fastmath=False``; only the in-cache summation
-helpers (``_sum*``) allow ``reassoc``, so that LLVM can vectorize a float64 sum. Their order is
+helpers (``_run_*``) allow ``reassoc``, so that LLVM can vectorize a sum. Their order is
 fixed at compile time, so results are reproducible and thread-count independent, and NaN/Inf
 propagate (no ``nnan``/``ninf``).
 """

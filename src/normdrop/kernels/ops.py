@@ -268,11 +268,12 @@ def _run_forward(
 ) -> None:
     """One forward kernel call; see :func:`normdrop.kernels.cpu.forward_kernel`.
 
-    ``cpu.STATS`` fills ``stats`` (3, C: mean, invstd, var) from the batch: float64 sums (two
-    passes per plane piece, or shifted sums per block of rows; Chan's merge across them),
-    rounded to the input's dtype as :func:`normdrop.functional.batch_norm` rounds them, and
-    updates the running buffers; ``cpu.STATS_APPLY`` also writes ``output``, as do
-    ``cpu.APPLY`` (statistics given) and ``cpu.APPLY_RUNNING`` (from the running buffers).
+    ``cpu.STATS`` fills ``stats`` (3, C: mean, invstd, var) from the batch: sums about a center
+    near the mean, in runs added up in float64 (see the module docstring of ``cpu``; Chan's
+    merge across pieces), rounded to the input's dtype as
+    :func:`normdrop.functional.batch_norm` rounds them, and updates the running buffers;
+    ``cpu.STATS_APPLY`` also writes ``output``, as do ``cpu.APPLY`` (statistics given) and
+    ``cpu.APPLY_RUNNING`` (from the running buffers).
     """
     dtype = input.dtype
     x_at = input.data_ptr()  # dense memory in the plan's layout: see cpu._memory
