@@ -502,3 +502,31 @@ def test_module_cache_follows_every_change_a_user_makes(kernel_calls):
     with torch.no_grad():
         step(dtype=torch.float64)
     assert len(kernel_calls) >= 11
+
+
+def test_module_cache_refilled_during_a_lookup(monkeypatch):
+    """The module cache is one snapshot, read once per call: another thread refilling it with
+    another shape in the middle of a call (simulated here, deterministically, from inside the
+    lookup) must not hand this call the other shape's kernel arguments."""
+    from normdrop.kernels import eager
+
+    module = normdrop.nn.BatchNorm1d(16, track_running_stats=False)
+    small, large = torch.randn(64, 16), torch.randn(512, 16, 3)
+    with torch.no_grad():
+        module(small)  # the cache now holds the small input's entry
+    original = eager.get_backend
+    interrupted = []
+
+    def refilled_by_another_thread() -> str:
+        if not interrupted:
+            interrupted.append(True)
+            with torch.no_grad():
+                module(large)  # refills the cache for the large input
+        return original()
+
+    monkeypatch.setattr(eager, "get_backend", refilled_by_another_thread)
+    with torch.no_grad():
+        out = module(small)
+    assert interrupted
+    expected = torch.nn.functional.batch_norm(small, None, None, training=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

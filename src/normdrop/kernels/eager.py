@@ -36,17 +36,17 @@ _NUMPY = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float6
 class ModuleCache:
     """What a BatchNorm module's fast calls share (see the module docstring).
 
-    Copies and pickles of a module start empty: the entry holds views of the original's
-    tensors, which a copy must not use (the identity checks would refuse them anyway).
+    One tuple ``(key, tensors, pointers, entry)``, replaced whole and read once per call, so
+    that two threads calling one module with different inputs never pair one call's key with
+    the other's entry. Copies and pickles of a module start empty: the entry holds views of
+    the original's tensors, which a copy must not use (the identity checks would refuse them
+    anyway).
     """
 
-    __slots__ = ("entry", "key", "pointers", "tensors")
+    __slots__ = ("state",)
 
     def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.tensors: tuple = ()
-        self.pointers: tuple = ()
-        self.entry: _Entry | None = None
+        self.state: tuple | None = None
 
     def __deepcopy__(self, memo: dict) -> ModuleCache:
         return ModuleCache()
@@ -55,7 +55,7 @@ class ModuleCache:
         return ModuleCache, ()
 
     def __repr__(self) -> str:
-        return f"ModuleCache(key={self.key})"
+        return f"ModuleCache(key={None if self.state is None else self.state[0]})"
 
 
 class _Entry:
@@ -115,16 +115,17 @@ def remember(
     entry.running_mean = ops._vector(running_mean, dtype)
     entry.running_var = ops._vector(running_var, dtype)
     entry.buffers = (running_mean, running_var)
-    cache.key = (input.shape, input.stride(), dtype, entry.training, eps)
-    cache.tensors = (weight, bias, running_mean, running_var)
-    cache.pointers = tuple(_pointer(t) for t in cache.tensors)
-    cache.entry = entry
+    key = (input.shape, input.stride(), dtype, entry.training, eps)
+    tensors = (weight, bias, running_mean, running_var)
+    cache.state = (key, tensors, tuple(_pointer(t) for t in tensors), entry)
 
 
 def _lookup(cache, input, running_mean, running_var, weight, bias, training, eps):
     """The cache's entry if this call matches it and may run the kernels eagerly, else None."""
+    state = cache.state
     if (
-        cache.key != (input.shape, input.stride(), input.dtype, training, eps)
+        state is None
+        or state[0] != (input.shape, input.stride(), input.dtype, training, eps)
         or type(input) not in _PLAIN
         or not input.is_cpu
         or get_backend() != "fast"
@@ -133,7 +134,7 @@ def _lookup(cache, input, running_mean, running_var, weight, bias, training, eps
         or torch._C._functorch.is_functorch_wrapped_tensor(input)
     ):
         return None
-    tensors, pointers = cache.tensors, cache.pointers
+    _, tensors, pointers, entry = state
     if (
         weight is not tensors[0]
         or bias is not tensors[1]
@@ -145,7 +146,7 @@ def _lookup(cache, input, running_mean, running_var, weight, bias, training, eps
     for tensor, pointer in zip(tensors, pointers, strict=True):
         if tensor is not None and tensor.data_ptr() != pointer:
             return None
-    return cache.entry
+    return entry
 
 
 def _forward(entry: _Entry, input: Tensor, momentum: float):
