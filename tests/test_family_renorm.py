@@ -2,8 +2,8 @@
 
 The oracle builds ``r`` and ``d`` from the running statistics *before* the update, detaches
 them (stop_gradient), normalizes, and lets autograd differentiate; the running statistics move
-as PyTorch's (unbiased variance). Several steps run so the statistics and the warm-up
-schedule matter.
+as the paper's (the mean, and sigma towards sigma_B; running_var holds sigma^2 - eps). Several
+steps run so the statistics and the warm-up schedule matter.
 """
 
 from __future__ import annotations
@@ -50,9 +50,11 @@ class _Oracle:
         y = xhat * gamma.view(view) + beta.view(view)
         m = x.numel() // x.shape[1]
         momentum = 1 / (self.step + 1) if self.momentum is None else self.momentum
-        with torch.no_grad():
-            self.mean = (1 - momentum) * self.mean + momentum * mu
-            self.var = (1 - momentum) * self.var + momentum * var * m / (m - 1)
+        assert m > 1
+        with torch.no_grad():  # Algorithm 1: mu += a (mu_B - mu), sigma += a (sigma_B - sigma)
+            self.mean = self.mean + momentum * (mu - self.mean)
+            new_sigma = sigma + momentum * (sigma_b - sigma)
+            self.var = new_sigma**2 - self.eps
         self.step += 1
         return y, r, d
 
@@ -127,8 +129,11 @@ def test_without_correction_it_is_batchnorm():
         bn(b).square().sum().backward()
         torch.testing.assert_close(a.grad, b.grad)
     torch.testing.assert_close(renorm.weight.grad, bn.weight.grad)
-    for key, value in bn.state_dict().items():
-        torch.testing.assert_close(renorm.state_dict()[key], value)
+    # Same keys; the mean moves as BatchNorm's, sigma as the paper's (oracle test above).
+    assert renorm.state_dict().keys() == bn.state_dict().keys()
+    torch.testing.assert_close(renorm.running_mean, bn.running_mean)
+    assert int(renorm.num_batches_tracked) == int(bn.num_batches_tracked) == 3
+    bn.load_state_dict(renorm.state_dict())  # evaluation is BatchNorm on these statistics
     renorm.eval(), bn.eval()
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(renorm(x), bn(x))

@@ -16,8 +16,19 @@ update. Since r and d are constants, ``y`` is BatchNorm with weight ``gamma * r`
 ``gamma * d + beta``, and the layer reuses :class:`normdrop.functional._BatchNormFunction`
 (gradient of the paper's Algorithm 1).
 
-The running statistics are PyTorch's (mean and unbiased variance, moved by ``momentum``), so
-``state_dict`` keys match BatchNorm's; the paper averages sigma instead of the variance.
+The running statistics are the paper's: ``running_mean`` moves towards ``mu_B`` and
+``sigma`` towards ``sigma_B`` (with the *biased* batch variance), both by ``momentum``::
+
+    running_mean <- running_mean + momentum * (mu_B - running_mean)
+    sigma        <- sigma + momentum * (sigma_B - sigma),   stored as  running_var = sigma^2 - eps
+
+so that ``state_dict`` keys match BatchNorm's and evaluation, BatchNorm with the running
+statistics, divides by exactly ``sigma``. This matters on small batches, the setting Batch
+Renorm is for: PyTorch's BatchNorm averages the unbiased variance, whose square root is about
+1.8x the mean of ``sigma_B`` over batches of 2 (``E[sigma_B] = sigma / sqrt(pi)`` for two
+normal samples); ``r`` would then sit near 0.56 instead of 1, and the lower clip ``1 / rmax``
+would cut 36% of the channels of each batch instead of 21%, so that training and inference
+transforms differ far more often than the paper intends.
 
 Warm-up (the paper's Section 4: rmax = 1, dmax = 0 for the first 5k steps, then relaxed to 3
 and 5 by 40k and 25k steps). At step ``t = num_batches_tracked``::
@@ -34,6 +45,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 from torch import Tensor
@@ -43,13 +55,12 @@ from normdrop.functional import (
     _BatchNormFunction,
     _check_batch_norm_args,
     _compute_dtype,
-    _update_running_stats,
     _values_per_channel,
     batch_statistics,
 )
 from normdrop.nn.batchnorm import _BatchNorm
 
-__all__ = ["BatchRenorm1d", "BatchRenorm2d", "renorm_correction"]
+__all__ = ["BatchRenorm1d", "BatchRenorm2d", "renorm_correction", "update_renorm_stats"]
 
 
 @torch.no_grad()
@@ -72,6 +83,41 @@ def renorm_correction(
     r = (sigma_batch / sigma).clamp(1.0 / rmax, rmax)
     d = ((mean - running_mean.to(mean.dtype)) / sigma).clamp(-dmax, dmax)
     return r, d
+
+
+@torch.no_grad()
+def update_renorm_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    count: int,
+    momentum: float,
+) -> None:
+    """The paper's moving averages (see the module docstring): the mean, and ``sigma =
+    sqrt(running_var + eps)`` towards ``sigma_B = sqrt(var + eps)``, ``var`` the biased batch
+    variance. As in :func:`normdrop.functional._update_running_stats`, an empty batch changes
+    nothing and a channel with non-finite batch statistics keeps its running ones (with a
+    warning on CPU)."""
+    if count < 2 or momentum == 0:  # nothing to learn; no sqrt-and-square rounding either
+        return
+    sigma_batch = torch.sqrt(var + eps)
+    sigma = torch.sqrt(running_var.to(mean.dtype) + eps)
+    new_mean = running_mean + momentum * (mean - running_mean.to(mean.dtype))
+    new_sigma = sigma + momentum * (sigma_batch - sigma)
+    new_var = (new_sigma * new_sigma - eps).clamp_min(0.0)
+    finite = torch.isfinite(mean) & torch.isfinite(sigma_batch)
+    running_mean.copy_(torch.where(finite, new_mean, running_mean))
+    running_var.copy_(torch.where(finite, new_var, running_var))
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    if running_mean.device.type == "cpu" and not tracing and not bool(finite.all()):
+        warnings.warn(
+            "BatchRenorm: non-finite batch statistics (NaN or Inf in the input); the running "
+            "statistics of the affected channels were left unchanged",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _check_renorm_config(
@@ -174,8 +220,14 @@ class _BatchRenorm(_BatchNorm):
                 mean, var, self.running_mean, self.running_var, self.eps, rmax, dmax
             )
             # After r and d: they compare the batch with the statistics it has not yet moved.
-            _update_running_stats(
-                self.running_mean, self.running_var, mean, var, _values_per_channel(input), momentum
+            update_renorm_stats(
+                self.running_mean,
+                self.running_var,
+                mean,
+                var,
+                self.eps,
+                _values_per_channel(input),
+                momentum,
             )
         self.num_batches_tracked.add_(1)
         compute = _compute_dtype(input)

@@ -127,7 +127,9 @@ def run(seeds: list[int], scale: float = 1.0, jobs: int = 1) -> Outcome:
             "learning rate scaled linearly with the batch size (0.05 at 32), so every batch "
             "size gets the same per-epoch progress; momentum 0.9",
             f"running statistics momentum {config.norm_momentum} for BN and BRN (the paper's "
-            "alpha = 0.01 recommendation for renorm; small batches need long averages)",
+            "alpha = 0.01 recommendation for renorm; small batches need long averages); BRN "
+            "averages sigma_B as the paper does (normdrop.nn.BatchRenorm1d), BN the unbiased "
+            "variance as torch does",
             "training-mode error: the test set in consecutive batches of the training batch "
             "size, normalized with their own statistics (BRN: with its final r/d clipping), "
             "running statistics untouched",
