@@ -27,8 +27,11 @@ In both modes the BatchNorm layers run in training mode (each batch is normalize
 own statistics, as during training, so later layers see training-time activations) and every
 other module runs in eval mode: unlike ``update_bn``, which calls ``model.train()``, dropout
 stays off, so its variance shift (Li et al. 2019) does not leak into the statistics. Batch
-Renorm layers run as plain BatchNorm. Momenta, modes and Batch Renorm's limits and step count
-are restored afterwards; if the pass fails, the old statistics are put back too.
+Renorm layers run as plain BatchNorm (r = 1, d = 0); in "cumulative" mode they keep their own
+kind of average, the paper's (the mean of ``sigma_B = sqrt(v_b + eps)``, stored as
+``sigma^2 - eps``: docs/family.md), in "precise" mode they get the pooled statistics like any
+BatchNorm. Momenta, modes and Batch Renorm's limits and step count are restored afterwards; if
+the pass fails, the old statistics are put back too.
 """
 
 from __future__ import annotations
