@@ -187,3 +187,15 @@ def test_bad_configuration_is_rejected_with_a_clear_message():
         ndnn.BatchRenorm1d(3)(torch.randn(1, 3))
     with pytest.raises(InputError, match=r"\(N, C, H, W\)"):
         ndnn.BatchRenorm2d(3)(torch.randn(4, 3))
+
+
+def test_a_non_finite_channel_keeps_its_running_statistics():
+    layer = ndnn.BatchRenorm1d(3, momentum=0.5)
+    x = torch.randn(8, 3)
+    x[2, 1] = float("nan")
+    before = layer.running_mean.clone(), layer.running_var.clone()
+    with pytest.warns(RuntimeWarning, match="BatchRenorm: non-finite batch statistics"):
+        layer(x)
+    assert layer.running_mean[1] == before[0][1] and layer.running_var[1] == before[1][1]
+    assert not torch.equal(layer.running_mean[[0, 2]], before[0][[0, 2]])
+    assert not torch.equal(layer.running_var[[0, 2]], before[1][[0, 2]])

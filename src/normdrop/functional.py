@@ -204,6 +204,19 @@ def _update_running_stats(
     finite = torch.isfinite(mean) & torch.isfinite(unbiased_var)
     new_mean = (1 - momentum) * running_mean + momentum * mean
     new_var = (1 - momentum) * running_var + momentum * unbiased_var
+    _store_finite(running_mean, running_var, new_mean, new_var, finite, "batch_norm")
+
+
+def _store_finite(
+    running_mean: Tensor,
+    running_var: Tensor,
+    new_mean: Tensor,
+    new_var: Tensor,
+    finite: Tensor,
+    who: str,
+) -> None:
+    """Write the new running statistics of the channels where ``finite``; warn (on CPU) when
+    some channel kept its old ones."""
     running_mean.copy_(torch.where(finite, new_mean, running_mean))
     running_var.copy_(torch.where(finite, new_var, running_var))
     # On an accelerator the check would cost a host sync per layer per step, and a traced or
@@ -211,10 +224,10 @@ def _update_running_stats(
     tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
     if running_mean.device.type == "cpu" and not tracing and not bool(finite.all()):
         warnings.warn(
-            "batch_norm: non-finite batch statistics (NaN or Inf in the input); the running "
+            f"{who}: non-finite batch statistics (NaN or Inf in the input); the running "
             "statistics of the affected channels were left unchanged",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 

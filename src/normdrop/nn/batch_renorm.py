@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 
 import torch
 from torch import Tensor
@@ -55,6 +54,7 @@ from normdrop.functional import (
     _BatchNormFunction,
     _check_batch_norm_args,
     _compute_dtype,
+    _store_finite,
     _values_per_channel,
     batch_statistics,
 )
@@ -108,16 +108,7 @@ def update_renorm_stats(
     new_sigma = sigma + momentum * (sigma_batch - sigma)
     new_var = (new_sigma * new_sigma - eps).clamp_min(0.0)
     finite = torch.isfinite(mean) & torch.isfinite(sigma_batch)
-    running_mean.copy_(torch.where(finite, new_mean, running_mean))
-    running_var.copy_(torch.where(finite, new_var, running_var))
-    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
-    if running_mean.device.type == "cpu" and not tracing and not bool(finite.all()):
-        warnings.warn(
-            "BatchRenorm: non-finite batch statistics (NaN or Inf in the input); the running "
-            "statistics of the affected channels were left unchanged",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    _store_finite(running_mean, running_var, new_mean, new_var, finite, "BatchRenorm")
 
 
 def _check_renorm_config(
