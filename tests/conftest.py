@@ -33,3 +33,15 @@ def _seed_global_generators():
     random.seed(0)
     np.random.seed(0)  # noqa: NPY002 -- code under test may use numpy's global generator
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_numba_thread():
+    """The kernels on one numba thread (as torch above), restored afterwards. The kernel tests
+    use it for the whole module: ``pytestmark = pytest.mark.usefixtures("one_numba_thread")``."""
+    import numba
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(previous)

@@ -28,13 +28,7 @@ from _helpers import assert_close_scaled, tolerance
 MODULES = {1: normdrop.nn.BatchNorm1d, 2: normdrop.nn.BatchNorm2d, 3: normdrop.nn.BatchNorm3d}
 
 
-@pytest.fixture(autouse=True)
-def _one_numba_thread():
-    # pytest -n auto already runs one worker per core.
-    previous = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_numba_thread")
 
 
 @pytest.fixture

@@ -8,19 +8,12 @@ from __future__ import annotations
 
 import copy
 
-import numba
 import pytest
 import torch
 
 import normdrop
 
-
-@pytest.fixture(autouse=True)
-def _one_numba_thread():
-    previous = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_numba_thread")
 
 
 def make_model() -> torch.nn.Module:

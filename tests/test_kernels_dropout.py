@@ -19,13 +19,7 @@ import normdrop
 from normdrop import functional as F
 from normdrop.kernels import dispatch, ops, philox
 
-
-@pytest.fixture(autouse=True)
-def _one_numba_thread():
-    previous = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_numba_thread")
 
 
 def memory_order(x: torch.Tensor) -> torch.Tensor:

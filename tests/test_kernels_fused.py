@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 
-import numba
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -39,12 +38,7 @@ ACTIVATIONS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_numba_thread():
-    previous = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_numba_thread")
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
