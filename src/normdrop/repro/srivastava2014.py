@@ -187,13 +187,11 @@ def run(seeds: list[int], scale: float = 1.0, jobs: int = 1) -> Outcome:
             "keep probabilities are the paper's p; normdrop.nn.Dropout gets 1 - p (drop)",
             f"overfitting part: the learning rate falls linearly from {config.lr} to 0 over the "
             f"{config.overfit_epochs} epochs, for both nets (the paper decays its learning rate; "
-            "at a constant 0.05 the dropout net ends on a noisy iterate: 0.67 points gain on "
-            "seeds 11-13 instead of ~1.3)"
+            "at a constant 0.05 the dropout net ends on a noisy iterate; docs/REPRODUCTIONS.md)"
             if config.overfit_lr_decay
             else "overfitting part: constant learning rate",
-            "overfitting part: no max-norm on either net (the paper's c = 3 or 4 would never "
-            "bind here: no hidden unit's incoming weight norm passes ~1 at lr 0.05); error is "
-            "measured in eval mode, i.e. with weight scaling",
+            "overfitting part: no max-norm on either net (the paper's c = 3 or 4 does not bind "
+            "at lr 0.05); error is measured in eval mode, i.e. with weight scaling",
             "sweep: the keep probability applies to both hidden layers; no input dropout; "
             "max-norm 3 on every hidden unit's incoming weights after each step, for every keep",
             "Monte Carlo: the prediction of k nets is the mean of their softmax outputs; each "

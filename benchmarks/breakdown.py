@@ -1,0 +1,151 @@
+"""Where a BatchNorm training step's time goes, and where the kernels' JIT time goes.
+
+    python benchmarks/breakdown.py [--threads 2] [--repeats 201]
+
+Prints, for BatchNorm1d training steps (forward and ``autograd.grad``):
+
+- the forward and backward kernels alone, called directly with preallocated outputs;
+- the whole step with ``normdrop.nn.BatchNorm1d`` and with ``torch.nn.BatchNorm1d`` (ATen);
+- minor page faults per step (``resource.getrusage``), for both;
+
+then, in a fresh process with an empty ``NUMBA_CACHE_DIR``, the cold compile time of the first
+``BatchNorm2d`` training step, split by function from numba's compile events (each function's
+time includes the helpers it compiles). docs/kernels.md and BENCHMARKS.md quote these figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+SHAPES = [(256, 1024), (64, 4096), (2, 8)]
+
+
+def _median_us(fn, repeats: int) -> float:
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def _faults_per_call(fn, repeats: int) -> float:
+    for _ in range(5):
+        fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(repeats):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / repeats
+
+
+def _shape_row(shape: tuple[int, ...], repeats: int) -> list[float]:
+    """Kernel forward, kernel backward, normdrop step, ATen step (us); faults per step."""
+    import numpy as np
+    import torch
+
+    import normdrop
+    from normdrop.kernels import cpu
+
+    channels = shape[1]
+    x = torch.randn(shape, requires_grad=True)
+    grad = torch.randn(shape)
+    ours, aten = normdrop.nn.BatchNorm1d(channels), torch.nn.BatchNorm1d(channels)
+
+    def step(module):
+        return lambda: torch.autograd.grad(module(x), (x, module.weight, module.bias), grad)
+
+    step(ours)()  # fills the module's cache: the kernels and their fixed arguments
+    entry = ours._fast_path_cache().state[3]
+    out, grad_in = torch.empty_like(x), torch.empty_like(x)
+    grad_w, grad_b = torch.empty(channels), torch.empty(channels)
+    stats = np.empty((3, channels), np.float32)
+
+    def forward():
+        entry.forward(
+            entry.what, x.data_ptr(), out.data_ptr(), entry.numel, channels, entry.plane,
+            entry.running_mean, entry.running_var, 0.1, entry.eps, stats, entry.weight,
+            entry.bias, entry.params, cpu.IDENTITY, 0, 0, 0, 0, False,
+        )  # fmt: skip
+
+    def backward():
+        entry.backward(
+            True, grad.data_ptr(), x.data_ptr(), grad_in.data_ptr(), entry.numel, channels,
+            entry.plane, stats[0], stats[1], entry.weight, entry.bias, entry.params,
+            cpu.IDENTITY, 0, 0, 0, 0, False, True, grad_w.data_ptr(), grad_b.data_ptr(),
+        )  # fmt: skip
+
+    times = [_median_us(f, repeats) for f in (forward, backward, step(ours), step(aten))]
+    return times + [_faults_per_call(step(m), repeats) for m in (ours, aten)]
+
+
+def step_breakdown(threads: int, repeats: int) -> None:
+    import numba
+    import torch
+
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    print(f"BatchNorm1d training step, {threads} thread(s), median of {repeats} (us)")
+    print("shape        fwd kernel  bwd kernel  normdrop step  ATen step  faults normdrop/ATen")
+    for shape in SHAPES:
+        fwd, bwd, ours, aten, faults_ours, faults_aten = _shape_row(shape, repeats)
+        print(
+            f"{'x'.join(map(str, shape)):12s} {fwd:10.1f}  {bwd:10.1f}  {ours:13.1f}  "
+            f"{aten:9.1f}  {faults_ours:.1f} / {faults_aten:.1f}"
+        )
+
+
+_COMPILE_PROBE = """
+import collections, time, torch, normdrop
+from numba.core import event
+inclusive = collections.defaultdict(float)
+starts = []
+class Listener(event.Listener):
+    def on_start(self, e):
+        starts.append(time.perf_counter())
+    def on_end(self, e):
+        f = e.data["dispatcher"].py_func
+        name = f.__module__.split(".")[0] + ":" + f.__qualname__
+        inclusive[name] += time.perf_counter() - starts.pop()
+event.register("numba:compile", Listener())
+layer = normdrop.nn.BatchNorm2d(8)
+x = torch.randn(4, 8, 5, 5, requires_grad=True)
+start = time.perf_counter()
+layer(x).sum().backward()
+print(f"first BatchNorm2d training step: {time.perf_counter() - start:.2f} s")
+numpy_side = sum(v for k, v in inclusive.items() if not k.startswith("normdrop"))
+for name, seconds in sorted(inclusive.items(), key=lambda kv: -kv[1])[:8]:
+    print(f"  {seconds:5.2f} s  {name}")
+print(f"  {numpy_side:5.2f} s  numba's own overloads (np.empty, np.zeros, min, max...), all")
+"""
+
+
+def compile_breakdown() -> None:
+    print("\nCold compile, by function (inclusive of the helpers each compiles)")
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        done = subprocess.run(
+            [sys.executable, "-c", _COMPILE_PROBE], env=env, capture_output=True, text=True
+        )
+    print(done.stdout.rstrip() or done.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=201)
+    args = parser.parse_args()
+    step_breakdown(args.threads, args.repeats)
+    compile_breakdown()
+
+
+if __name__ == "__main__":
+    main()
