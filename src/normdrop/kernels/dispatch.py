@@ -230,12 +230,8 @@ def batch_norm(
         F._check_batch_norm_args(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )
-        eager.remember(cache, input, running_mean, running_var, weight, bias, training, eps)
-        output = eager.batch_norm(
-            cache, input, running_mean, running_var, weight, bias, training, momentum, eps
-        )
-        if output is not None:
-            return output
+        entry = eager.remember(cache, input, running_mean, running_var, weight, bias, training, eps)
+        return eager.run(entry, input, running_mean, weight, bias, training, momentum)
     return _fast_batch_norm_act(
         input,
         running_mean,

@@ -27,7 +27,7 @@ from normdrop import functional as F
 from normdrop.backend import get_backend
 from normdrop.kernels import cpu, ops
 
-__all__ = ["ModuleCache", "batch_norm", "remember"]
+__all__ = ["ModuleCache", "batch_norm", "remember", "run"]
 
 _PLAIN = ops._PLAIN
 _NUMPY = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
@@ -94,8 +94,9 @@ def remember(
     bias: Tensor | None,
     training: bool,
     eps: float,
-) -> None:
-    """Fill ``cache`` for calls like this one, which passed every check of the fast path."""
+) -> _Entry:
+    """Fill ``cache`` for calls like this one, which passed every check of the fast path; returns
+    the entry (for :func:`run`)."""
     layout = ops.layout_of(input)
     dtype = input.dtype
     entry = _Entry()
@@ -118,6 +119,7 @@ def remember(
     key = (input.shape, input.stride(), dtype, entry.training, eps)
     tensors = (weight, bias, running_mean, running_var)
     cache.state = (key, tensors, tuple(_pointer(t) for t in tensors), entry)
+    return entry
 
 
 def _lookup(cache, input, running_mean, running_var, weight, bias, training, eps):
@@ -264,6 +266,20 @@ def batch_norm(
     entry = _lookup(cache, input, running_mean, running_var, weight, bias, training, eps)
     if entry is None:
         return None
+    return run(entry, input, running_mean, weight, bias, training, momentum)
+
+
+def run(
+    entry: _Entry,
+    input: Tensor,
+    running_mean: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+) -> Tensor:
+    """The call on the kernels with ``entry``'s arguments: one kernel call without autograd,
+    else through :class:`_BatchNormFunction`."""
     momentum = float(momentum) if training and running_mean is not None else 0.0
     if not (
         torch.is_grad_enabled()

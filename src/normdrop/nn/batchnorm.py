@@ -125,9 +125,7 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
     def _fast_path_cache(self) -> dispatch.eager.ModuleCache | None:
         """What the kernels' eager path remembers between calls (made on first use, so modules
-        built or unpickled without ``__init__`` have one too)."""
-        if torch.compiler.is_compiling():  # traced calls take the custom ops
-            return None
+        built or unpickled without ``__init__`` have one too); unused under torch.compile."""
         cache = self.__dict__.get("_eager_cache")
         if cache is None and dispatch.eager is not None:
             cache = self.__dict__["_eager_cache"] = dispatch.eager.ModuleCache()
