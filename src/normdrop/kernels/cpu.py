@@ -56,6 +56,7 @@ import math
 import numpy as np
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
+from numba.np import numpy_support
 
 from normdrop.kernels.philox import GROUP, fill_stream, fold31
 
@@ -71,6 +72,7 @@ __all__ = [
     "STATS",
     "STATS_APPLY",
     "backward_kernel",
+    "backward_signature",
     "dropout_flat",
     "forward_kernel",
     "make_params",
@@ -1701,3 +1703,13 @@ def backward_kernel(layout: str):
     ``sums`` (required in training), the ``(C,)`` parameter gradients, then ``dx``. Addresses as
     in :func:`forward_kernel`; ``dx_at`` 0 skips ``dx``, a gradient address 0 discards it."""
     return _BACKWARD[layout]
+
+
+def backward_signature(dtype: np.dtype) -> tuple:
+    """The numba argument types of every :func:`backward_kernel` call on ``dtype`` data (flags
+    are bools, addresses, sizes, codes and keys Python ints, the (C,) vectors and ``params``
+    dense 1-D arrays of ``dtype``), so that the kernel can be compiled before its first call
+    (:mod:`normdrop.kernels.compile_ahead`)."""
+    vector = types.Array(numpy_support.from_dtype(np.dtype(dtype)), 1, "C")
+    flag, integer = types.boolean, types.int64
+    return (flag, *[integer] * 6, *[vector] * 5, *[integer] * 5, flag, flag, integer, integer)

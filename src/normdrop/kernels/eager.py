@@ -25,7 +25,7 @@ from torch import Tensor
 
 from normdrop import functional as F
 from normdrop.backend import get_backend
-from normdrop.kernels import cpu, ops
+from normdrop.kernels import compile_ahead, cpu, ops
 
 __all__ = ["ModuleCache", "batch_norm", "remember", "run"]
 
@@ -70,6 +70,7 @@ class _Entry:
         "dtype",
         "eps",
         "forward",
+        "layout",
         "numel",
         "params",
         "plane",
@@ -104,7 +105,10 @@ def remember(
     entry.plane = math.prod(input.shape[2:])
     entry.numel = input.numel()
     entry.count = entry.numel // entry.channels
+    entry.layout = layout
     entry.dtype = _NUMPY[dtype]
+    if training:
+        compile_ahead.start(layout, entry.dtype)
     entry.forward = cpu.forward_kernel(layout)
     entry.backward = cpu.backward_kernel(layout)
     entry.training = bool(training)
@@ -192,6 +196,7 @@ def _backward(entry: _Entry, grad_output: Tensor, input: Tensor, stats: np.ndarr
     grad_input = torch.empty_like(input) if needs[0] else None
     grad_weight = torch.empty(channels, dtype=dtype) if needs[1] else None
     grad_bias = torch.empty(channels, dtype=dtype) if needs[2] else None
+    compile_ahead.wait(entry.layout, entry.dtype)
     ops._launching()
     entry.backward(
         entry.training or needs[1] or needs[2],

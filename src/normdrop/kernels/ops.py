@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from normdrop import functional as F
-from normdrop.kernels import cpu, philox
+from normdrop.kernels import compile_ahead, cpu, philox
 from normdrop.kernels.activations import activate
 
 __all__ = [
@@ -277,6 +277,8 @@ def _run_forward(
     """
     dtype = input.dtype
     x_at = input.data_ptr()  # dense memory in the plan's layout: see cpu._memory
+    if what <= cpu.STATS_APPLY:  # training: the backward kernel will be wanted too
+        compile_ahead.start(plan.layout, plan.params.dtype)
     _launching()
     finite = cpu.forward_kernel(plan.layout)(
         what,
@@ -325,6 +327,7 @@ def _run_backward(
     grad_input = torch.empty_like(input)
     grad_weight = torch.zeros(plan.channels, dtype=dtype)
     grad_bias = torch.zeros(plan.channels, dtype=dtype)
+    compile_ahead.wait(plan.layout, plan.params.dtype)
     _launching()
     cpu.backward_kernel(plan.layout)(
         training or need_sums,

@@ -1,0 +1,119 @@
+"""Compile a BatchNorm backward kernel in a helper process while this one compiles the forward.
+
+A cold first training step JIT-compiles two large kernels one after the other: the forward
+(about 6 s on a 2-core EPYC) and the backward (about 5 s). They do not depend on each other,
+but numba compiles under one lock per process (and llvmlite serializes its LLVM calls), so a
+thread cannot overlap them; another process can. At the first training-mode forward of a
+(layout, dtype) whose backward kernel is neither compiled here nor in numba's cache,
+:func:`start` launches ``python -m normdrop.kernels.compile_ahead LAYOUT DTYPE``, which
+compiles that backward into the cache and exits. The first backward call here
+(:func:`wait`) waits for it, then numba loads the kernel from the cache. Whatever goes wrong
+in the helper (it fails, times out, cannot write the cache), this process compiles the kernel
+itself, as it would without the helper; the kernel is the same either way.
+
+Off with ``NORMDROP_COMPILE_AHEAD=0``; never with one CPU, nor without a writable numba cache
+(``NUMBA_CACHE_DIR``, see docs/kernels.md). A helper still running when this process exits is
+stopped.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from normdrop.kernels import cpu
+
+__all__ = ["enabled", "start", "wait"]
+
+# A helper that has not finished by then is stuck: compile here instead.
+TIMEOUT_S = 300.0
+
+# (layout, numpy dtype) -> the helper compiling that backward kernel; empty when none runs.
+pending: dict[tuple[str, np.dtype], subprocess.Popen] = {}
+# Pairs already looked at in this process (a helper started or not needed).
+_considered: set[tuple[str, np.dtype]] = set()
+
+
+def enabled() -> bool:
+    """True unless ``NORMDROP_COMPILE_AHEAD=0`` or this process may use only one CPU."""
+    if os.environ.get("NORMDROP_COMPILE_AHEAD", "1").strip() == "0":
+        return False
+    return len(os.sched_getaffinity(0)) > 1
+
+
+def _needs_compiling(dispatcher, signature: tuple) -> bool:
+    """True when ``signature`` is neither compiled in this process nor in a writable cache."""
+    if signature in dispatcher.overloads:
+        return False
+    cache = getattr(dispatcher, "_cache", None)
+    path = getattr(cache, "_cache_path", None)
+    if path is None or not os.access(path, os.W_OK):
+        return False  # no cache to share: the helper's work could not reach this process
+    return cache.load_overload(signature, dispatcher.targetctx) is None
+
+
+def start(layout: str, dtype: np.dtype) -> None:
+    """Start compiling the backward kernel of ``layout`` on ``dtype`` (a numpy dtype) in a helper
+    process if this process would otherwise compile it cold later. Cheap after the first call
+    per pair."""
+    key = (layout, dtype)
+    if key in _considered:
+        return
+    _considered.add(key)
+    try:
+        signature = cpu.backward_signature(dtype)
+        if not enabled() or not _needs_compiling(cpu.backward_kernel(layout), signature):
+            return
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(cpu.__file__)))
+        path = os.environ.get("PYTHONPATH")
+        env = {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
+        pending[key] = subprocess.Popen(
+            [sys.executable, "-m", __name__, layout, np.dtype(dtype).name],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    except Exception:  # an optimization only: any failure means "compile here"
+        pending.pop(key, None)
+
+
+def wait(layout: str, dtype: np.dtype) -> None:
+    """Before a backward call of (layout, dtype): let its helper, if one runs, finish. Cheap
+    when no helper runs (every call checks)."""
+    if not pending:
+        return
+    helper = pending.pop((layout, dtype), None)
+    if helper is None:
+        return
+    try:
+        helper.wait(TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        helper.kill()
+        helper.wait()
+
+
+def _stop_helpers() -> None:
+    for helper in pending.values():
+        helper.kill()
+    pending.clear()
+
+
+atexit.register(_stop_helpers)
+# A forked child does not own its parent's helpers (and cannot wait for them).
+os.register_at_fork(after_in_child=pending.clear)
+
+
+def main(argv: list[str]) -> int:
+    """``python -m normdrop.kernels.compile_ahead LAYOUT DTYPE``: compile into numba's cache."""
+    layout, dtype = argv
+    cpu.backward_kernel(layout).compile(cpu.backward_signature(np.dtype(dtype)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

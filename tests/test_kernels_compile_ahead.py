@@ -1,0 +1,158 @@
+"""The backward kernel compiled ahead in a helper process (normdrop.kernels.compile_ahead)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+
+import normdrop
+from normdrop.kernels import compile_ahead, cpu
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """compile_ahead's bookkeeping, emptied for one test and restored after it."""
+    monkeypatch.setattr(compile_ahead, "pending", {})
+    monkeypatch.setattr(compile_ahead, "_considered", set())
+    monkeypatch.setenv("NORMDROP_COMPILE_AHEAD", "1")
+    return compile_ahead
+
+
+def _train_steps() -> None:
+    """A training step on every path that calls a backward kernel: modules on the rows and
+    planar layouts in float32 and float64, channels_last, the fused op with dropout, and an
+    eval-mode BatchNorm that passes gradients to its input."""
+    torch.manual_seed(0)
+    last = torch.channels_last
+    for dtype in (torch.float32, torch.float64):
+        cases = [
+            (normdrop.nn.BatchNorm1d(3), torch.randn(8, 3)),
+            (normdrop.nn.BatchNorm2d(3), torch.randn(4, 3, 5, 5)),
+            (normdrop.nn.BatchNorm2d(3), torch.randn(4, 3, 5, 5).to(memory_format=last)),
+            (normdrop.nn.BatchNormAct2d(3, "gelu", 0.3), torch.randn(4, 3, 5, 5)),
+            (normdrop.nn.BatchNorm1d(3, affine=False).eval(), torch.randn(8, 3, 7)),
+        ]
+        for module, x in cases:
+            x = x.to(dtype).requires_grad_()
+            module.to(dtype)(x).square().sum().backward()
+            assert x.grad is not None
+
+
+def test_backward_signature_is_the_one_every_call_site_uses():
+    _train_steps()
+    expected = {cpu.backward_signature(np.dtype(d)) for d in ("float32", "float64")}
+    for layout in (cpu.PLANAR, cpu.ROWS):
+        compiled = set(cpu.backward_kernel(layout).signatures)
+        assert compiled, layout
+        assert compiled <= expected, (layout, compiled - expected)
+
+
+_COLD_STEP = textwrap.dedent(
+    """
+    import numpy as np, torch, normdrop
+    from normdrop.kernels import compile_ahead, cpu
+    torch.manual_seed(0)
+    ours, theirs = normdrop.nn.BatchNorm1d(5).double(), torch.nn.BatchNorm1d(5).double()
+    x = torch.randn(16, 5, dtype=torch.float64, requires_grad=True)
+    helper = None
+    ours(x).square().sum().backward()
+    expected_grad = x.grad.clone()
+    x.grad = None
+    theirs(x).square().sum().backward()
+    assert torch.allclose(expected_grad, x.grad, rtol=1e-10, atol=1e-12)
+    stats = cpu.backward_kernel(cpu.ROWS).stats
+    signature = cpu.backward_signature(np.dtype("float64"))
+    print(stats.cache_hits[signature], stats.cache_misses[signature], len(compile_ahead.pending))
+    """
+)
+
+
+def test_a_cold_training_step_loads_the_backward_the_helper_compiled(tmp_path):
+    """End to end, in a fresh process with an empty numba cache: the forward compiles here, the
+    backward in the helper, and the first backward loads it from the cache (a cache hit, no
+    compile here), with the gradient torch computes."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NORMDROP_COMPILE_AHEAD": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _COLD_STEP], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    hits, misses, still_pending = map(int, done.stdout.split())
+    assert (hits, still_pending) == (1, 0), done.stdout
+    # numba counts a miss before it compiles; the helper's kernel made the load succeed.
+    assert misses == 0, done.stdout
+
+
+def test_no_helper_when_switched_off_or_on_one_cpu(fresh_state, monkeypatch):
+    assert fresh_state.enabled()
+    monkeypatch.setenv("NORMDROP_COMPILE_AHEAD", "0")
+    assert not fresh_state.enabled()
+    monkeypatch.setenv("NORMDROP_COMPILE_AHEAD", "1")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert not fresh_state.enabled()
+
+
+class _RecordedPopen:
+    calls: ClassVar[list] = []
+
+    def __init__(self, command, env, **kwargs):
+        type(self).calls.append((command, env))
+
+
+def test_one_helper_per_layout_and_dtype(fresh_state, monkeypatch):
+    monkeypatch.setattr(_RecordedPopen, "calls", [])
+    monkeypatch.setattr(subprocess, "Popen", _RecordedPopen)
+    monkeypatch.setattr(fresh_state, "_needs_compiling", lambda dispatcher, signature: True)
+    for _ in range(3):
+        fresh_state.start(cpu.ROWS, np.dtype("float32"))
+    fresh_state.start(cpu.PLANAR, np.dtype("float64"))
+    commands = [command for command, _ in _RecordedPopen.calls]
+    assert commands == [
+        [sys.executable, "-m", "normdrop.kernels.compile_ahead", "rows", "float32"],
+        [sys.executable, "-m", "normdrop.kernels.compile_ahead", "planar", "float64"],
+    ]
+    package_root = os.path.dirname(os.path.dirname(normdrop.__file__))
+    env = _RecordedPopen.calls[0][1]
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == package_root
+    assert set(fresh_state.pending) == {
+        (cpu.ROWS, np.dtype("float32")),
+        (cpu.PLANAR, np.dtype("float64")),
+    }
+
+
+def test_no_helper_for_a_kernel_already_compiled_here(fresh_state, monkeypatch):
+    _train_steps()  # compiles (or loads) both layouts' backward kernels in this process
+    monkeypatch.setattr(subprocess, "Popen", _RecordedPopen)
+    monkeypatch.setattr(_RecordedPopen, "calls", [])
+    for layout in (cpu.PLANAR, cpu.ROWS):
+        for dtype in ("float32", "float64"):
+            signature = cpu.backward_signature(np.dtype(dtype))
+            assert not fresh_state._needs_compiling(cpu.backward_kernel(layout), signature)
+            fresh_state.start(layout, np.dtype(dtype))
+    assert _RecordedPopen.calls == [] and fresh_state.pending == {}
+
+
+def test_a_failed_helper_leaves_the_compile_to_this_process(fresh_state):
+    key = (cpu.ROWS, np.dtype("float32"))
+    fresh_state.pending[key] = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    fresh_state.wait(*key)
+    assert fresh_state.pending == {}
+    fresh_state.wait(*key)  # nothing pending: returns at once
+
+
+def test_a_stuck_helper_is_stopped(fresh_state, monkeypatch):
+    monkeypatch.setattr(fresh_state, "TIMEOUT_S", 0.2)
+    key = (cpu.PLANAR, np.dtype("float32"))
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    fresh_state.pending[key] = helper
+    start = time.perf_counter()
+    fresh_state.wait(*key)
+    assert time.perf_counter() - start < 10
+    assert helper.returncode is not None and fresh_state.pending == {}
