@@ -8,9 +8,17 @@ Prints, for BatchNorm1d training steps (forward and ``autograd.grad``):
 - the whole step with ``normdrop.nn.BatchNorm1d`` and with ``torch.nn.BatchNorm1d`` (ATen);
 - minor page faults per step (``resource.getrusage``), for both;
 
-then, in a fresh process with an empty ``NUMBA_CACHE_DIR``, the cold compile time of the first
-``BatchNorm2d`` training step, split by function from numba's compile events (each function's
-time includes the helpers it compiles). docs/kernels.md and BENCHMARKS.md quote these figures.
+then the floor of the 1-D shapes: each pass of the kernels alone (forward statistics, forward
+output, backward sums, backward ``dx``) next to torch's own single-pass ops on the same tensor
+(``torch.sum(x, 0)``, ``torch.add(x, g, out=y)``), and what a 1.5x speed-up over ATen's step
+would leave for the kernels once the step's fixed cost (ATen's whole step on a 2x8 input) is
+paid;
+
+then, in fresh processes with an empty ``NUMBA_CACHE_DIR``, the cold first ``BatchNorm2d``
+training step with and without the backward compiled ahead in a helper process
+(``NORMDROP_COMPILE_AHEAD``), and, without it, the compile time split by function from numba's
+compile events (each function's time includes the helpers it compiles). docs/kernels.md and
+BENCHMARKS.md quote these figures.
 """
 
 from __future__ import annotations
@@ -87,6 +95,77 @@ def _shape_row(shape: tuple[int, ...], repeats: int) -> list[float]:
     return times + [_faults_per_call(step(m), repeats) for m in (ours, aten)]
 
 
+def _pass_row(shape: tuple[int, ...], repeats: int) -> list[float]:
+    """Kernel passes alone (us): statistics, output, backward sums, backward sums + dx; torch's
+    ``sum(x, 0)`` and ``add(x, g, out=y)`` on the same tensor."""
+    import numpy as np
+    import torch
+
+    import normdrop
+    from normdrop.kernels import cpu
+
+    channels = shape[1]
+    x = torch.randn(shape, requires_grad=True)
+    grad = torch.randn(shape)
+    ours = normdrop.nn.BatchNorm1d(channels)
+    torch.autograd.grad(ours(x), (x, ours.weight, ours.bias), grad)
+    entry = ours._fast_path_cache().state[3]
+    out, grad_in = torch.empty_like(x), torch.empty_like(x)
+    grad_w, grad_b = torch.empty(channels), torch.empty(channels)
+    stats = np.empty((3, channels), np.float32)
+
+    def forward(what):
+        return lambda: entry.forward(
+            what, x.data_ptr(), out.data_ptr(), entry.numel, channels, entry.plane,
+            entry.running_mean, entry.running_var, 0.1, entry.eps, stats, entry.weight,
+            entry.bias, entry.params, cpu.IDENTITY, 0, 0, 0, 0, False,
+        )  # fmt: skip
+
+    def backward(dx_at):
+        return lambda: entry.backward(
+            True, grad.data_ptr(), x.data_ptr(), dx_at, entry.numel, channels, entry.plane,
+            stats[0], stats[1], entry.weight, entry.bias, entry.params, cpu.IDENTITY, 0, 0, 0,
+            0, False, True, grad_w.data_ptr(), grad_b.data_ptr(),
+        )  # fmt: skip
+
+    forward(cpu.STATS_APPLY)()  # statistics for the output-only pass
+    detached = x.detach()
+    passes = [
+        forward(cpu.STATS),
+        forward(cpu.APPLY),
+        backward(0),
+        backward(grad_in.data_ptr()),
+        lambda: torch.sum(detached, 0),
+        lambda: torch.add(detached, grad, out=out),
+    ]
+    return [_median_us(f, repeats) for f in passes]
+
+
+def floor_breakdown(threads: int, repeats: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    fixed = _shape_row((2, 8), repeats)[3]
+    print(f"\nBatchNorm1d kernel passes alone, {threads} thread(s), median of {repeats} (us)")
+    print(
+        "shape        stats  output  bwd sums  bwd sums+dx | torch sum(x,0)  add(x,g)"
+        " | ATen step  1.5x needs  minus fixed  = for kernels"
+    )
+    for shape in SHAPES[:2]:
+        stats, output, sums, full, torch_sum, torch_add = _pass_row(shape, repeats)
+        aten = _shape_row(shape, repeats)[3]
+        target = aten / 1.5
+        print(
+            f"{'x'.join(map(str, shape)):12s} {stats:5.1f}  {output:6.1f}  {sums:8.1f}  "
+            f"{full:11.1f} | {torch_sum:14.1f}  {torch_add:8.1f} | {aten:9.1f}  {target:10.1f}"
+            f"  {fixed:11.1f}  {target - fixed:14.1f}"
+        )
+    print(
+        "(fixed: ATen's whole step on 2x8, module call and autograd engine included; ours"
+        " kernels back to back: stats+output forward, sums+dx backward)"
+    )
+
+
 def step_breakdown(threads: int, repeats: int) -> None:
     import numba
     import torch
@@ -129,13 +208,16 @@ print(f"  {numpy_side:5.2f} s  numba's own overloads (np.empty, np.zeros, min, m
 
 
 def compile_breakdown() -> None:
-    print("\nCold compile, by function (inclusive of the helpers each compiles)")
-    with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
-        done = subprocess.run(
-            [sys.executable, "-c", _COMPILE_PROBE], env=env, capture_output=True, text=True
-        )
-    print(done.stdout.rstrip() or done.stderr)
+    for ahead in ("1", "0"):
+        what = "helper process" if ahead == "1" else "none; by function (inclusive)"
+        print(f"\nCold compile, backward compiled ahead (NORMDROP_COMPILE_AHEAD={ahead}): {what}")
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "NUMBA_CACHE_DIR": cache, "NORMDROP_COMPILE_AHEAD": ahead}
+            done = subprocess.run(
+                [sys.executable, "-c", _COMPILE_PROBE], env=env, capture_output=True, text=True
+            )
+        lines = (done.stdout.rstrip() or done.stderr).splitlines()
+        print("\n".join(lines if ahead == "0" else lines[:1]))
 
 
 def main() -> None:
@@ -144,6 +226,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=201)
     args = parser.parse_args()
     step_breakdown(args.threads, args.repeats)
+    floor_breakdown(args.threads, args.repeats)
     compile_breakdown()
 
 

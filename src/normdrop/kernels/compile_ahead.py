@@ -4,9 +4,9 @@ A cold first training step JIT-compiles two large kernels one after the other: t
 (about 6 s on a 2-core EPYC) and the backward (about 5 s). They do not depend on each other,
 but numba compiles under one lock per process (and llvmlite serializes its LLVM calls), so a
 thread cannot overlap them; another process can. At the first training-mode forward of a
-(layout, dtype) whose backward kernel is neither compiled here nor in numba's cache,
-:func:`start` launches ``python -m normdrop.kernels.compile_ahead LAYOUT DTYPE``, which
-compiles that backward into the cache and exits. The first backward call here
+(layout, dtype) whose two kernels are neither compiled here nor in numba's cache, :func:`start`
+launches ``python -m normdrop.kernels.compile_ahead LAYOUT DTYPE``, which compiles that
+backward into the cache and exits. The first backward call here
 (:func:`wait`) waits for it, then numba loads the kernel from the cache. Whatever goes wrong
 in the helper (it fails, times out, cannot write the cache), this process compiles the kernel
 itself, as it would without the helper; the kernel is the same either way.
@@ -45,15 +45,25 @@ def enabled() -> bool:
     return len(os.sched_getaffinity(0)) > 1
 
 
-def _needs_compiling(dispatcher, signature: tuple) -> bool:
-    """True when ``signature`` is neither compiled in this process nor in a writable cache."""
+def _compiled_or_cached(dispatcher, signature: tuple) -> bool:
+    """True when ``signature`` is compiled in this process or can be loaded from numba's cache
+    (a look costs about 10 ms, once per kernel and process)."""
     if signature in dispatcher.overloads:
-        return False
-    cache = getattr(dispatcher, "_cache", None)
-    path = getattr(cache, "_cache_path", None)
+        return True
+    return dispatcher._cache.load_overload(signature, dispatcher.targetctx) is not None
+
+
+def _worth_a_helper(layout: str, dtype: np.dtype) -> bool:
+    """True when this process is about to compile the forward kernel of (layout, dtype) cold
+    and would then compile the backward too, and a cache can carry a helper's work here."""
+    backward, forward = cpu.backward_kernel(layout), cpu.forward_kernel(layout)
+    path = getattr(getattr(backward, "_cache", None), "_cache_path", None)
     if path is None or not os.access(path, os.W_OK):
-        return False  # no cache to share: the helper's work could not reach this process
-    return cache.load_overload(signature, dispatcher.targetctx) is None
+        return False
+    if _compiled_or_cached(backward, cpu.backward_signature(dtype)):
+        return False
+    # A cached forward loads at once: the helper would only make the backward wait for it.
+    return not _compiled_or_cached(forward, cpu.forward_signature(dtype))
 
 
 def start(layout: str, dtype: np.dtype) -> None:
@@ -65,8 +75,7 @@ def start(layout: str, dtype: np.dtype) -> None:
         return
     _considered.add(key)
     try:
-        signature = cpu.backward_signature(dtype)
-        if not enabled() or not _needs_compiling(cpu.backward_kernel(layout), signature):
+        if not enabled() or not _worth_a_helper(layout, dtype):
             return
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(cpu.__file__)))
         path = os.environ.get("PYTHONPATH")

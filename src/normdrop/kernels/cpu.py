@@ -75,6 +75,7 @@ __all__ = [
     "backward_signature",
     "dropout_flat",
     "forward_kernel",
+    "forward_signature",
     "make_params",
     "update_running_stats",
 ]
@@ -1703,6 +1704,25 @@ def backward_kernel(layout: str):
     ``sums`` (required in training), the ``(C,)`` parameter gradients, then ``dx``. Addresses as
     in :func:`forward_kernel`; ``dx_at`` 0 skips ``dx``, a gradient address 0 discards it."""
     return _BACKWARD[layout]
+
+
+def forward_signature(dtype: np.dtype) -> tuple:
+    """The numba argument types of every :func:`forward_kernel` call on ``dtype`` data: codes,
+    addresses, sizes and keys are Python ints, ``momentum`` and ``eps`` floats, ``drop`` a bool,
+    ``stats`` a dense (3, C) array and the other arrays dense 1-D, all of ``dtype``."""
+    vector = types.Array(numpy_support.from_dtype(np.dtype(dtype)), 1, "C")
+    integer, real = types.int64, types.float64
+    return (
+        *[integer] * 6,
+        vector,
+        vector,
+        real,
+        real,
+        types.Array(vector.dtype, 2, "C"),
+        *[vector] * 3,
+        *[integer] * 5,
+        types.boolean,
+    )
 
 
 def backward_signature(dtype: np.dtype) -> tuple:
