@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from typing import ClassVar
 
@@ -135,6 +136,26 @@ def test_one_helper_per_layout_and_dtype(fresh_state, monkeypatch):
         (cpu.ROWS, np.dtype("float32")),
         (cpu.PLANAR, np.dtype("float64")),
     }
+
+
+def test_two_threads_first_calls_start_one_helper(fresh_state, monkeypatch):
+    monkeypatch.setattr(_RecordedPopen, "calls", [])
+    monkeypatch.setattr(subprocess, "Popen", _RecordedPopen)
+
+    def slow_check(layout, dtype):
+        time.sleep(0.05)  # both threads are inside start() by the time this returns
+        return True
+
+    monkeypatch.setattr(fresh_state, "_worth_a_helper", slow_check)
+    threads = [
+        threading.Thread(target=fresh_state.start, args=(cpu.ROWS, np.dtype("float32")))
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(_RecordedPopen.calls) == 1
 
 
 def test_no_helper_for_kernels_already_compiled_here(fresh_state, monkeypatch):

@@ -22,6 +22,7 @@ import atexit
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 
@@ -36,13 +37,15 @@ TIMEOUT_S = 300.0
 pending: dict[tuple[str, np.dtype], subprocess.Popen] = {}
 # Pairs already looked at in this process (a helper started or not needed).
 _considered: set[tuple[str, np.dtype]] = set()
+_starting = threading.Lock()  # two threads' first calls start one helper, not two
 
 
 def enabled() -> bool:
     """True unless ``NORMDROP_COMPILE_AHEAD=0`` or this process may use only one CPU."""
     if os.environ.get("NORMDROP_COMPILE_AHEAD", "1").strip() == "0":
         return False
-    return len(os.sched_getaffinity(0)) > 1
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere, the machine's CPUs
+    return (len(affinity(0)) if affinity else os.cpu_count() or 1) > 1
 
 
 def _compiled_or_cached(dispatcher, signature: tuple) -> bool:
@@ -73,7 +76,15 @@ def start(layout: str, dtype: np.dtype) -> None:
     key = (layout, dtype)
     if key in _considered:
         return
-    _considered.add(key)
+    with _starting:
+        if key in _considered:
+            return
+        _considered.add(key)
+        _start_helper(key)
+
+
+def _start_helper(key: tuple[str, np.dtype]) -> None:
+    layout, dtype = key
     try:
         if not enabled() or not _worth_a_helper(layout, dtype):
             return
@@ -96,18 +107,20 @@ def wait(layout: str, dtype: np.dtype) -> None:
     when no helper runs (every call checks)."""
     if not pending:
         return
-    helper = pending.pop((layout, dtype), None)
+    key = (layout, dtype)
+    helper = pending.get(key)
     if helper is None:
         return
-    try:
+    try:  # another thread may wait for the same helper: Popen.wait serves both
         helper.wait(TIMEOUT_S)
     except subprocess.TimeoutExpired:
         helper.kill()
         helper.wait()
+    pending.pop(key, None)
 
 
 def _stop_helpers() -> None:
-    for helper in pending.values():
+    for helper in list(pending.values()):
         helper.kill()
     pending.clear()
 
