@@ -2,17 +2,17 @@
 
     python benchmarks/breakdown.py [--threads 2] [--repeats 201]
 
-Prints, for BatchNorm1d training steps (forward and ``autograd.grad``):
+Prints the floor of the BatchNorm1d shapes: each pass of the kernels alone (forward
+statistics, forward output, backward sums, backward ``dx``) next to torch's own single-pass ops
+on the same tensor (``torch.sum(x, 0)``, ``torch.add(x, g, out=y)``), and what a 1.5x speed-up
+over ATen's step would leave for the kernels once the step's fixed cost (ATen's whole step on a
+2x8 input) is paid;
+
+then, for BatchNorm1d training steps (forward and ``autograd.grad``):
 
 - the forward and backward kernels alone, called directly with preallocated outputs;
 - the whole step with ``normdrop.nn.BatchNorm1d`` and with ``torch.nn.BatchNorm1d`` (ATen);
 - minor page faults per step (``resource.getrusage``), for both;
-
-then the floor of the 1-D shapes: each pass of the kernels alone (forward statistics, forward
-output, backward sums, backward ``dx``) next to torch's own single-pass ops on the same tensor
-(``torch.sum(x, 0)``, ``torch.add(x, g, out=y)``), and what a 1.5x speed-up over ATen's step
-would leave for the kernels once the step's fixed cost (ATen's whole step on a 2x8 input) is
-paid;
 
 then, in fresh processes with an empty ``NUMBA_CACHE_DIR``, the cold first ``BatchNorm2d``
 training step with and without the backward compiled ahead in a helper process
@@ -142,17 +142,24 @@ def _pass_row(shape: tuple[int, ...], repeats: int) -> list[float]:
 
 
 def floor_breakdown(threads: int, repeats: int) -> None:
+    import numba
     import torch
 
     torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    shapes = SHAPES[:2]
+    # The passes first, in a fresh process: steps on 1 MB tensors leave the C allocator in
+    # states (page faults, 4 KiB-aliased buffers) that slow whatever runs after them.
+    passes = [_pass_row(shape, repeats) for shape in shapes]
     fixed = _shape_row((2, 8), repeats)[3]
-    print(f"\nBatchNorm1d kernel passes alone, {threads} thread(s), median of {repeats} (us)")
+    print(f"BatchNorm1d kernel passes alone, {threads} thread(s), median of {repeats} (us)")
     print(
         "shape        stats  output  bwd sums  bwd sums+dx | torch sum(x,0)  add(x,g)"
         " | ATen step  1.5x needs  minus fixed  = for kernels"
     )
-    for shape in SHAPES[:2]:
-        stats, output, sums, full, torch_sum, torch_add = _pass_row(shape, repeats)
+    for shape, (stats, output, sums, full, torch_sum, torch_add) in zip(
+        shapes, passes, strict=True
+    ):
         aten = _shape_row(shape, repeats)[3]
         target = aten / 1.5
         print(
@@ -162,7 +169,7 @@ def floor_breakdown(threads: int, repeats: int) -> None:
         )
     print(
         "(fixed: ATen's whole step on 2x8, module call and autograd engine included; ours"
-        " kernels back to back: stats+output forward, sums+dx backward)"
+        " kernels back to back: stats+output forward, sums+dx backward)\n"
     )
 
 
@@ -172,7 +179,7 @@ def step_breakdown(threads: int, repeats: int) -> None:
 
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    print(f"BatchNorm1d training step, {threads} thread(s), median of {repeats} (us)")
+    print(f"BatchNorm1d training steps, {threads} thread(s), median of {repeats} (us)")
     print("shape        fwd kernel  bwd kernel  normdrop step  ATen step  faults normdrop/ATen")
     for shape in SHAPES:
         fwd, bwd, ours, aten, faults_ours, faults_aten = _shape_row(shape, repeats)
@@ -225,8 +232,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=201)
     args = parser.parse_args()
-    step_breakdown(args.threads, args.repeats)
     floor_breakdown(args.threads, args.repeats)
+    step_breakdown(args.threads, args.repeats)
     compile_breakdown()
 
 
