@@ -6,6 +6,9 @@
   ``torch.compile``, ``torch.export``).
 - :mod:`normdrop.kernels.dispatch`: chooses the kernels or the reference per call; the
   ``normdrop.nn`` modules go through it.
+- :mod:`normdrop.kernels.eager`: the modules' cached eager BatchNorm path.
+- :mod:`normdrop.kernels.compile_ahead`: the backward kernel compiled in a helper process
+  while the forward compiles.
 
 See ``docs/kernels.md``.
 """
