@@ -101,6 +101,21 @@ def test_a_cold_training_step_loads_the_backward_the_helper_compiled(tmp_path):
     assert _cold_step(tmp_path / "ahead", "1") == ((1, 0, 0) if helped else (0, 1, 0))
 
 
+def test_the_helper_compiles_without_importing_torch(tmp_path):
+    """The helper's start-up is its share of a cold first step: it loads the kernels without
+    the normdrop package (which imports torch) and compiles into the cache it is given."""
+    probe = compile_ahead.HELPER_PRELUDE + (
+        "from normdrop.kernels import compile_ahead, cpu\n"
+        "print('torch' in sys.modules, cpu.backward_kernel.__module__)\n"
+    )
+    package = os.path.dirname(normdrop.__file__)
+    done = subprocess.run(
+        [sys.executable, "-c", probe, package], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "normdrop.kernels.cpu"]
+
+
 def test_no_helper_when_switched_off_or_on_one_cpu(fresh_state, monkeypatch):
     assert fresh_state.enabled()
     monkeypatch.setenv("NORMDROP_COMPILE_AHEAD", "0")
@@ -113,8 +128,8 @@ def test_no_helper_when_switched_off_or_on_one_cpu(fresh_state, monkeypatch):
 class _RecordedPopen:
     calls: ClassVar[list] = []
 
-    def __init__(self, command, env, **kwargs):
-        type(self).calls.append((command, env))
+    def __init__(self, command, **kwargs):
+        type(self).calls.append(command)
 
 
 def test_one_helper_per_layout_and_dtype(fresh_state, monkeypatch):
@@ -124,14 +139,12 @@ def test_one_helper_per_layout_and_dtype(fresh_state, monkeypatch):
     for _ in range(3):
         fresh_state.start(cpu.ROWS, np.dtype("float32"))
     fresh_state.start(cpu.PLANAR, np.dtype("float64"))
-    commands = [command for command, _ in _RecordedPopen.calls]
-    assert commands == [
-        [sys.executable, "-m", "normdrop.kernels.compile_ahead", "rows", "float32"],
-        [sys.executable, "-m", "normdrop.kernels.compile_ahead", "planar", "float64"],
+    package = os.path.dirname(normdrop.__file__)
+    helper = compile_ahead._HELPER
+    assert _RecordedPopen.calls == [
+        [sys.executable, "-c", helper, package, "rows", "float32"],
+        [sys.executable, "-c", helper, package, "planar", "float64"],
     ]
-    package_root = os.path.dirname(os.path.dirname(normdrop.__file__))
-    env = _RecordedPopen.calls[0][1]
-    assert env["PYTHONPATH"].split(os.pathsep)[0] == package_root
     assert set(fresh_state.pending) == {
         (cpu.ROWS, np.dtype("float32")),
         (cpu.PLANAR, np.dtype("float64")),

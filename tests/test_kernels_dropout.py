@@ -1,6 +1,6 @@
 """Fast dropout: the Philox mask, exactly as documented, in forward and backward.
 
-Oracle: ``philox.keep_mask`` of the seed that ``torch.manual_seed`` makes the dispatcher draw
+Oracle: ``masks.keep_mask`` of the seed that ``torch.manual_seed`` makes the dispatcher draw
 (itself checked against a plain-Python Philox in test_kernels_philox.py), applied with the
 reference's scaling ``x * (mask / (1 - p))``.
 """
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import normdrop
 from normdrop import functional as F
-from normdrop.kernels import dispatch, ops, philox
+from normdrop.kernels import dispatch, masks, ops
 
 pytestmark = pytest.mark.usefixtures("one_numba_thread")
 
@@ -30,8 +30,8 @@ def memory_order(x: torch.Tensor) -> torch.Tensor:
 def expected_factor(x: torch.Tensor, p: float, torch_seed: int) -> torch.Tensor:
     """``mask / (1 - p)`` in the layout of ``x``, for the seed drawn after manual_seed."""
     torch.manual_seed(torch_seed)
-    seed = int(philox.draw_seed())
-    keep = philox.keep_mask(seed, 0, x.numel(), p).to(x.dtype)
+    seed = int(masks.draw_seed())
+    keep = masks.keep_mask(seed, 0, x.numel(), p).to(x.dtype)
     scale = torch.ones((), dtype=x.dtype).div_(1 - p)
     factor = torch.empty_like(x)
     memory_order(factor).copy_(keep * scale)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import normdrop
 from normdrop import functional as F
-from normdrop.kernels import dispatch, ops, philox
+from normdrop.kernels import dispatch, masks, ops
 from normdrop.nn.batchnorm import _BatchNorm
 
 from _helpers import assert_close_scaled, tolerance
@@ -52,7 +52,7 @@ def philox_factor(x: torch.Tensor, p: float, torch_seed: int) -> torch.Tensor:
     if p == 0:
         return torch.ones_like(x)
     torch.manual_seed(torch_seed)
-    keep = philox.keep_mask(int(philox.draw_seed()), 0, x.numel(), p).to(x.dtype)
+    keep = masks.keep_mask(int(masks.draw_seed()), 0, x.numel(), p).to(x.dtype)
     factor = torch.empty_like(x)
     ops._dense_order(factor).reshape(-1).copy_(keep * torch.ones((), dtype=x.dtype).div_(1 - p))
     return factor

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from normdrop.kernels import philox
+from normdrop.kernels import masks, philox
 
 MASK32 = 0xFFFFFFFF
 Z999 = 3.2905  # two-sided 99.9% normal quantile
@@ -90,7 +90,7 @@ def test_stream_words_follow_the_documented_element_map(seed, offset, n):
 
 @given(seed=st.integers(0, 2**63 - 1), offset=st.integers(0, 2**33), n=st.integers(1, 300))
 def test_uniform_is_triton_rand(seed, offset, n):
-    got = philox.uniform(seed, offset, n).numpy()
+    got = masks.uniform(seed, offset, n).numpy()
     expected = np.array([triton_uniform(element_word(seed, offset + i)) for i in range(n)])
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, expected)
@@ -109,8 +109,8 @@ def test_keep_threshold_is_the_float32_boundary(p):
 
 @given(seed=st.integers(0, 2**63 - 1), p=st.floats(0.01, 0.99), n=st.integers(1, 2000))
 def test_keep_mask_is_uniform_above_p(seed, p, n):
-    mask = philox.keep_mask(seed, 7, n, p)
-    uniform = philox.uniform(seed, 7, n)
+    mask = masks.keep_mask(seed, 7, n, p)
+    uniform = masks.uniform(seed, 7, n)
     assert torch.equal(mask, uniform > np.float32(p))
 
 
@@ -122,7 +122,7 @@ def _binomial_interval(n, q):
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9])
 def test_keep_rate_within_binomial_interval(p):
     n = 1 << 20
-    kept = int(philox.keep_mask(12345, 0, n, p).sum())
+    kept = int(masks.keep_mask(12345, 0, n, p).sum())
     low, high = _binomial_interval(n, 1 - p)
     assert low <= kept <= high
 
@@ -132,7 +132,7 @@ def test_neighbours_are_independent(lag):
     # lag 1: next element (same word index, next counter); 64/128/192: the other words of the
     # same counter; 256: the next group. Joint keep rate must be (1 - p)^2.
     p, n = 0.5, 1 << 19
-    mask = philox.keep_mask(99, 0, n + lag, p).numpy()
+    mask = masks.keep_mask(99, 0, n + lag, p).numpy()
     both = int((mask[:n] & mask[lag:]).sum())
     low, high = _binomial_interval(n, (1 - p) ** 2)
     assert low <= both <= high
@@ -141,8 +141,8 @@ def test_neighbours_are_independent(lag):
 @pytest.mark.parametrize(("seed_b", "offset_b"), [(1, 0), (2**32, 0), (0, 1 << 20), (0, 256)])
 def test_streams_of_other_seeds_and_offsets_are_uncorrelated(seed_b, offset_b):
     p, n = 0.5, 1 << 19
-    a = philox.keep_mask(0, 0, n, p).numpy()
-    b = philox.keep_mask(seed_b, offset_b, n, p).numpy()
+    a = masks.keep_mask(0, 0, n, p).numpy()
+    b = masks.keep_mask(seed_b, offset_b, n, p).numpy()
     agree = int((a == b).sum())
     low, high = _binomial_interval(n, p * p + (1 - p) * (1 - p))
     assert low <= agree <= high
@@ -159,11 +159,11 @@ def test_bits_are_balanced():
 
 def test_seed_follows_torch_generator():
     torch.manual_seed(3)
-    first = philox.draw_seed()
+    first = masks.draw_seed()
     torch.manual_seed(3)
-    assert philox.draw_seed() == first
+    assert masks.draw_seed() == first
     generator = torch.Generator().manual_seed(3)
-    assert philox.draw_seed(generator) == philox.draw_seed(torch.Generator().manual_seed(3))
+    assert masks.draw_seed(generator) == masks.draw_seed(torch.Generator().manual_seed(3))
     assert first.dtype == torch.int64 and first.dim() == 0 and int(first) >= 0
 
 

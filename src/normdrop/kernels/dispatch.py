@@ -26,9 +26,9 @@ from normdrop.backend import get_backend
 from normdrop.kernels.activations import ACTIVATION_NAMES, activate, check_activation
 
 try:
-    from normdrop.kernels import eager, ops, philox
+    from normdrop.kernels import eager, masks, ops
 except ImportError:  # numba missing or broken: everything takes the reference path
-    eager = ops = philox = None
+    eager = masks = ops = None
 
 __all__ = [
     "ACTIVATION_NAMES",
@@ -180,7 +180,7 @@ def _fast_batch_norm_act(
         input, running_mean, running_var, weight, bias, training, momentum, eps
     )
     momentum = float(momentum) if training and running_mean is not None else 0.0
-    seed = philox.draw_seed(generator) if p > 0 else None
+    seed = masks.draw_seed(generator) if p > 0 else None
     return ops.batch_norm_act(
         input,
         running_mean,
@@ -264,7 +264,7 @@ def dropout(
     F._check_dropout_args("dropout", input, p)
     if not (_fast_tensor(input) and training and 0 < p < 1):
         return F.dropout(input, p, training, inplace, generator=generator)
-    seed = philox.draw_seed(generator)
+    seed = masks.draw_seed(generator)
     if not inplace:
         return ops.dropout(input, p, seed, 0)
     if torch.is_grad_enabled() and input.requires_grad:

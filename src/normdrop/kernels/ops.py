@@ -16,7 +16,7 @@ Ops (namespace ``normdrop``):
 * ``dropout(input, p, seed, offset) -> output`` and the in-place ``dropout_``; the backward of
   ``dropout`` is ``dropout`` of the gradient with the same seed, so it is twice differentiable.
 
-``seed`` is a 0-dim int64 tensor (see :func:`normdrop.kernels.philox.draw_seed`); element ``i``
+``seed`` is a 0-dim int64 tensor (see :func:`normdrop.kernels.masks.draw_seed`); element ``i``
 (in memory order) uses Philox stream element ``offset + i``. Inputs whose memory is neither
 planar (contiguous) nor rows (channels_last) are copied to contiguous first; the dispatcher
 only sends tensors that need no copy.

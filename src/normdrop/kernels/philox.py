@@ -43,7 +43,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import torch
 from numba import njit
 
 from normdrop.errors import InputError
@@ -52,17 +51,15 @@ __all__ = [
     "GROUP",
     "LANES",
     "ROUNDS",
-    "draw_seed",
+    "UNIFORM_SCALE",
     "fill_words",
     "fold31",
-    "keep_mask",
     "keep_threshold",
     "philox",
     "philox4x32",
     "randint4x",
     "split_seed",
     "stream_words",
-    "uniform",
     "words",
 ]
 
@@ -78,8 +75,7 @@ _LOW32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)
 _SIGN = np.uint32(31)
 _MAGNITUDE = np.uint32(0x7FFFFFFF)
-_UNIFORM_SCALE = np.float32(4.6566127342e-10)  # Triton's uint_to_uniform_float for 32 bits
-_SEED_LIMIT = 2**63 - 1
+UNIFORM_SCALE = np.float32(4.6566127342e-10)  # Triton's uint_to_uniform_float for 32 bits
 
 
 @njit(inline="always", cache=True)
@@ -206,13 +202,6 @@ def words(seed: int, offset: int, n: int) -> np.ndarray:
     return out
 
 
-def uniform(seed: int, offset: int, n: int) -> torch.Tensor:
-    """The float32 uniforms in [0, 1) of stream elements ``offset ... offset + n - 1``."""
-    folded = words(seed, offset, n).view(np.int32)
-    folded = np.where(folded < 0, -(folded.astype(np.int64)) - 1, folded).astype(np.float32)
-    return torch.from_numpy(folded * _UNIFORM_SCALE)
-
-
 @functools.lru_cache(maxsize=256)  # a bisection of ~31 steps: once per p, not per call
 def keep_threshold(p: float) -> int:
     """The largest folded word ``f`` whose uniform is ``<= p`` (float32 math, as on a GPU).
@@ -223,30 +212,12 @@ def keep_threshold(p: float) -> int:
     """
     limit = np.float32(p)
     low, high = -1, 2**31 - 1  # invariant: uniform(low) <= limit < uniform(high + 1)
-    if np.float32(high) * _UNIFORM_SCALE <= limit:
+    if np.float32(high) * UNIFORM_SCALE <= limit:
         return high
     while high - low > 1:
         middle = (low + high) // 2
-        if np.float32(middle) * _UNIFORM_SCALE <= limit:
+        if np.float32(middle) * UNIFORM_SCALE <= limit:
             low = middle
         else:
             high = middle
     return low
-
-
-def keep_mask(seed: int, offset: int, n: int, p: float) -> torch.Tensor:
-    """The dropout keep mask (bool) of stream elements ``offset ... offset + n - 1``."""
-    folded = words(seed, offset, n).view(np.int32).astype(np.int64)
-    folded = np.where(folded < 0, -folded - 1, folded)
-    return torch.from_numpy(folded > keep_threshold(p))
-
-
-def draw_seed(generator: torch.Generator | None = None) -> torch.Tensor:
-    """A fresh 63-bit seed from torch's generator (``torch.manual_seed`` governs it).
-
-    Returned as a 0-dim int64 tensor so that it flows through ``torch.compile`` graphs and
-    autograd contexts without a host round trip.
-    """
-    if generator is None:
-        return torch.randint(0, _SEED_LIMIT, (), dtype=torch.int64)
-    return torch.randint(0, _SEED_LIMIT, (), dtype=torch.int64, generator=generator)

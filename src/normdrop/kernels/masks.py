@@ -1,0 +1,44 @@
+"""The Philox stream (:mod:`normdrop.kernels.philox`) on torch's side: dropout seeds drawn from
+torch's generator, and a stream's keep masks and uniforms as tensors (what the tests compare
+the kernels' masks with).
+
+Apart from :mod:`normdrop.kernels.philox` so that the generator, and the kernels built on it,
+import without torch: a helper process that only compiles kernels starts in a fraction of a
+second (:mod:`normdrop.kernels.compile_ahead`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from normdrop.kernels.philox import UNIFORM_SCALE, keep_threshold, words
+
+__all__ = ["draw_seed", "keep_mask", "uniform"]
+
+_SEED_LIMIT = 2**63 - 1
+
+
+def draw_seed(generator: torch.Generator | None = None) -> torch.Tensor:
+    """A fresh 63-bit seed from torch's generator (``torch.manual_seed`` governs it).
+
+    Returned as a 0-dim int64 tensor so that it flows through ``torch.compile`` graphs and
+    autograd contexts without a host round trip.
+    """
+    if generator is None:
+        return torch.randint(0, _SEED_LIMIT, (), dtype=torch.int64)
+    return torch.randint(0, _SEED_LIMIT, (), dtype=torch.int64, generator=generator)
+
+
+def keep_mask(seed: int, offset: int, n: int, p: float) -> torch.Tensor:
+    """The dropout keep mask (bool) of stream elements ``offset ... offset + n - 1``."""
+    folded = words(seed, offset, n).view(np.int32).astype(np.int64)
+    folded = np.where(folded < 0, -folded - 1, folded)
+    return torch.from_numpy(folded > keep_threshold(p))
+
+
+def uniform(seed: int, offset: int, n: int) -> torch.Tensor:
+    """The float32 uniforms in [0, 1) of stream elements ``offset ... offset + n - 1``."""
+    folded = words(seed, offset, n).view(np.int32)
+    folded = np.where(folded < 0, -(folded.astype(np.int64)) - 1, folded).astype(np.float32)
+    return torch.from_numpy(folded * UNIFORM_SCALE)
