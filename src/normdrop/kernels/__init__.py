@@ -1,6 +1,7 @@
 """Fast CPU kernels: BatchNorm, Dropout and the fused BatchNorm -> activation -> Dropout.
 
 - :mod:`normdrop.kernels.philox`: the Philox4x32-10 counter-based generator of the masks.
+- :mod:`normdrop.kernels.masks`: its torch side (seeds from torch's generator, masks as tensors).
 - :mod:`normdrop.kernels.cpu`: the numba kernels.
 - :mod:`normdrop.kernels.ops`: the kernels as ``torch.library`` custom ops (autograd,
   ``torch.compile``, ``torch.export``).
