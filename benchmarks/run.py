@@ -4,7 +4,8 @@
     python benchmarks/run.py --quick --output /tmp/b.md   # a fast smoke run
 
 Torch and numba run with the same thread count (``--threads``, default torch's). Each timing is
-the median of ``--repeats`` runs after warm-up. A case's memory-traffic bound is the bytes the
+the median of ``--repeats`` runs after warm-up; an op case's, the median of that over
+``--rounds`` rounds on fresh tensors. A case's memory-traffic bound is the bytes the
 op must move (see ``TRAFFIC``) divided by the bandwidth of a large ``copy_`` measured in the
 same run; ``x bound`` is the measured time over that bound.
 """
@@ -140,25 +141,38 @@ def op_cases(shape: tuple[int, ...]):
     ]
 
 
-def run_ops(repeats: int, bandwidth: float, shapes) -> list[Row]:
+def run_ops(repeats: int, bandwidth: float, shapes, rounds: int = 1) -> list[Row]:
+    """Every op case, ``rounds`` times over, each round on fresh tensors and modules; a row holds
+    the median over rounds of each side's median time. The host's memory system is not steady
+    (page faults when the C allocator re-maps a freed 1 MB block, input and output buffers
+    4 KiB apart that alias in the cache): one round can catch a slow state for a whole case,
+    and fresh tensors in another round land elsewhere."""
+    measured: dict[tuple, list[tuple[float, float]]] = {}
+    nbytes: dict[tuple[int, ...], int] = {}
+    for round_ in range(rounds):
+        for shape in shapes:
+            x, cases = op_cases(shape)
+            nbytes[shape] = x.numel() * x.element_size()
+            grad = torch.randn(shape)
+            for case, torch_fn, ours_fn, (torch_inputs, ours_inputs) in cases:
+                for mode in ("fwd", "fwd+bwd"):
+                    times = medians_ms(
+                        [
+                            _timed(torch_fn, mode, grad, torch_inputs),
+                            _timed(ours_fn, mode, grad, ours_inputs),
+                        ],
+                        repeats,
+                    )
+                    measured.setdefault((case, shape, mode), []).append(tuple(times))
+                    print(f"  round {round_ + 1} {case:9s} {shape!s:18s} {mode:8s} "
+                          f"torch {times[0]:8.2f} ms  normdrop {times[1]:8.2f} ms",
+                          flush=True)  # fmt: skip
     rows = []
-    for shape in shapes:
-        x, cases = op_cases(shape)
-        grad = torch.randn(shape)
-        nbytes = x.numel() * x.element_size()
-        for case, torch_fn, ours_fn, (torch_inputs, ours_inputs) in cases:
-            for mode in ("fwd", "fwd+bwd"):
-                torch_ms, ours_ms = medians_ms(
-                    [
-                        _timed(torch_fn, mode, grad, torch_inputs),
-                        _timed(ours_fn, mode, grad, ours_inputs),
-                    ],
-                    repeats,
-                )
-                bound_ms = TRAFFIC[case, mode] * nbytes / bandwidth * 1e3
-                rows.append(Row(case, shape, mode, torch_ms, ours_ms, bound_ms))
-                print(f"  {case:9s} {shape!s:18s} {mode:8s} torch {torch_ms:8.2f} ms  "
-                      f"normdrop {ours_ms:8.2f} ms", flush=True)  # fmt: skip
+    for (case, shape, mode), times in measured.items():
+        torch_ms = statistics.median(t for t, _ in times)
+        ours_ms = statistics.median(o for _, o in times)
+        bound_ms = TRAFFIC[case, mode] * nbytes[shape] / bandwidth * 1e3
+        rows.append(Row(case, shape, mode, torch_ms, ours_ms, bound_ms))
     return rows
 
 
@@ -386,7 +400,8 @@ def report(args, runs, saved, first_calls) -> str:
         "after  ",
         f"Versions: Python {platform.python_version()}, torch {torch.__version__}, "
         f"numba {numba.__version__}, normdrop {normdrop.__version__}  ",
-        f"Repetitions: median of {args.repeats} after warm-up; float32; dropout p = {P}",
+        f"Repetitions: median of {args.repeats} after warm-up (op cases: the median of that over "
+        f"{args.rounds} rounds on fresh tensors); float32; dropout p = {P}",
         "",
         "Speed-up is torch time / normdrop time. `x bound` is normdrop's time over the",
         "memory-traffic bound (passes over the tensor the op must make, at the copy bandwidth):",
@@ -479,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, nargs="+", default=[torch.get_num_threads()], help="one run each"
     )
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=3, help="op cases: rounds, fresh tensors")
     parser.add_argument("--quick", action="store_true", help="3 repeats, smallest shapes only")
     parser.add_argument(
         "--output", type=Path, default=Path(__file__).parent.parent / "BENCHMARKS.md"
@@ -490,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     args.notes = args.note
     args.load_before = f"{os.getloadavg()[0]:.2f}"
     if args.quick:
-        args.repeats = 3
+        args.repeats, args.rounds = 3, 1
     shapes = SHAPES[:1] + SHAPES[2:3] if args.quick else SHAPES
     runs = []
     for threads in args.threads:
@@ -498,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         print(f"threads {threads}: copy bandwidth, op cases", flush=True)
         bandwidth = copy_bandwidth(args.repeats)
-        rows = run_ops(args.repeats, bandwidth, shapes)
+        rows = run_ops(args.repeats, bandwidth, shapes, args.rounds)
         print("small batches", flush=True)
         small = run_small_batchnorm(args.repeats)
         print("training steps", flush=True)
