@@ -10,6 +10,7 @@ import threading
 import time
 from typing import ClassVar
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -127,13 +128,16 @@ def test_no_helper_when_switched_off_or_on_one_cpu(fresh_state, monkeypatch):
 
 class _RecordedPopen:
     calls: ClassVar[list] = []
+    environments: ClassVar[list] = []
 
-    def __init__(self, command, **kwargs):
+    def __init__(self, command, env=None, **kwargs):
         type(self).calls.append(command)
+        type(self).environments.append(env)
 
 
 def test_one_helper_per_layout_and_dtype(fresh_state, monkeypatch):
     monkeypatch.setattr(_RecordedPopen, "calls", [])
+    monkeypatch.setattr(_RecordedPopen, "environments", [])
     monkeypatch.setattr(subprocess, "Popen", _RecordedPopen)
     monkeypatch.setattr(fresh_state, "_worth_a_helper", lambda layout, dtype: True)
     for _ in range(3):
@@ -149,6 +153,20 @@ def test_one_helper_per_layout_and_dtype(fresh_state, monkeypatch):
         (cpu.ROWS, np.dtype("float32")),
         (cpu.PLANAR, np.dtype("float64")),
     }
+
+
+@pytest.mark.parametrize("numba_cache_dir", ["", "/somewhere/numba-cache"])
+def test_the_helper_uses_the_cache_this_process_uses(fresh_state, monkeypatch, numba_cache_dir):
+    """numba read NUMBA_CACHE_DIR at import; a later change of the variable must not send the
+    helper's kernel where this process will not look."""
+    monkeypatch.setattr(numba.config, "CACHE_DIR", numba_cache_dir)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "/changed/after/import")
+    monkeypatch.setattr(_RecordedPopen, "environments", [])
+    monkeypatch.setattr(subprocess, "Popen", _RecordedPopen)
+    monkeypatch.setattr(fresh_state, "_worth_a_helper", lambda layout, dtype: True)
+    fresh_state.start(cpu.ROWS, np.dtype("float64"))
+    (env,) = _RecordedPopen.environments
+    assert env.get("NUMBA_CACHE_DIR") == (numba_cache_dir or None)
 
 
 def test_two_threads_first_calls_start_one_helper(fresh_state, monkeypatch):

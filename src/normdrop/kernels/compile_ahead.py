@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 
+import numba
 import numpy as np
 
 from normdrop.kernels import cpu
@@ -111,12 +112,24 @@ def _start_helper(key: tuple[str, np.dtype]) -> None:
         package = os.path.dirname(os.path.dirname(cpu.__file__))
         pending[key] = subprocess.Popen(
             [sys.executable, "-c", _HELPER, package, layout, np.dtype(dtype).name],
+            env=_helper_environment(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
     except Exception:  # an optimization only: any failure means "compile here"
         pending.pop(key, None)
+
+
+def _helper_environment() -> dict[str, str]:
+    """This process's environment, with the numba cache directory this process uses (numba read
+    ``NUMBA_CACHE_DIR`` when it was imported; the variable may have changed since)."""
+    env = dict(os.environ)
+    if numba.config.CACHE_DIR:
+        env["NUMBA_CACHE_DIR"] = numba.config.CACHE_DIR
+    else:
+        env.pop("NUMBA_CACHE_DIR", None)
+    return env
 
 
 def wait(layout: str, dtype: np.dtype) -> None:
