@@ -21,9 +21,11 @@ from normdrop.kernels import compile_ahead, cpu
 
 @pytest.fixture
 def fresh_state(monkeypatch):
-    """compile_ahead's bookkeeping, emptied for one test and restored after it."""
-    monkeypatch.setattr(compile_ahead, "pending", {})
+    """compile_ahead's bookkeeping, emptied for one test and restored after it, on any machine
+    (enabled() says False on one CPU; tests of that patch it back)."""
+    monkeypatch.setattr(compile_ahead, "_pending", {})
     monkeypatch.setattr(compile_ahead, "_considered", set())
+    monkeypatch.setattr(compile_ahead, "enabled", lambda: True)
     monkeypatch.setenv("NORMDROP_COMPILE_AHEAD", "1")
     return compile_ahead
 
@@ -63,12 +65,16 @@ def test_kernel_signatures_are_the_ones_every_call_site_uses(kernel, signature):
 
 _COLD_STEP = textwrap.dedent(
     """
-    import numpy as np, torch, normdrop
+    import sys, numpy as np, torch, normdrop
     from normdrop.kernels import compile_ahead, cpu
     torch.manual_seed(0)
-    ours, theirs = normdrop.nn.BatchNorm1d(5).double(), torch.nn.BatchNorm1d(5).double()
+    if sys.argv[1] == "BatchNorm1d":  # the modules' eager path (kernels/eager.py)
+        ours, theirs = normdrop.nn.BatchNorm1d(5), torch.nn.BatchNorm1d(5)
+    else:  # the fused op's path (kernels/ops.py)
+        ours = normdrop.nn.BatchNormAct1d(5, "relu")
+        theirs = torch.nn.Sequential(torch.nn.BatchNorm1d(5), torch.nn.ReLU())
+    ours, theirs = ours.double(), theirs.double()
     x = torch.randn(16, 5, dtype=torch.float64, requires_grad=True)
-    helper = None
     ours(x).square().sum().backward()
     expected_grad = x.grad.clone()
     x.grad = None
@@ -76,35 +82,41 @@ _COLD_STEP = textwrap.dedent(
     assert torch.allclose(expected_grad, x.grad, rtol=1e-10, atol=1e-12)
     stats = cpu.backward_kernel(cpu.ROWS).stats
     signature = cpu.backward_signature(np.dtype("float64"))
-    print(stats.cache_hits[signature], stats.cache_misses[signature], len(compile_ahead.pending))
+    print(stats.cache_hits[signature], stats.cache_misses[signature], len(compile_ahead._pending))
     """
 )
 
 
-def _cold_step(cache_dir, ahead: str) -> tuple[int, int, int]:
-    """``(cache hits, cache misses, helpers still pending)`` of the backward kernel after a cold
-    training step in a fresh process."""
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir), "NORMDROP_COMPILE_AHEAD": ahead}
+def _cold_step(cache_dir, module: str) -> tuple[int, int, int]:
+    """``(cache hits, cache misses, helpers still pending)`` of the backward kernel after a
+    training step of ``module`` in a fresh process with an empty numba cache."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir), "NORMDROP_COMPILE_AHEAD": "1"}
     done = subprocess.run(
-        [sys.executable, "-c", _COLD_STEP], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", _COLD_STEP, module],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr
     hits, misses, still_pending = map(int, done.stdout.split())
     return hits, misses, still_pending
 
 
-def test_a_cold_training_step_loads_the_backward_the_helper_compiled(tmp_path):
-    """End to end, in a fresh process with an empty numba cache: the forward compiles here, the
-    backward in the helper, and the first backward loads it from the cache (a hit; numba counts
-    a miss before it compiles a kernel itself), with the gradient torch computes. On one CPU
-    no helper runs and the backward compiles here."""
-    helped = len(os.sched_getaffinity(0)) > 1
-    assert _cold_step(tmp_path / "ahead", "1") == ((1, 0, 0) if helped else (0, 1, 0))
+@pytest.mark.parametrize("module", ["BatchNorm1d", "BatchNormAct1d"])
+def test_a_cold_training_step_loads_the_backward_the_helper_compiled(tmp_path, module):
+    """End to end, in a fresh process with an empty numba cache, on both paths that call the
+    kernels: the forward compiles here, the backward in the helper, and the first backward
+    loads it from the cache (a hit; numba counts a miss before it compiles a kernel itself),
+    with the gradient torch computes. Where no helper may run (one CPU), the backward compiles
+    here."""
+    helped = compile_ahead.enabled()
+    assert _cold_step(tmp_path, module) == ((1, 0, 0) if helped else (0, 1, 0))
 
 
-def test_the_helper_compiles_without_importing_torch(tmp_path):
+def test_the_helper_loads_the_kernels_without_importing_torch():
     """The helper's start-up is its share of a cold first step: it loads the kernels without
-    the normdrop package (which imports torch) and compiles into the cache it is given."""
+    the normdrop package (which imports torch), under their own module names."""
     probe = compile_ahead.HELPER_PRELUDE + (
         "from normdrop.kernels import compile_ahead, cpu\n"
         "print('torch' in sys.modules, cpu.backward_kernel.__module__)\n"
@@ -117,13 +129,40 @@ def test_the_helper_compiles_without_importing_torch(tmp_path):
     assert done.stdout.split() == ["False", "normdrop.kernels.cpu"]
 
 
-def test_no_helper_when_switched_off_or_on_one_cpu(fresh_state, monkeypatch):
-    assert fresh_state.enabled()
-    monkeypatch.setenv("NORMDROP_COMPILE_AHEAD", "0")
-    assert not fresh_state.enabled()
+def test_a_helper_that_finds_the_sources_changed_compiles_nothing(tmp_path):
+    """A helper compiles from the files on disk; after an edit it would compile other code than
+    this process runs, so it exits without compiling."""
+    package = os.path.dirname(normdrop.__file__)
+    stale = "0:0," + compile_ahead._SOURCE_STAMPS.split(",")[1]
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", compile_ahead._HELPER, package, "rows", "float32", stale],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stderr
+    assert not any(name.endswith(".nbc") for _, _, names in os.walk(tmp_path) for name in names)
+
+
+def test_no_helper_when_switched_off_on_one_cpu_or_frozen(monkeypatch):
     monkeypatch.setenv("NORMDROP_COMPILE_AHEAD", "1")
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    assert not fresh_state.enabled()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert compile_ahead.enabled()
+    monkeypatch.setenv("NORMDROP_COMPILE_AHEAD", "0")
+    assert not compile_ahead.enabled()
+    monkeypatch.setenv("NORMDROP_COMPILE_AHEAD", "1")
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    assert not compile_ahead.enabled()
+    monkeypatch.delattr(sys, "frozen")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert not compile_ahead.enabled()
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS, Windows: the machine's CPUs
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert not compile_ahead.enabled()
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert compile_ahead.enabled()
 
 
 class _RecordedPopen:
@@ -133,6 +172,9 @@ class _RecordedPopen:
     def __init__(self, command, env=None, **kwargs):
         type(self).calls.append(command)
         type(self).environments.append(env)
+
+    def poll(self):
+        return None
 
 
 def test_one_helper_per_layout_and_dtype(fresh_state, monkeypatch):
@@ -144,12 +186,12 @@ def test_one_helper_per_layout_and_dtype(fresh_state, monkeypatch):
         fresh_state.start(cpu.ROWS, np.dtype("float32"))
     fresh_state.start(cpu.PLANAR, np.dtype("float64"))
     package = os.path.dirname(normdrop.__file__)
-    helper = compile_ahead._HELPER
+    helper, stamps = compile_ahead._HELPER, compile_ahead._SOURCE_STAMPS
     assert _RecordedPopen.calls == [
-        [sys.executable, "-c", helper, package, "rows", "float32"],
-        [sys.executable, "-c", helper, package, "planar", "float64"],
+        [sys.executable, "-P", "-c", helper, package, "rows", "float32", stamps],
+        [sys.executable, "-P", "-c", helper, package, "planar", "float64", stamps],
     ]
-    assert set(fresh_state.pending) == {
+    assert set(fresh_state._pending) == {
         (cpu.ROWS, np.dtype("float32")),
         (cpu.PLANAR, np.dtype("float64")),
     }
@@ -167,25 +209,29 @@ def test_the_helper_uses_the_cache_this_process_uses(fresh_state, monkeypatch, n
     fresh_state.start(cpu.ROWS, np.dtype("float64"))
     (env,) = _RecordedPopen.environments
     assert env.get("NUMBA_CACHE_DIR") == (numba_cache_dir or None)
+    assert env["NORMDROP_COMPILE_AHEAD"] == "0"  # a helper starts no helpers
 
 
-def test_two_threads_first_calls_start_one_helper(fresh_state, monkeypatch):
+def test_a_second_threads_first_call_finds_the_first_ones_helper(fresh_state, monkeypatch):
+    """Two threads' first calls start one helper, and the second returns only once the helper
+    is registered, so that its backward waits for the helper instead of compiling too."""
     monkeypatch.setattr(_RecordedPopen, "calls", [])
     monkeypatch.setattr(subprocess, "Popen", _RecordedPopen)
+    inside = threading.Event()
 
     def slow_check(layout, dtype):
-        time.sleep(0.05)  # both threads are inside start() by the time this returns
+        inside.set()
+        time.sleep(0.2)
         return True
 
     monkeypatch.setattr(fresh_state, "_worth_a_helper", slow_check)
-    threads = [
-        threading.Thread(target=fresh_state.start, args=(cpu.ROWS, np.dtype("float32")))
-        for _ in range(4)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    key = (cpu.ROWS, np.dtype("float32"))
+    first = threading.Thread(target=fresh_state.start, args=key)
+    first.start()
+    assert inside.wait(10)
+    fresh_state.start(*key)  # the second thread (this one), while the first is deciding
+    assert key in fresh_state._pending
+    first.join()
     assert len(_RecordedPopen.calls) == 1
 
 
@@ -197,7 +243,7 @@ def test_no_helper_for_kernels_already_compiled_here(fresh_state, monkeypatch):
         for dtype in ("float32", "float64"):
             assert not fresh_state._worth_a_helper(layout, np.dtype(dtype))
             fresh_state.start(layout, np.dtype(dtype))
-    assert _RecordedPopen.calls == [] and fresh_state.pending == {}
+    assert _RecordedPopen.calls == [] and fresh_state._pending == {}
 
 
 def test_a_helper_only_while_this_process_compiles_the_forward(fresh_state, monkeypatch):
@@ -205,9 +251,7 @@ def test_a_helper_only_while_this_process_compiles_the_forward(fresh_state, monk
     make the backward wait for its start-up; this process compiles the backward itself."""
     cached = set()
     monkeypatch.setattr(os, "access", lambda path, mode: True)  # a writable cache, wherever
-    monkeypatch.setattr(
-        fresh_state, "_compiled_or_cached", lambda dispatcher, signature: dispatcher in cached
-    )
+    monkeypatch.setattr(fresh_state, "_cached", lambda dispatcher, signature: dispatcher in cached)
     layout, dtype = cpu.ROWS, np.dtype("float32")
     assert fresh_state._worth_a_helper(layout, dtype)  # both cold
     cached.add(cpu.forward_kernel(layout))
@@ -217,11 +261,30 @@ def test_a_helper_only_while_this_process_compiles_the_forward(fresh_state, monk
     assert not fresh_state._worth_a_helper(layout, dtype)
 
 
+def test_no_helper_without_a_writable_cache(fresh_state, monkeypatch):
+    monkeypatch.setattr(fresh_state, "_cached", lambda dispatcher, signature: False)
+    monkeypatch.setattr(os, "access", lambda path, mode: True)
+    assert fresh_state._worth_a_helper(cpu.ROWS, np.dtype("float32"))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert not fresh_state._worth_a_helper(cpu.ROWS, np.dtype("float32"))
+
+
+def test_a_helper_that_cannot_start_costs_nothing(fresh_state, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("no processes here")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    monkeypatch.setattr(fresh_state, "_worth_a_helper", lambda layout, dtype: True)
+    fresh_state.start(cpu.ROWS, np.dtype("float32"))  # does not raise
+    assert fresh_state._pending == {}
+    fresh_state.wait(cpu.ROWS, np.dtype("float32"))
+
+
 def test_a_failed_helper_leaves_the_compile_to_this_process(fresh_state):
     key = (cpu.ROWS, np.dtype("float32"))
-    fresh_state.pending[key] = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    fresh_state._pending[key] = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     fresh_state.wait(*key)
-    assert fresh_state.pending == {}
+    assert fresh_state._pending == {}
     fresh_state.wait(*key)  # nothing pending: returns at once
 
 
@@ -229,8 +292,37 @@ def test_a_stuck_helper_is_stopped(fresh_state, monkeypatch):
     monkeypatch.setattr(fresh_state, "TIMEOUT_S", 0.2)
     key = (cpu.PLANAR, np.dtype("float32"))
     helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    fresh_state.pending[key] = helper
+    fresh_state._pending[key] = helper
     start = time.perf_counter()
     fresh_state.wait(*key)
     assert time.perf_counter() - start < 10
-    assert helper.returncode is not None and fresh_state.pending == {}
+    assert helper.returncode is not None and fresh_state._pending == {}
+
+
+def test_helpers_are_stopped_at_exit_and_reaped_when_done(fresh_state):
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    fresh_state._pending.update({("rows", "done"): done, ("rows", "running"): running})
+    fresh_state._reap()
+    assert list(fresh_state._pending) == [("rows", "running")]
+    fresh_state._stop_helpers()
+    assert running.returncode is not None and fresh_state._pending == {}
+
+
+def test_a_forked_child_owns_no_helpers_and_a_free_lock(fresh_state):
+    """A child forked while another thread of the parent looks at a pair (holding the lock),
+    and while a helper runs, starts afresh: no helpers to wait for, a lock it can take."""
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    fresh_state._pending[("rows", "running")] = running
+    try:
+        with fresh_state._starting:
+            pid = os.fork()
+            if pid == 0:  # the child
+                ok = not fresh_state._pending and fresh_state._starting.acquire(timeout=5)
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert ("rows", "running") in fresh_state._pending  # the parent's, untouched
+    finally:
+        fresh_state._stop_helpers()

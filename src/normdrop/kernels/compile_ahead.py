@@ -8,19 +8,21 @@ thread cannot overlap them; another process can. At the first training-mode forw
 launches a helper Python process that compiles that backward into the cache and exits. The
 helper imports the kernels (numpy and numba) without the normdrop package, whose ``__init__``
 imports torch: it starts in about 0.5 s instead of 2 s. The first backward call here
-(:func:`wait`) waits for it, then numba loads the kernel from the cache. Whatever goes wrong
-in the helper (it fails, times out, cannot write the cache), this process compiles the kernel
-itself, as it would without the helper; the kernel is the same either way.
+(:func:`wait`) waits for it, then numba loads the kernel from the cache.
 
-Off with ``NORMDROP_COMPILE_AHEAD=0``; never with one CPU, nor without a writable numba cache
-(``NUMBA_CACHE_DIR``, see docs/kernels.md). A helper still running when this process exits is
-stopped. ``python -m normdrop.kernels.compile_ahead LAYOUT DTYPE`` compiles one backward kernel
-into the cache by hand.
+The helper only ever saves time. Whatever goes wrong (it fails, stalls past ``TIMEOUT_S``,
+cannot write the cache, finds the kernels' source files changed since this process imported
+them), this process compiles the kernel itself, as it would without the helper; the kernel is
+the same either way. No helper starts with ``NORMDROP_COMPILE_AHEAD=0``, with one CPU, in a
+frozen application (its ``sys.executable`` is not a Python), without a writable numba cache
+(``NUMBA_CACHE_DIR``, see docs/kernels.md), or from a helper. One still running when this
+process exits is stopped; finished ones are reaped.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import subprocess
 import sys
@@ -29,12 +31,27 @@ import threading
 import numba
 import numpy as np
 
-from normdrop.kernels import cpu
+from normdrop.kernels import cpu, philox
 
-__all__ = ["enabled", "start", "wait"]
+__all__ = ["TIMEOUT_S", "enabled", "start", "wait"]
 
-# A helper that has not finished by then is stuck: compile here instead.
-TIMEOUT_S = 300.0
+_log = logging.getLogger(__name__)
+
+# A helper that has not finished by then is stuck (it takes about 5 s): compile here instead.
+TIMEOUT_S = 60.0
+
+# The source files of the kernels, as this process imported them: the helper compiles from the
+# files on disk and must compile the same code (numba's cache would not notice an edit to
+# philox.py alone, and a backward with another generator would drop other elements).
+_SOURCES = tuple(os.path.abspath(module.__file__) for module in (cpu, philox))
+
+
+def _stamp(path: str) -> str:
+    status = os.stat(path)
+    return f"{status.st_mtime_ns}:{status.st_size}"
+
+
+_SOURCE_STAMPS = ",".join(_stamp(path) for path in _SOURCES)
 
 # Run first in the helper: the normdrop packages as bare namespaces over their directories, so
 # that kernels/cpu.py imports under its own name (numba's cache is keyed by it) without the
@@ -55,26 +72,31 @@ sys.exit(compile_ahead.main(sys.argv[2:]))
 )
 
 # (layout, numpy dtype) -> the helper compiling that backward kernel; empty when none runs.
-pending: dict[tuple[str, np.dtype], subprocess.Popen] = {}
+_pending: dict[tuple[str, np.dtype], subprocess.Popen] = {}
 # Pairs already looked at in this process (a helper started or not needed).
 _considered: set[tuple[str, np.dtype]] = set()
-_starting = threading.Lock()  # two threads' first calls start one helper, not two
+# Held while a pair is looked at: a second thread's first call waits, then finds the helper.
+_starting = threading.Lock()
 
 
 def enabled() -> bool:
-    """True unless ``NORMDROP_COMPILE_AHEAD=0`` or this process may use only one CPU."""
+    """True unless switched off (``NORMDROP_COMPILE_AHEAD=0``), frozen, or on one CPU."""
     if os.environ.get("NORMDROP_COMPILE_AHEAD", "1").strip() == "0":
+        return False
+    if getattr(sys, "frozen", False) or not sys.executable:
         return False
     affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere, the machine's CPUs
     return (len(affinity(0)) if affinity else os.cpu_count() or 1) > 1
 
 
-def _compiled_or_cached(dispatcher, signature: tuple) -> bool:
-    """True when ``signature`` is compiled in this process or can be loaded from numba's cache
-    (a look costs about 10 ms, once per kernel and process)."""
+def _cached(dispatcher, signature: tuple) -> bool:
+    """True when ``signature`` is compiled in this process or listed in numba's cache index for
+    the current source (the check numba makes before loading, without loading the code)."""
     if signature in dispatcher.overloads:
         return True
-    return dispatcher._cache.load_overload(signature, dispatcher.targetctx) is not None
+    cache = dispatcher._cache
+    key = cache._index_key(signature, dispatcher.targetctx.codegen())
+    return key in cache._cache_file._load_index()
 
 
 def _worth_a_helper(layout: str, dtype: np.dtype) -> bool:
@@ -84,88 +106,121 @@ def _worth_a_helper(layout: str, dtype: np.dtype) -> bool:
     path = getattr(getattr(backward, "_cache", None), "_cache_path", None)
     if path is None or not os.access(path, os.W_OK):
         return False
-    if _compiled_or_cached(backward, cpu.backward_signature(dtype)):
+    if _cached(backward, cpu.backward_signature(dtype)):
         return False
     # A cached forward loads at once: the helper would only make the backward wait for it.
-    return not _compiled_or_cached(forward, cpu.forward_signature(dtype))
+    return not _cached(forward, cpu.forward_signature(dtype))
 
 
 def start(layout: str, dtype: np.dtype) -> None:
     """Start compiling the backward kernel of ``layout`` on ``dtype`` (a numpy dtype) in a helper
     process if this process would otherwise compile it cold later. Cheap after the first call
-    per pair."""
+    per pair; never raises."""
     key = (layout, dtype)
     if key in _considered:
         return
     with _starting:
         if key in _considered:
             return
-        _considered.add(key)
-        _start_helper(key)
+        _reap()
+        try:
+            if enabled() and _worth_a_helper(layout, dtype):
+                _pending[key] = _launch(layout, dtype)
+        except Exception as error:  # an optimization only: any failure means "compile here"
+            _log.debug("no compile-ahead helper for %s: %r", key, error)
+        _considered.add(key)  # after the helper is in _pending, for the threads waiting
 
 
-def _start_helper(key: tuple[str, np.dtype]) -> None:
-    layout, dtype = key
-    try:
-        if not enabled() or not _worth_a_helper(layout, dtype):
-            return
-        package = os.path.dirname(os.path.dirname(cpu.__file__))
-        pending[key] = subprocess.Popen(
-            [sys.executable, "-c", _HELPER, package, layout, np.dtype(dtype).name],
-            env=_helper_environment(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    except Exception:  # an optimization only: any failure means "compile here"
-        pending.pop(key, None)
+def _launch(layout: str, dtype: np.dtype) -> subprocess.Popen:
+    package = os.path.dirname(os.path.dirname(cpu.__file__))
+    arguments = [package, layout, np.dtype(dtype).name, _SOURCE_STAMPS]
+    windows = {"creationflags": subprocess.CREATE_NO_WINDOW} if os.name == "nt" else {}
+    return subprocess.Popen(
+        # -P: the working directory does not go first on the helper's sys.path.
+        [sys.executable, "-P", "-c", _HELPER, *arguments],
+        env=_helper_environment(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        **windows,
+    )
 
 
 def _helper_environment() -> dict[str, str]:
     """This process's environment, with the numba cache directory this process uses (numba read
-    ``NUMBA_CACHE_DIR`` when it was imported; the variable may have changed since)."""
+    ``NUMBA_CACHE_DIR`` when it was imported; the variable may have changed since), and no
+    helpers of its own."""
     env = dict(os.environ)
     if numba.config.CACHE_DIR:
         env["NUMBA_CACHE_DIR"] = numba.config.CACHE_DIR
     else:
         env.pop("NUMBA_CACHE_DIR", None)
+    env["NORMDROP_COMPILE_AHEAD"] = "0"
     return env
 
 
 def wait(layout: str, dtype: np.dtype) -> None:
     """Before a backward call of (layout, dtype): let its helper, if one runs, finish. Cheap
-    when no helper runs (every call checks)."""
-    if not pending:
+    when no helper runs (every call checks); never raises."""
+    if not _pending:
         return
     key = (layout, dtype)
-    helper = pending.get(key)
+    helper = _pending.get(key)
     if helper is None:
         return
     try:  # another thread may wait for the same helper: Popen.wait serves both
-        helper.wait(TIMEOUT_S)
+        code = helper.wait(TIMEOUT_S)
+        if code != 0:
+            _log.debug("compile-ahead helper for %s exited with %s", key, code)
     except subprocess.TimeoutExpired:
+        _log.debug("compile-ahead helper for %s stalled; compiling here", key)
+        _stop(helper)
+    except Exception as error:
+        _log.debug("compile-ahead helper for %s: %r", key, error)
+    finally:
+        _pending.pop(key, None)
+
+
+def _stop(helper: subprocess.Popen) -> None:
+    try:
         helper.kill()
-        helper.wait()
-    pending.pop(key, None)
+        helper.wait(5)
+    except Exception as error:
+        _log.debug("could not stop compile-ahead helper %s: %r", helper.pid, error)
+
+
+def _reap() -> None:
+    """Collect helpers that finished without a backward call waiting for them (a training-mode
+    forward under no_grad), so that none stays a zombie."""
+    for key, helper in list(_pending.items()):
+        if helper.poll() is not None:
+            _pending.pop(key, None)
 
 
 def _stop_helpers() -> None:
-    for helper in list(pending.values()):
-        helper.kill()
-    pending.clear()
+    for helper in list(_pending.values()):
+        _stop(helper)
+    _pending.clear()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child does not own its parent's helpers, and another thread of the parent may
+    have held the lock when the fork happened."""
+    global _starting
+    _starting = threading.Lock()
+    _pending.clear()
 
 
 atexit.register(_stop_helpers)
-# A forked child does not own its parent's helpers (and cannot wait for them).
-os.register_at_fork(after_in_child=pending.clear)
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def main(argv: list[str]) -> int:
-    """``LAYOUT DTYPE``: compile that backward kernel into numba's cache (the helper's work)."""
-    layout, dtype = argv
+    """``LAYOUT DTYPE STAMPS``: compile that backward kernel into numba's cache (the helper's
+    work), unless the kernels' source files changed since the parent imported them."""
+    layout, dtype, stamps = argv
+    if ",".join(_stamp(path) for path in _SOURCES) != stamps:
+        return 3
     cpu.backward_kernel(layout).compile(cpu.backward_signature(np.dtype(dtype)))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

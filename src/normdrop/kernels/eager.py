@@ -107,7 +107,7 @@ def remember(
     entry.count = entry.numel // entry.channels
     entry.layout = layout
     entry.dtype = _NUMPY[dtype]
-    if training:
+    if training and torch.is_grad_enabled():  # a backward is coming
         compile_ahead.start(layout, entry.dtype)
     entry.forward = cpu.forward_kernel(layout)
     entry.backward = cpu.backward_kernel(layout)
