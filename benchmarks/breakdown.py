@@ -17,7 +17,8 @@ then, for BatchNorm1d training steps (forward and ``autograd.grad``):
 then, in fresh processes with an empty ``NUMBA_CACHE_DIR``, the cold first ``BatchNorm2d``
 training step with and without the backward compiled ahead in a helper process
 (``NORMDROP_COMPILE_AHEAD``), and, without it, the compile time split by function from numba's
-compile events (each function's time includes the helpers it compiles). docs/kernels.md and
+compile events (each function's time includes the helpers it compiles); last, the helper's
+start-up against a plain ``import normdrop``. docs/kernels.md and
 BENCHMARKS.md quote these figures.
 """
 
@@ -55,90 +56,87 @@ def _faults_per_call(fn, repeats: int) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / repeats
 
 
+class _Calls:
+    """A BatchNorm1d training step on ``shape``, ours and ATen's, and our two kernels called
+    directly with preallocated outputs and the statistics of a first step."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        import numpy as np
+        import torch
+
+        import normdrop
+
+        channels = shape[1]
+        self.x = torch.randn(shape, requires_grad=True)
+        self.grad = torch.randn(shape)
+        self.ours = normdrop.nn.BatchNorm1d(channels)
+        self.aten = torch.nn.BatchNorm1d(channels)
+        self.step(self.ours)()  # fills the module's cache: the kernels and their fixed arguments
+        self.entry = self.ours._fast_path_cache().state[3]
+        self.out, self.grad_in = torch.empty_like(self.x), torch.empty_like(self.x)
+        self.grad_w, self.grad_b = torch.empty(channels), torch.empty(channels)
+        self.stats = np.empty((3, channels), np.float32)
+        self.forward(self.entry.what)()  # the statistics, for output-only and backward calls
+
+    def step(self, module):
+        import torch
+
+        x = self.x
+        return lambda: torch.autograd.grad(module(x), (x, module.weight, module.bias), self.grad)
+
+    def forward(self, what: int):
+        from normdrop.kernels import cpu
+
+        e, x_at, out_at = self.entry, self.x.data_ptr(), self.out.data_ptr()
+        return lambda: e.forward(
+            what, x_at, out_at, e.numel, e.channels, e.plane, e.running_mean, e.running_var,
+            0.1, e.eps, self.stats, e.weight, e.bias, e.params, cpu.IDENTITY, 0, 0, 0, 0, False,
+        )  # fmt: skip
+
+    def backward(self, dx_at: int):
+        from normdrop.kernels import cpu
+
+        e, stats = self.entry, self.stats
+        dy_at, x_at = self.grad.data_ptr(), self.x.data_ptr()
+        w_at, b_at = self.grad_w.data_ptr(), self.grad_b.data_ptr()
+        return lambda: e.backward(
+            True, dy_at, x_at, dx_at, e.numel, e.channels, e.plane, stats[0], stats[1],
+            e.weight, e.bias, e.params, cpu.IDENTITY, 0, 0, 0, 0, False, True, w_at, b_at,
+        )  # fmt: skip
+
+
 def _shape_row(shape: tuple[int, ...], repeats: int) -> list[float]:
     """Kernel forward, kernel backward, normdrop step, ATen step (us); faults per step."""
-    import numpy as np
-    import torch
-
-    import normdrop
-    from normdrop.kernels import cpu
-
-    channels = shape[1]
-    x = torch.randn(shape, requires_grad=True)
-    grad = torch.randn(shape)
-    ours, aten = normdrop.nn.BatchNorm1d(channels), torch.nn.BatchNorm1d(channels)
-
-    def step(module):
-        return lambda: torch.autograd.grad(module(x), (x, module.weight, module.bias), grad)
-
-    step(ours)()  # fills the module's cache: the kernels and their fixed arguments
-    entry = ours._fast_path_cache().state[3]
-    out, grad_in = torch.empty_like(x), torch.empty_like(x)
-    grad_w, grad_b = torch.empty(channels), torch.empty(channels)
-    stats = np.empty((3, channels), np.float32)
-
-    def forward():
-        entry.forward(
-            entry.what, x.data_ptr(), out.data_ptr(), entry.numel, channels, entry.plane,
-            entry.running_mean, entry.running_var, 0.1, entry.eps, stats, entry.weight,
-            entry.bias, entry.params, cpu.IDENTITY, 0, 0, 0, 0, False,
-        )  # fmt: skip
-
-    def backward():
-        entry.backward(
-            True, grad.data_ptr(), x.data_ptr(), grad_in.data_ptr(), entry.numel, channels,
-            entry.plane, stats[0], stats[1], entry.weight, entry.bias, entry.params,
-            cpu.IDENTITY, 0, 0, 0, 0, False, True, grad_w.data_ptr(), grad_b.data_ptr(),
-        )  # fmt: skip
-
-    times = [_median_us(f, repeats) for f in (forward, backward, step(ours), step(aten))]
-    return times + [_faults_per_call(step(m), repeats) for m in (ours, aten)]
+    calls = _Calls(shape)
+    steps = calls.step(calls.ours), calls.step(calls.aten)
+    kernels = calls.forward(calls.entry.what), calls.backward(calls.grad_in.data_ptr())
+    times = [_median_us(f, repeats) for f in (*kernels, *steps)]
+    return times + [_faults_per_call(f, repeats) for f in steps]
 
 
 def _pass_row(shape: tuple[int, ...], repeats: int) -> list[float]:
     """Kernel passes alone (us): statistics, output, backward sums, backward sums + dx; torch's
     ``sum(x, 0)`` and ``add(x, g, out=y)`` on the same tensor."""
-    import numpy as np
     import torch
 
-    import normdrop
     from normdrop.kernels import cpu
 
-    channels = shape[1]
-    x = torch.randn(shape, requires_grad=True)
-    grad = torch.randn(shape)
-    ours = normdrop.nn.BatchNorm1d(channels)
-    torch.autograd.grad(ours(x), (x, ours.weight, ours.bias), grad)
-    entry = ours._fast_path_cache().state[3]
-    out, grad_in = torch.empty_like(x), torch.empty_like(x)
-    grad_w, grad_b = torch.empty(channels), torch.empty(channels)
-    stats = np.empty((3, channels), np.float32)
-
-    def forward(what):
-        return lambda: entry.forward(
-            what, x.data_ptr(), out.data_ptr(), entry.numel, channels, entry.plane,
-            entry.running_mean, entry.running_var, 0.1, entry.eps, stats, entry.weight,
-            entry.bias, entry.params, cpu.IDENTITY, 0, 0, 0, 0, False,
-        )  # fmt: skip
-
-    def backward(dx_at):
-        return lambda: entry.backward(
-            True, grad.data_ptr(), x.data_ptr(), dx_at, entry.numel, channels, entry.plane,
-            stats[0], stats[1], entry.weight, entry.bias, entry.params, cpu.IDENTITY, 0, 0, 0,
-            0, False, True, grad_w.data_ptr(), grad_b.data_ptr(),
-        )  # fmt: skip
-
-    forward(cpu.STATS_APPLY)()  # statistics for the output-only pass
-    detached = x.detach()
+    calls = _Calls(shape)
+    x = calls.x.detach()
     passes = [
-        forward(cpu.STATS),
-        forward(cpu.APPLY),
-        backward(0),
-        backward(grad_in.data_ptr()),
-        lambda: torch.sum(detached, 0),
-        lambda: torch.add(detached, grad, out=out),
+        calls.forward(cpu.STATS),
+        calls.forward(cpu.APPLY),
+        calls.backward(0),
+        calls.backward(calls.grad_in.data_ptr()),
+        lambda: torch.sum(x, 0),
+        lambda: torch.add(x, calls.grad, out=calls.out),
     ]
     return [_median_us(f, repeats) for f in passes]
+
+
+def _aten_step_us(shape: tuple[int, ...], repeats: int) -> float:
+    calls = _Calls(shape)
+    return _median_us(calls.step(calls.aten), repeats)
 
 
 def floor_breakdown(threads: int, repeats: int) -> None:
@@ -151,7 +149,7 @@ def floor_breakdown(threads: int, repeats: int) -> None:
     # The passes first, in a fresh process: steps on 1 MB tensors leave the C allocator in
     # states (page faults, 4 KiB-aliased buffers) that slow whatever runs after them.
     passes = [_pass_row(shape, repeats) for shape in shapes]
-    fixed = _shape_row((2, 8), repeats)[3]
+    fixed = _aten_step_us((2, 8), repeats)
     print(f"BatchNorm1d kernel passes alone, {threads} thread(s), median of {repeats} (us)")
     print(
         "shape        stats  output  bwd sums  bwd sums+dx | torch sum(x,0)  add(x,g)"
@@ -160,7 +158,7 @@ def floor_breakdown(threads: int, repeats: int) -> None:
     for shape, (stats, output, sums, full, torch_sum, torch_add) in zip(
         shapes, passes, strict=True
     ):
-        aten = _shape_row(shape, repeats)[3]
+        aten = _aten_step_us(shape, repeats)
         target = aten / 1.5
         print(
             f"{'x'.join(map(str, shape)):12s} {stats:5.1f}  {output:6.1f}  {sums:8.1f}  "
@@ -225,6 +223,31 @@ def compile_breakdown() -> None:
             )
         lines = (done.stdout.rstrip() or done.stderr).splitlines()
         print("\n".join(lines if ahead == "0" else lines[:1]))
+    helper_startup()
+
+
+def _python_seconds(code: str, *args: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, *args], check=True)
+    return time.perf_counter() - start
+
+
+def helper_startup() -> None:
+    """The compile-ahead helper's start-up (a fresh Python that imports the kernels without the
+    normdrop package) against a fresh Python importing normdrop; median of 5 each."""
+    import normdrop
+    from normdrop.kernels import compile_ahead
+
+    package = os.path.dirname(normdrop.__file__)
+    helper = compile_ahead.HELPER_PRELUDE + "from normdrop.kernels import compile_ahead\n"
+    runs = [
+        (_python_seconds(helper, package), _python_seconds("import normdrop")) for _ in range(5)
+    ]
+    print(
+        f"\nHelper start-up (kernels without the normdrop package): "
+        f"{statistics.median(h for h, _ in runs):.2f} s; "
+        f"import normdrop: {statistics.median(n for _, n in runs):.2f} s"
+    )
 
 
 def main() -> None:
