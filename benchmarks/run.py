@@ -141,7 +141,7 @@ def op_cases(shape: tuple[int, ...]):
     ]
 
 
-def run_ops(repeats: int, bandwidth: float, shapes, rounds: int = 1) -> list[Row]:
+def run_ops(repeats: int, bandwidth: float, shapes, rounds: int) -> list[Row]:
     """Every op case, ``rounds`` times over, each round on fresh tensors and modules; a row holds
     the median over rounds of each side's median time. The host's memory system is not steady
     (page faults when the C allocator re-maps a freed 1 MB block, input and output buffers

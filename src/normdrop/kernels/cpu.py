@@ -1706,23 +1706,18 @@ def backward_kernel(layout: str):
     return _BACKWARD[layout]
 
 
+def _vector_type(dtype: np.dtype) -> types.Array:
+    return types.Array(numpy_support.from_dtype(np.dtype(dtype)), 1, "C")
+
+
 def forward_signature(dtype: np.dtype) -> tuple:
     """The numba argument types of every :func:`forward_kernel` call on ``dtype`` data: codes,
     addresses, sizes and keys are Python ints, ``momentum`` and ``eps`` floats, ``drop`` a bool,
     ``stats`` a dense (3, C) array and the other arrays dense 1-D, all of ``dtype``."""
-    vector = types.Array(numpy_support.from_dtype(np.dtype(dtype)), 1, "C")
-    integer, real = types.int64, types.float64
-    return (
-        *[integer] * 6,
-        vector,
-        vector,
-        real,
-        real,
-        types.Array(vector.dtype, 2, "C"),
-        *[vector] * 3,
-        *[integer] * 5,
-        types.boolean,
-    )
+    vector, integer, real = _vector_type(dtype), types.int64, types.float64
+    stats = types.Array(vector.dtype, 2, "C")
+    return (*[integer] * 6, vector, vector, real, real, stats, *[vector] * 3, *[integer] * 5,
+            types.boolean)  # fmt: skip
 
 
 def backward_signature(dtype: np.dtype) -> tuple:
@@ -1730,6 +1725,5 @@ def backward_signature(dtype: np.dtype) -> tuple:
     are bools, addresses, sizes, codes and keys Python ints, the (C,) vectors and ``params``
     dense 1-D arrays of ``dtype``), so that the kernel can be compiled before its first call
     (:mod:`normdrop.kernels.compile_ahead`)."""
-    vector = types.Array(numpy_support.from_dtype(np.dtype(dtype)), 1, "C")
-    flag, integer = types.boolean, types.int64
+    vector, flag, integer = _vector_type(dtype), types.boolean, types.int64
     return (flag, *[integer] * 6, *[vector] * 5, *[integer] * 5, flag, flag, integer, integer)
