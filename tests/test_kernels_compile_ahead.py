@@ -8,7 +8,6 @@ import sys
 import textwrap
 import threading
 import time
-from typing import ClassVar
 
 import numba
 import numpy as np
@@ -166,28 +165,35 @@ def test_no_helper_when_switched_off_on_one_cpu_or_frozen(monkeypatch):
 
 
 class _RecordedPopen:
-    calls: ClassVar[list] = []
-    environments: ClassVar[list] = []
+    """Stands in for subprocess.Popen: records each command and environment, starts nothing."""
 
     def __init__(self, command, env=None, **kwargs):
-        type(self).calls.append(command)
-        type(self).environments.append(env)
+        self.command, self.env = command, env
+        launched.append(self)
 
     def poll(self):
         return None
 
 
-def test_one_helper_per_layout_and_dtype(fresh_state, monkeypatch):
-    monkeypatch.setattr(_RecordedPopen, "calls", [])
-    monkeypatch.setattr(_RecordedPopen, "environments", [])
+launched: list[_RecordedPopen] = []
+
+
+@pytest.fixture
+def recorded(monkeypatch) -> list[_RecordedPopen]:
+    """The helpers start() launches, recorded instead of started."""
     monkeypatch.setattr(subprocess, "Popen", _RecordedPopen)
+    launched.clear()
+    return launched
+
+
+def test_one_helper_per_layout_and_dtype(fresh_state, monkeypatch, recorded):
     monkeypatch.setattr(fresh_state, "_worth_a_helper", lambda layout, dtype: True)
     for _ in range(3):
         fresh_state.start(cpu.ROWS, np.dtype("float32"))
     fresh_state.start(cpu.PLANAR, np.dtype("float64"))
     package = os.path.dirname(normdrop.__file__)
     helper, stamps = compile_ahead._HELPER, compile_ahead._SOURCE_STAMPS
-    assert _RecordedPopen.calls == [
+    assert [helper.command for helper in recorded] == [
         [sys.executable, "-P", "-c", helper, package, "rows", "float32", stamps],
         [sys.executable, "-P", "-c", helper, package, "planar", "float64", stamps],
     ]
@@ -198,25 +204,26 @@ def test_one_helper_per_layout_and_dtype(fresh_state, monkeypatch):
 
 
 @pytest.mark.parametrize("numba_cache_dir", ["", "/somewhere/numba-cache"])
-def test_the_helper_uses_the_cache_this_process_uses(fresh_state, monkeypatch, numba_cache_dir):
+def test_the_helper_uses_the_cache_this_process_uses(
+    fresh_state, monkeypatch, recorded, numba_cache_dir
+):
     """numba read NUMBA_CACHE_DIR at import; a later change of the variable must not send the
     helper's kernel where this process will not look."""
     monkeypatch.setattr(numba.config, "CACHE_DIR", numba_cache_dir)
     monkeypatch.setenv("NUMBA_CACHE_DIR", "/changed/after/import")
-    monkeypatch.setattr(_RecordedPopen, "environments", [])
-    monkeypatch.setattr(subprocess, "Popen", _RecordedPopen)
     monkeypatch.setattr(fresh_state, "_worth_a_helper", lambda layout, dtype: True)
     fresh_state.start(cpu.ROWS, np.dtype("float64"))
-    (env,) = _RecordedPopen.environments
+    (helper,) = recorded
+    env = helper.env
     assert env.get("NUMBA_CACHE_DIR") == (numba_cache_dir or None)
     assert env["NORMDROP_COMPILE_AHEAD"] == "0"  # a helper starts no helpers
 
 
-def test_a_second_threads_first_call_finds_the_first_ones_helper(fresh_state, monkeypatch):
+def test_a_second_threads_first_call_finds_the_first_ones_helper(
+    fresh_state, monkeypatch, recorded
+):
     """Two threads' first calls start one helper, and the second returns only once the helper
     is registered, so that its backward waits for the helper instead of compiling too."""
-    monkeypatch.setattr(_RecordedPopen, "calls", [])
-    monkeypatch.setattr(subprocess, "Popen", _RecordedPopen)
     inside = threading.Event()
 
     def slow_check(layout, dtype):
@@ -232,18 +239,16 @@ def test_a_second_threads_first_call_finds_the_first_ones_helper(fresh_state, mo
     fresh_state.start(*key)  # the second thread (this one), while the first is deciding
     assert key in fresh_state._pending
     first.join()
-    assert len(_RecordedPopen.calls) == 1
+    assert len(recorded) == 1
 
 
-def test_no_helper_for_kernels_already_compiled_here(fresh_state, monkeypatch):
+def test_no_helper_for_kernels_already_compiled_here(fresh_state, recorded):
     _train_steps()  # compiles (or loads) both layouts' kernels in this process
-    monkeypatch.setattr(subprocess, "Popen", _RecordedPopen)
-    monkeypatch.setattr(_RecordedPopen, "calls", [])
     for layout in (cpu.PLANAR, cpu.ROWS):
         for dtype in ("float32", "float64"):
             assert not fresh_state._worth_a_helper(layout, np.dtype(dtype))
             fresh_state.start(layout, np.dtype(dtype))
-    assert _RecordedPopen.calls == [] and fresh_state._pending == {}
+    assert [helper.command for helper in recorded] == [] and fresh_state._pending == {}
 
 
 def test_a_helper_only_while_this_process_compiles_the_forward(fresh_state, monkeypatch):
