@@ -7,7 +7,7 @@ thread cannot overlap them; another process can. At the first training-mode forw
 (layout, dtype) whose two kernels are neither compiled here nor in numba's cache, :func:`start`
 launches a helper Python process that compiles that backward into the cache and exits. The
 helper imports the kernels (numpy and numba) without the normdrop package, whose ``__init__``
-imports torch: it starts in about 0.3 s instead of 1.7 s. The first backward call here
+imports torch: it starts in about 0.3 s instead of 1.5 s. The first backward call here
 (:func:`wait`) waits for it, then numba loads the kernel from the cache.
 
 The helper only ever saves time. Whatever goes wrong (it fails, stalls past ``TIMEOUT_S``,
