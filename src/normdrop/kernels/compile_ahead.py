@@ -31,6 +31,7 @@ import threading
 import numba
 import numpy as np
 
+from normdrop._cpus import usable_cpus
 from normdrop.kernels import cpu, philox
 
 __all__ = ["TIMEOUT_S", "enabled", "start", "wait"]
@@ -85,8 +86,7 @@ def enabled() -> bool:
         return False
     if getattr(sys, "frozen", False) or not sys.executable:
         return False
-    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere, the machine's CPUs
-    return (len(affinity(0)) if affinity else os.cpu_count() or 1) > 1
+    return usable_cpus() > 1
 
 
 def _cached(dispatcher, signature: tuple) -> bool:
@@ -220,7 +220,7 @@ def main(argv: list[str]) -> int:
     """``LAYOUT DTYPE STAMPS``: compile that backward kernel into numba's cache (the helper's
     work), unless the kernels' source files changed since the parent imported them."""
     layout, dtype, stamps = argv
-    if ",".join(_stamp(path) for path in _SOURCES) != stamps:
+    if stamps != _SOURCE_STAMPS:  # the files as this helper imported them
         return 3
     cpu.backward_kernel(layout).compile(cpu.backward_signature(np.dtype(dtype)))
     return 0

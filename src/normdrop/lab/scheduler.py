@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
+from normdrop._cpus import usable_cpus
 from normdrop.errors import InputError
 from normdrop.lab.config import RunSpec
 from normdrop.lab.data import prepare
@@ -86,13 +87,6 @@ def train_stored_run(
         except BaseException:
             store.release(run_id)
             raise
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def idle_cpus() -> int:
