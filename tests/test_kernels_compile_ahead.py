@@ -174,6 +174,9 @@ class _RecordedPopen:
     def poll(self):
         return None
 
+    def wait(self, timeout=None):
+        return 0
+
 
 launched: list[_RecordedPopen] = []
 
@@ -242,13 +245,33 @@ def test_a_second_threads_first_call_finds_the_first_ones_helper(
     assert len(recorded) == 1
 
 
-def test_no_helper_for_kernels_already_compiled_here(fresh_state, recorded):
+def test_no_helper_for_kernels_already_compiled_here(fresh_state, request):
     _train_steps()  # compiles (or loads) both layouts' kernels in this process
+    fresh_state._considered.clear()  # the warm-up's own first calls were considered already
+    recorded = request.getfixturevalue("recorded")  # recording from here on
     for layout in (cpu.PLANAR, cpu.ROWS):
         for dtype in ("float32", "float64"):
             assert not fresh_state._worth_a_helper(layout, np.dtype(dtype))
             fresh_state.start(layout, np.dtype(dtype))
     assert [helper.command for helper in recorded] == [] and fresh_state._pending == {}
+
+
+@pytest.mark.parametrize(
+    "module", [normdrop.nn.BatchNorm1d(4), normdrop.nn.BatchNormAct1d(4, "relu", 0.2)]
+)
+def test_a_helper_only_where_a_backward_follows(fresh_state, monkeypatch, recorded, module):
+    """A training-mode forward that autograd does not record (no_grad, as recalibration runs)
+    needs no backward kernel: no helper may compete with its forward's compile."""
+    monkeypatch.setattr(fresh_state, "_worth_a_helper", lambda layout, dtype: True)
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        module(x)
+    module.requires_grad_(False)
+    module(x)  # nothing requires grad
+    assert recorded == []
+    module.requires_grad_(True)
+    module(x)
+    assert [helper.command[5:7] for helper in recorded] == [["rows", "float32"]]
 
 
 def test_a_helper_only_while_this_process_compiles_the_forward(fresh_state, monkeypatch):
@@ -285,7 +308,7 @@ def test_a_helper_that_cannot_start_costs_nothing(fresh_state, monkeypatch):
     fresh_state.wait(cpu.ROWS, np.dtype("float32"))
 
 
-def test_a_failed_helper_leaves_the_compile_to_this_process(fresh_state):
+def test_a_failed_helper_is_waited_for_once(fresh_state):
     key = (cpu.ROWS, np.dtype("float32"))
     fresh_state._pending[key] = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     fresh_state.wait(*key)

@@ -3,12 +3,14 @@
 A cold first training step JIT-compiles two large kernels one after the other: the forward
 (about 6 s on a 2-core EPYC) and the backward (about 5 s). They do not depend on each other,
 but numba compiles under one lock per process (and llvmlite serializes its LLVM calls), so a
-thread cannot overlap them; another process can. At the first training-mode forward of a
-(layout, dtype) whose two kernels are neither compiled here nor in numba's cache, :func:`start`
-launches a helper Python process that compiles that backward into the cache and exits. The
-helper imports the kernels (numpy and numba) without the normdrop package, whose ``__init__``
-imports torch: it starts in about 0.3 s instead of 1.5 s. The first backward call here
-(:func:`wait`) waits for it, then numba loads the kernel from the cache.
+thread cannot overlap them; another process can. At the first forward that autograd records
+(a backward will follow: the eager BatchNorm and BatchNormAct functions call :func:`start`, and
+so does the statistics op of a traced training graph) of a (layout, dtype) whose two kernels
+are neither compiled here nor in numba's cache, :func:`start` launches a helper Python
+process that compiles that backward into the cache and exits. The helper imports the kernels
+(numpy and numba) without the normdrop package, whose ``__init__`` imports torch: it starts in
+about 0.3 s instead of 1.5 s. The first backward call here (:func:`wait`) waits for it, then
+numba loads the kernel from the cache.
 
 The helper only ever saves time. Whatever goes wrong (it fails, stalls past ``TIMEOUT_S``,
 cannot write the cache, finds the kernels' source files changed since this process imported
@@ -190,8 +192,8 @@ def _stop(helper: subprocess.Popen) -> None:
 
 
 def _reap() -> None:
-    """Collect helpers that finished without a backward call waiting for them (a training-mode
-    forward under no_grad), so that none stays a zombie."""
+    """Collect helpers that finished without a backward call waiting for them (a graph
+    whose backward never ran), so that none stays a zombie."""
     for key, helper in list(_pending.items()):
         if helper.poll() is not None:
             _pending.pop(key, None)

@@ -30,7 +30,7 @@ from normdrop.kernels import compile_ahead, cpu, ops
 __all__ = ["ModuleCache", "batch_norm", "remember", "run"]
 
 _PLAIN = ops._PLAIN
-_NUMPY = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+_NUMPY = ops._NUMPY
 
 
 class ModuleCache:
@@ -107,8 +107,6 @@ def remember(
     entry.count = entry.numel // entry.channels
     entry.layout = layout
     entry.dtype = _NUMPY[dtype]
-    if training and torch.is_grad_enabled():  # a backward is coming
-        compile_ahead.start(layout, entry.dtype)
     entry.forward = cpu.forward_kernel(layout)
     entry.backward = cpu.backward_kernel(layout)
     entry.training = bool(training)
@@ -295,4 +293,5 @@ def run(
         )
     ):
         return _forward(entry, input, momentum)[0]
+    compile_ahead.start(entry.layout, entry.dtype)  # a backward is coming
     return _BatchNormFunction.apply(input, weight, bias, entry, momentum)

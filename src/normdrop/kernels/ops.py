@@ -176,6 +176,7 @@ def _same_layout(tensor: Tensor, like: Tensor) -> Tensor:
 
 
 _EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
+_NUMPY = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 
 def _vector(tensor: Tensor | None, dtype: torch.dtype) -> np.ndarray:
@@ -207,8 +208,7 @@ def _dropout_key(p: float, seed: Tensor | None) -> tuple[int, int, int, bool]:
 def _kernel_params(dtype: torch.dtype, activation: str, negative_slope: float, p: float):
     """``(params, act)``: the kernels' scalar array and activation code."""
     slope = 1.0 if activation == "identity" else negative_slope
-    dtype_np = np.dtype(np.float32) if dtype == torch.float32 else np.dtype(np.float64)
-    return cpu.make_params(dtype_np, slope, _drop_scale(p, dtype)), cpu.ACTIVATIONS[activation]
+    return cpu.make_params(_NUMPY[dtype], slope, _drop_scale(p, dtype)), cpu.ACTIVATIONS[activation]
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +277,7 @@ def _run_forward(
     """
     dtype = input.dtype
     x_at = input.data_ptr()  # dense memory in the plan's layout: see cpu._memory
-    if what <= cpu.STATS_APPLY:  # training: the backward kernel will be wanted too
+    if what == cpu.STATS:  # the statistics op of a traced training graph: a backward follows
         compile_ahead.start(plan.layout, plan.params.dtype)
     _launching()
     finite = cpu.forward_kernel(plan.layout)(
@@ -778,6 +778,7 @@ def batch_norm_act(
         )
         if _records_nothing(input, weight, bias):
             return _eager_forward(*args)[0]  # skip autograd.Function: nothing to record
+        compile_ahead.start(layout_of(input), _NUMPY[input.dtype])  # a backward is coming
         return _BatchNormActFunction.apply(*args)
     if training:
         mean, invstd = batch_norm_stats(input.detach(), running_mean, running_var, momentum, eps)
