@@ -214,7 +214,13 @@ def batch_norm(
     ``cache`` (a module's :class:`normdrop.kernels.eager.ModuleCache`) lets repeated eager calls
     with the same tensors skip the checks they already passed.
     """
-    if cache is not None and eager is not None and not torch.compiler.is_compiling():
+    if cache is not None and (
+        eager is None or torch.compiler.is_compiling() or torch.jit.is_tracing()
+    ):
+        # compile and export record the registered ops; jit.trace records them too, and its
+        # sizes are tensors: nothing to remember
+        cache = None
+    if cache is not None:
         output = eager.batch_norm(
             cache, input, running_mean, running_var, weight, bias, training, momentum, eps
         )
@@ -222,11 +228,7 @@ def batch_norm(
             return output
     if not _fast_batch_norm(input, running_mean, running_var, weight, bias):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if (
-        cache is not None
-        and not torch.jit.is_tracing()  # sizes are tensors there: nothing to remember
-        and ops._eager(input, running_mean, running_var, weight, bias)
-    ):
+    if cache is not None and ops._eager(input, running_mean, running_var, weight, bias):
         F._check_batch_norm_args(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )

@@ -134,7 +134,6 @@ def _lookup(cache, input, running_mean, running_var, weight, bias, training, eps
         or not input.is_cpu
         or get_backend() != "fast"
         or not ops.usable()
-        or torch.jit.is_tracing()  # the tracer records the registered ops instead
         or torch._C._functorch.is_functorch_wrapped_tensor(input)
     ):
         return None
@@ -264,8 +263,8 @@ def batch_norm(
 ) -> Tensor | None:
     """The BatchNorm call (arguments as :func:`normdrop.functional.batch_norm`) on the cached
     fast path, or None when ``cache`` does not cover it (the caller then takes the general
-    path). Not for torch.compile: the caller checks ``torch.compiler.is_compiling()`` first;
-    jit.trace takes the general path (see ``_lookup``)."""
+    path). Not for torch.compile or torch.jit.trace, which record the registered ops: the caller
+    (:func:`normdrop.kernels.dispatch.batch_norm`) passes no cache there."""
     entry = _lookup(cache, input, running_mean, running_var, weight, bias, training, eps)
     if entry is None:
         return None

@@ -221,6 +221,7 @@ class _Plan(NamedTuple):
     backward."""
 
     layout: str
+    numel: int
     channels: int
     plane: int
     params: np.ndarray
@@ -241,6 +242,7 @@ def _plan(
     shape = input.shape  # int(): under torch.jit.trace, sizes and their products are tensors
     return _Plan(
         layout_of(input),
+        int(input.numel()),
         int(shape[1]),
         int(math.prod(shape[2:])),
         params,
@@ -284,7 +286,7 @@ def _run_forward(
         what,
         x_at,
         x_at if output is None else output.data_ptr(),
-        int(input.numel()),  # may be a tensor under torch.jit.trace
+        plan.numel,
         plan.channels,
         plan.plane,
         _vector(running_mean, dtype),
@@ -304,7 +306,7 @@ def _run_forward(
     )
     if not finite:  # a NaN/Inf channel: the reference skips it and warns
         mean, var = torch.from_numpy(stats[0]), torch.from_numpy(stats[2])
-        count = math.prod(input.shape) // plan.channels
+        count = plan.numel // plan.channels
         F._update_running_stats(running_mean, running_var, mean, var, count, momentum)
 
 
@@ -334,7 +336,7 @@ def _run_backward(
         grad_output.data_ptr(),
         input.data_ptr(),
         grad_input.data_ptr(),
-        int(input.numel()),  # may be a tensor under torch.jit.trace
+        plan.numel,
         plan.channels,
         plan.plane,
         mean,
