@@ -123,20 +123,26 @@ def test_a_failing_pass_restores_everything():
     assert not model[1]._forward_pre_hooks  # the collecting hooks are gone
 
 
-def test_renorm_recalibrates_its_own_statistics_and_keeps_its_schedule():
+@pytest.mark.parametrize("mode", ["cumulative", "precise"])
+def test_renorm_recalibrates_its_own_statistics_and_keeps_its_schedule(mode):
     """Batch Renorm recalibrates with r = 1, d = 0 and its own running averages (the paper's:
     the mean of mu_B, and of sigma_B = sqrt(v_B + eps), stored as sigma^2 - eps), written out
-    here in float64 from the Linear's outputs."""
+    here in float64 from the Linear's outputs: per batch in "cumulative" mode, weighted by
+    the batches' counts in "precise" mode (the last batch is smaller)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), ndnn.BatchRenorm1d(4, rmax=2, dmax=1))
     model[1].num_batches_tracked.fill_(100)
-    data = [torch.randn(8, 3) + i for i in range(3)]
+    data = [torch.randn(8, 3) + i for i in range(3)] + [torch.randn(2, 3) * 5]
     with torch.no_grad():
         features = [model[0](x).double() for x in data]
     eps = model[1].eps
-    mean = torch.stack([f.mean(0) for f in features]).mean(0)
-    sigma = torch.stack([(f.var(0, correction=0) + eps).sqrt() for f in features]).mean(0)
-    recalibrate_batchnorm(model, data)
+    counts = torch.tensor([len(f) for f in features], dtype=torch.float64)
+    weights = torch.ones(len(data)) if mode == "cumulative" else counts
+    weights = (weights / weights.sum()).double().unsqueeze(1)
+    mean = (weights * torch.stack([f.mean(0) for f in features])).sum(0)
+    sigmas = torch.stack([(f.var(0, correction=0) + eps).sqrt() for f in features])
+    sigma = (weights * sigmas).sum(0)
+    recalibrate_batchnorm(model, data, mode)
     torch.testing.assert_close(model[1].running_mean, mean.float())
     torch.testing.assert_close(model[1].running_var, (sigma**2 - eps).float())
     assert (model[1].rmax, model[1].dmax, int(model[1].num_batches_tracked)) == (2, 1, 100)

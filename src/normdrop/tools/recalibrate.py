@@ -27,11 +27,12 @@ In both modes the BatchNorm layers run in training mode (each batch is normalize
 own statistics, as during training, so later layers see training-time activations) and every
 other module runs in eval mode: unlike ``update_bn``, which calls ``model.train()``, dropout
 stays off, so its variance shift (Li et al. 2019) does not leak into the statistics. Batch
-Renorm layers run as plain BatchNorm (r = 1, d = 0); in "cumulative" mode they keep their own
-kind of average, the paper's (the mean of ``sigma_B = sqrt(v_b + eps)``, stored as
-``sigma^2 - eps``: docs/family.md), in "precise" mode they get the pooled statistics like any
-BatchNorm. Momenta, modes and Batch Renorm's limits and step count are restored afterwards; if
-the pass fails, the old statistics are put back too.
+Renorm layers run as plain BatchNorm (r = 1, d = 0) and keep their own kind of average, the
+paper's (the mean of ``sigma_B = sqrt(v_b + eps)``, stored as ``sigma^2 - eps``: docs/family.md),
+which their training steps normalize with: "cumulative" averages it over the batches,
+"precise" weights each batch by its count, in float64 (the mean is the pooled mean in both).
+Momenta, modes and Batch Renorm's limits and step count are restored afterwards; if the pass
+fails, the old statistics are put back too.
 """
 
 from __future__ import annotations
@@ -88,11 +89,18 @@ class _Pooled:
         self.counts.append(x.numel() // x.shape[1])
 
     def write_to(self, bn: torch.nn.modules.batchnorm._BatchNorm) -> None:
-        mean, var, total = combine_batch_statistics(
-            torch.stack(self.means), torch.stack(self.variances), torch.tensor(self.counts)
-        )
+        means, variances = torch.stack(self.means), torch.stack(self.variances)
+        counts = torch.tensor(self.counts)
+        mean, var, total = combine_batch_statistics(means, variances, counts)
         bn.running_mean.copy_(mean)
-        bn.running_var.copy_(var * (total / (total - 1)))
+        if isinstance(bn, _BatchRenorm):
+            # Its own statistic, which its training steps normalize with (r and d map each
+            # batch onto it): the count-weighted mean of sigma_B = sqrt(v_b + eps).
+            weights = (counts / total).to(torch.float64).unsqueeze(1)
+            sigma = (weights * (variances + bn.eps).sqrt()).sum(0)
+            bn.running_var.copy_((sigma * sigma - bn.eps).clamp_min(0.0))
+        else:
+            bn.running_var.copy_(var * (total / (total - 1)))
 
 
 def _saved_state(model: torch.nn.Module, bns: list) -> dict:
