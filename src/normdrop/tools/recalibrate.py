@@ -30,7 +30,7 @@ stays off, so its variance shift (Li et al. 2019) does not leak into the statist
 Renorm layers run as plain BatchNorm (r = 1, d = 0) and keep their own kind of average, the
 paper's (the mean of ``sigma_B = sqrt(v_b + eps)``, stored as ``sigma^2 - eps``: docs/family.md),
 which their training steps normalize with: "cumulative" averages it over the batches,
-"precise" weights each batch by its count, in float64 (the mean is the pooled mean in both).
+"precise" weights each batch by its count, in float64 (and the mean likewise).
 Momenta, modes and Batch Renorm's limits and step count are restored afterwards; if the pass
 fails, the old statistics are put back too.
 """
