@@ -216,6 +216,23 @@ def test_max_norm_clips_only_rows_above_the_limit():
     assert torch.all(model[2].weight == 10.0)  # the output layer is not constrained
 
 
+@pytest.mark.parametrize("lr_decay", [False, True])
+def test_classifier_learning_rate_falls_linearly_to_zero_or_stays(monkeypatch, lr_decay):
+    """The learning rate at step k of ``total``: ``lr * (1 - k / total)`` with ``lr_decay``,
+    ``lr`` without (read by each SGD step)."""
+    seen = []
+    monkeypatch.setattr(
+        srivastava2014, "sgd_step", lambda model, opt, x, y: seen.append(opt.param_groups[0]["lr"])
+    )
+    data = common.Data(
+        torch.rand(40, 6), torch.randint(0, 10, (40,)), torch.rand(4, 6), torch.zeros(4)
+    )
+    config = srivastava2014.Config(lr=0.3, batch_size=10)
+    srivastava2014.train_classifier(data, 0, (6, 5, 10), 3, config, lr_decay=lr_decay)
+    expected = [0.3 * (1.0 - k / 12) if lr_decay else 0.3 for k in range(12)]
+    assert seen == pytest.approx(expected, rel=1e-12, abs=0)
+
+
 def test_mc_error_averages_disjoint_groups():
     y = torch.tensor([0, 1])
     right = torch.tensor([[0.9, 0.1], [0.2, 0.8]])

@@ -109,14 +109,13 @@ def train_classifier(
     model = mlp(widths, nn.ReLU, None, keep_to_drop(hidden_keep), keep_to_drop(input_keep))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     total = epochs * (len(data.train_x) // config.batch_size)
-    step = 0
+    # LambdaLR sets lr = config.lr * factor(step) before each step: no drift, unlike LinearLR.
+    factor = (lambda step: 1.0 - step / total) if lr_decay else (lambda step: 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     for _ in range(epochs):
         for idx in epoch_batches(len(data.train_x), config.batch_size, generator):
-            if lr_decay:
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr * (1.0 - step / total)
             sgd_step(model, optimizer, data.train_x[idx], data.train_y[idx])
-            step += 1
+            schedule.step()
             if max_norm is not None:
                 apply_max_norm(model, max_norm)
     return model
