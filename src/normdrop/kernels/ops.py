@@ -664,9 +664,15 @@ def _eager_forward(
     negative_slope,
     p,
     seed,
+    *,
+    backward_follows: bool = False,
 ) -> tuple[Tensor, np.ndarray, _Plan]:
-    """Output, ``(3, C)`` statistics (numpy) and plan of one eager call: one kernel call."""
+    """Output, ``(3, C)`` statistics (numpy) and plan of one eager call: one kernel call.
+    ``backward_follows``: autograd records the call, so the backward kernel will be wanted
+    (:func:`normdrop.kernels.compile_ahead.start`)."""
     plan = _plan(input, activation, negative_slope, p, seed, 0)
+    if backward_follows:
+        compile_ahead.start(plan.layout, plan.params.dtype)
     output = torch.empty_like(input)
     stats = np.empty((3, plan.channels), plan.params.dtype)
     what = cpu.STATS_APPLY if training else cpu.APPLY_RUNNING
@@ -714,6 +720,7 @@ class _BatchNormActFunction(torch.autograd.Function):
             negative_slope,
             p,
             seed,
+            backward_follows=True,
         )
         ctx.save_for_backward(input, weight, bias)
         ctx.stats, ctx.plan, ctx.seed = stats, plan, seed
@@ -780,7 +787,6 @@ def batch_norm_act(
         )
         if _records_nothing(input, weight, bias):
             return _eager_forward(*args)[0]  # skip autograd.Function: nothing to record
-        compile_ahead.start(layout_of(input), _NUMPY[input.dtype])  # a backward is coming
         return _BatchNormActFunction.apply(*args)
     if training:
         mean, invstd = batch_norm_stats(input.detach(), running_mean, running_var, momentum, eps)
