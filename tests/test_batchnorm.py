@@ -659,3 +659,136 @@ def test_torchscript_gives_a_clear_error_and_the_way_out():
     scripted = torch.jit.script(convert(model, to="torch").eval())
     x = torch.randn(5, 3)
     torch.testing.assert_close(scripted(x), model.eval()(x))
+
+
+class _Exp(torch.nn.Module):
+    def forward(self, log_scale):
+        return log_scale.exp()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parametrized_weight_and_plain_attribute_match_torch(backend):
+    """The forward reads parameters and buffers from the module's registries (nn.Module's
+    __getattr__ is slow): a parametrized weight (a property of a generated class) and a weight
+    deleted and set back as a plain tensor attribute are still read, as torch reads them."""
+    from torch.nn.utils import parametrize
+
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 3, 4, generator=generator) + 2.0
+    grad = torch.randn(x.shape, generator=generator)
+    ours, reference = normdrop.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    for module in (ours, reference):
+        with torch.no_grad():
+            module.weight.copy_(torch.tensor([-0.5, 0.0, 0.3]))  # logs of the scales
+        parametrize.register_parametrization(module, "weight", _Exp())
+    with normdrop.use_backend(backend):
+        for _ in range(2):
+            y_ours, gx_ours = _step(ours, x, grad)
+            y_ref, gx_ref = _step(reference, x, grad)
+            assert_close_scaled(y_ours, y_ref, 1e-5)
+            assert_close_scaled(gx_ours, gx_ref, 1e-5)
+        log_ours = ours.parametrizations.weight.original
+        log_ref = reference.parametrizations.weight.original
+        assert_close_scaled(log_ours.grad, log_ref.grad, 1e-5)
+        _assert_same_state(ours, reference, 1e-5)
+
+        plain_ours, plain_ref = normdrop.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+        for module in (plain_ours, plain_ref):
+            del module.weight
+            module.weight = torch.tensor([2.0, -1.0, 0.5])  # now a plain attribute
+        assert_close_scaled(plain_ours(x), plain_ref(x), 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_call_uses_the_given_tensors(backend):
+    """torch.func.functional_call swaps parameters and buffers for one call: the output and
+    gradients follow the given tensors, the given buffers are updated in place as torch updates
+    them, and the module's own tensors are left alone."""
+    from torch.func import functional_call
+
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(32, 4, generator=generator) * 3 + 1
+    results = []
+    for cls in (normdrop.nn.BatchNorm1d, torch.nn.BatchNorm1d):
+        module = cls(4)
+        own = copy.deepcopy(module.state_dict())
+        weight = torch.linspace(0.5, 2.0, 4).requires_grad_(True)
+        tensors = {
+            "weight": weight,
+            "bias": torch.linspace(-1.0, 1.0, 4),
+            "running_mean": torch.full((4,), 0.5),
+            "running_var": torch.full((4,), 2.0),
+            "num_batches_tracked": torch.tensor(3),
+        }
+        with normdrop.use_backend(backend):
+            for _ in range(2):  # the second call may take a cached fast path
+                y = functional_call(module, tensors, (x,))
+        (grad_weight,) = torch.autograd.grad(y.square().sum(), weight)
+        for name, value in module.state_dict().items():
+            assert torch.equal(value, own[name]), name
+        results.append((y, grad_weight, {k: v.detach().clone() for k, v in tensors.items()}))
+    (y_ours, g_ours, t_ours), (y_ref, g_ref, t_ref) = results
+    assert_close_scaled(y_ours, y_ref, 1e-5)
+    assert_close_scaled(g_ours, g_ref, 1e-5)
+    for name in t_ref:
+        assert_close_scaled(t_ours[name].double(), t_ref[name].double(), 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_sample_gradients_with_torch_func_match_torch(backend):
+    """vmap(grad(...)) over an eval-mode BatchNorm (torch.func transforms active: the
+    reference path and autograd.Function's full apply) gives torch's per-sample gradients."""
+    from torch.func import functional_call, grad, vmap
+
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 3, 6, generator=generator)
+    grads = []
+    for cls in (normdrop.nn.BatchNorm1d, torch.nn.BatchNorm1d):
+        module = cls(3).eval()
+        with torch.no_grad():
+            module.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3]))
+            module.running_var.copy_(torch.tensor([1.5, 0.5, 2.0]))
+        params = {k: v.detach() for k, v in module.named_parameters()}
+
+        def loss(p, sample, module=module):
+            return functional_call(module, p, (sample.unsqueeze(0),)).pow(3).sum()
+
+        with normdrop.use_backend(backend):
+            grads.append(vmap(grad(loss), in_dims=(None, 0))(params, x))
+    for name in grads[1]:
+        assert grads[1][name].shape == (5, 3)
+        assert_close_scaled(grads[0][name], grads[1][name], 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("training", "track"), [(True, False), (False, True)])
+def test_torch_func_grad_over_parameters_matches_torch(training, track, backend):
+    """torch.func.grad with respect to the parameters, the input a plain tensor: the wrapped
+    parameters send the call to the reference (the kernels cannot read them), for BatchNorm and
+    the fused BatchNormAct, with torch's gradients."""
+    from torch.func import functional_call, grad
+
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(8, 3, 5, generator=generator) + 1.0
+    plain = functools.partial(torch.nn.BatchNorm1d, 3, track_running_stats=track)
+    pairs = (
+        (normdrop.nn.BatchNorm1d(3, track_running_stats=track), plain()),
+        (
+            normdrop.nn.BatchNormAct1d(3, activation="relu", track_running_stats=track),
+            torch.nn.Sequential(plain(), torch.nn.ReLU()),
+        ),
+    )
+    for ours, reference in pairs:
+        grads = []
+        for module in (ours, reference):
+            module.train(training)
+            params = {k: v.detach() for k, v in module.named_parameters()}
+
+            def loss(p, module=module):
+                return functional_call(module, p, (x,)).pow(3).sum()
+
+            with normdrop.use_backend(backend):
+                grads.append(grad(loss)(params))
+        assert len(grads[0]) == len(grads[1]) == 2
+        for g_ours, g_ref in zip(grads[0].values(), grads[1].values(), strict=True):
+            assert_close_scaled(g_ours, g_ref, 1e-5)

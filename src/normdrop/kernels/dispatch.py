@@ -78,7 +78,10 @@ def _fast_batch_norm(input: Tensor, *tensors: Tensor | None) -> bool:
     dtype = input.dtype
     for tensor in tensors:  # a loop, not all(...): a generator costs ~1 us, every call
         if tensor is not None and not (
-            isinstance(tensor, Tensor) and tensor.dtype == dtype and tensor.is_cpu
+            isinstance(tensor, Tensor)
+            and tensor.dtype == dtype
+            and tensor.is_cpu
+            and not _functorch_wrapped(tensor)  # torch.func.grad over the parameters
         ):
             return False
     return True

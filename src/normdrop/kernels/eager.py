@@ -250,6 +250,9 @@ class _BatchNormFunction(torch.autograd.Function):
         return (*ops._needed(ctx, weight, bias, grads), None, None)
 
 
+_apply = ops.direct_apply(_BatchNormFunction)
+
+
 def batch_norm(
     cache: ModuleCache,
     input: Tensor,
@@ -293,4 +296,4 @@ def run(
     ):
         return _forward(entry, input, momentum)[0]
     compile_ahead.start(entry.layout, entry.dtype)  # a backward is coming
-    return _BatchNormFunction.apply(input, weight, bias, entry, momentum)
+    return _apply(input, weight, bias, entry, momentum)

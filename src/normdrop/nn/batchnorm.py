@@ -59,6 +59,16 @@ def check_input(
         )
 
 
+_MISSING = object()
+
+
+def _registered(module: torch.nn.Module, registry: dict, name: str) -> Tensor | None:
+    """``getattr(module, name)`` for a name in ``registry`` (``_parameters`` or ``_buffers``),
+    without ``nn.Module.__getattr__``; any other name through it."""
+    value = registry.get(name, _MISSING)
+    return getattr(module, name) if value is _MISSING else value
+
+
 class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     r"""Batch Normalization over the channel dim 1 of an ``(N, C, *)`` input.
 
@@ -131,26 +141,38 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             cache = self.__dict__["_eager_cache"] = dispatch.eager.ModuleCache()
         return cache
 
+    def _call_arguments(self) -> tuple:
+        """The functional call's ``(running_mean, running_var, weight, bias, training,
+        momentum)`` for this module's mode: buffers normalize in eval; in training they are
+        passed only to be updated; batch statistics in training or without buffers.
+
+        Parameters and buffers are read from the module's registries: ``nn.Module.__getattr__``
+        costs about 0.6 us a name, a noticeable share of a small step. A name missing from them
+        (a parametrization's property, a plain attribute) is read by ``getattr``."""
+        params, buffers = self._parameters, self._buffers
+        running_mean = _registered(self, buffers, "running_mean")
+        training, tracking = self.training, self.track_running_stats
+        use_buffers = not training or tracking
+        return (
+            running_mean if use_buffers else None,
+            _registered(self, buffers, "running_var") if use_buffers else None,
+            _registered(self, params, "weight"),
+            _registered(self, params, "bias"),
+            training or running_mean is None,
+            self._momentum_for_this_batch() if training and tracking else 0.0,
+        )
+
+    def _count_batch(self) -> None:
+        """After a forward: one more batch in ``num_batches_tracked`` where it is tracked."""
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        updates_running_stats = self.training and self.track_running_stats
-        momentum = self._momentum_for_this_batch() if updates_running_stats else 0.0
-        # Buffers normalize in eval; in training they are passed only to be updated.
-        use_buffers = not self.training or self.track_running_stats
-        use_batch_stats = self.training or self.running_mean is None
         output = dispatch.batch_norm(
-            input,
-            self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            momentum,
-            self.eps,
-            cache=self._fast_path_cache(),
+            input, *self._call_arguments(), self.eps, cache=self._fast_path_cache()
         )
-        if updates_running_stats:
-            self.num_batches_tracked.add_(1)
+        self._count_batch()
         return output
 
 

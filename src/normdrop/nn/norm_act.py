@@ -64,26 +64,16 @@ class _BatchNormAct(_BatchNorm):
         return f"{super().extra_repr()}, activation={self.activation!r}, p={self.p}{slope}"
 
     def forward(self, input: Tensor) -> Tensor:
-        # The buffer logic of _BatchNorm.forward, with the fused call instead of batch_norm.
         self._check_input_dim(input)
-        updates_running_stats = self.training and self.track_running_stats
-        momentum = self._momentum_for_this_batch() if updates_running_stats else 0.0
-        use_buffers = not self.training or self.track_running_stats
         output = dispatch.batch_norm_act_dropout(
             input,
-            self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None,
-            self.weight,
-            self.bias,
-            self.training or self.running_mean is None,
-            momentum,
+            *self._call_arguments(),
             self.eps,
             self.activation,
             self.negative_slope,
             self.p if self.training else 0.0,
         )
-        if updates_running_stats:
-            self.num_batches_tracked.add_(1)
+        self._count_batch()
         return output
 
 
