@@ -637,6 +637,45 @@ def test_torch_opinfo_corner_samples():
         NF.batch_norm(x, torch.zeros(2), torch.ones(2), training=True, momentum="0.1")
 
 
+def _detached_copy(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone().requires_grad_(value.requires_grad)
+    return value
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_opinfo_samples_match_torch(dtype, backend):
+    """Every sample of PyTorch's OpInfos for nn.functional.batch_norm (with and without cudnn:
+    0-d to 5-D, statistics or None, training or not, momentum and eps): output, updated
+    buffers, and the gradients of every input that requires one equal torch's."""
+    methods = pytest.importorskip(
+        "torch.testing._internal.common_methods_invocations", reason="needs the dev extra"
+    )
+    infos = [info for info in methods.op_db if info.name == "nn.functional.batch_norm"]
+    assert len(infos) == 2
+    rtol, checked = tolerance(dtype), 0
+    for info in infos:
+        for sample in info.sample_inputs("cpu", dtype, requires_grad=True):
+            results = []
+            for function in (NF.batch_norm, torch.nn.functional.batch_norm):
+                x = _detached_copy(sample.input)
+                args = [_detached_copy(a) for a in sample.args]
+                with normdrop.use_backend(backend):
+                    y = function(x, *args, **sample.kwargs)
+                leaves = [t for t in (x, *args) if isinstance(t, torch.Tensor) and t.requires_grad]
+                grad = torch.linspace(-1, 1, y.numel(), dtype=dtype).reshape(y.shape)
+                grads = torch.autograd.grad(y, leaves, grad) if y.numel() else ()
+                buffers = [a for a in args if isinstance(a, torch.Tensor) and not a.requires_grad]
+                results.append((y, buffers, grads))
+            (y_ours, b_ours, g_ours), (y_ref, b_ref, g_ref) = results
+            assert_close_scaled(y_ours, y_ref, rtol)
+            for actual, expected in zip((*b_ours, *g_ours), (*b_ref, *g_ref), strict=True):
+                assert_close_scaled(actual, expected, rtol)
+            checked += 1
+    assert checked >= 20
+
+
 def test_export_in_training_mode_on_the_reference_backend():
     """The non-finite check of the running statistics must not branch on data under tracing."""
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), normdrop.nn.BatchNorm2d(4)).train()

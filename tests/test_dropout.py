@@ -260,3 +260,72 @@ def test_channelwise_rank_is_checked_only_when_a_mask_is_drawn(name, shape):
             torch.testing.assert_close(ours(x, p, training), reference(x, p, training))
         with pytest.raises(RuntimeError, match=rf"{name}: channel-wise dropout needs"):
             ours(x, 0.5, True)
+
+
+OPINFO_NAMES = {
+    "nn.functional.dropout": "dropout",
+    "nn.functional.dropout2d": "dropout2d",
+    "nn.functional.dropout3d": "dropout3d",
+    "nn.functional.alpha_dropout": "alpha_dropout",
+    "nn.functional.feature_alpha_dropout": "feature_alpha_dropout",
+}
+
+
+def _opinfo_samples():
+    """Every sample of PyTorch's own OpInfos for the dropout functions (all their variants)."""
+    methods = pytest.importorskip(
+        "torch.testing._internal.common_methods_invocations", reason="needs the dev extra"
+    )
+    infos = [info for info in methods.op_db if info.name in OPINFO_NAMES]
+    assert len(infos) == 6  # feature_alpha_dropout has a training and an eval variant
+    for info in infos:
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            for sample in info.sample_inputs("cpu", dtype, requires_grad=True):
+                yield OPINFO_NAMES[info.name], sample
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_opinfo_samples_match_torch(backend):
+    """PyTorch's OpInfo samples (0-d to 5-D, p in {0, 0.5, 1}, training on and off, default
+    arguments): for the same seed, the output and the input gradient equal torch's bit for bit,
+    except where the fast path draws its own (Philox) mask: element-wise dropout in training
+    with 0 < p < 1 on float32/float64, where every element is dropped (0, gradient 0) or kept
+    (x / (1 - p), gradient 1 / (1 - p)), and some of each are."""
+    checked = philox = 0
+    for name, sample in _opinfo_samples():
+        ours, reference = FUNCTIONS[name][:2]
+        x = sample.input.detach()
+        p, training = sample.kwargs.get("p", 0.5), sample.kwargs.get("training", True)
+        own_mask = (
+            backend == "fast"
+            and name == "dropout"
+            and training
+            and 0 < p < 1
+            and x.dtype != torch.bfloat16
+        )
+        results = []
+        for function in (ours, reference):
+            leaf = x.clone().requires_grad_(True)
+            torch.manual_seed(11)
+            with warnings.catch_warnings(), normdrop.use_backend(backend):
+                warnings.simplefilter("ignore")  # dropout2d's 3-D warning, tested elsewhere
+                y = function(leaf, *sample.args, **sample.kwargs)
+            (grad,) = torch.autograd.grad(y.sum(), leaf)
+            results.append((y.detach(), grad))
+        (y_ours, g_ours), (y_ref, g_ref) = results
+        assert y_ours.shape == y_ref.shape and y_ours.dtype == y_ref.dtype
+        if own_mask:
+            philox += 1
+            kept = y_ours != 0
+            assert x[~kept].eq(0).sum() == 0 or x.numel() == 1  # dropped, not zero inputs
+            scale = 1.0 / (1.0 - p)
+            torch.testing.assert_close(y_ours[kept], x[kept] * scale, rtol=0, atol=0)
+            torch.testing.assert_close(g_ours, kept.to(x.dtype) * scale, rtol=0, atol=0)
+            if x.numel() >= 25:
+                assert 0 < int(kept.sum()) < x.numel()
+        else:
+            torch.testing.assert_close(y_ours, y_ref, rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(g_ours, g_ref, rtol=0, atol=0, equal_nan=True)
+        checked += 1
+    assert checked >= 150
+    assert philox >= (4 if backend == "fast" else 0)
