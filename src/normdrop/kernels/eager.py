@@ -245,9 +245,9 @@ class _BatchNormFunction(torch.autograd.Function):
             saved = (input, weight, bias, mean, invstd, None)
             ctx.config = (entry.training, entry.eps, "identity", 0.0, 0.0, 0)
             grads = ops._grads(ctx, grad_output, saved)
-        else:
-            grads = _backward(entry, grad_output, input, stats, needs)
-        return (*ops._needed(ctx, weight, bias, grads), None, None)
+            return (*ops._needed(ctx, weight, bias, grads), None, None)
+        # _backward leaves None where needs says no (and a None weight or bias needs nothing)
+        return (*_backward(entry, grad_output, input, stats, needs), None, None)
 
 
 _apply = ops.direct_apply(_BatchNormFunction)
