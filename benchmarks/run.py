@@ -8,6 +8,16 @@ the median of ``--repeats`` runs after warm-up; an op case's, the median of that
 ``--rounds`` rounds on fresh tensors. A case's memory-traffic bound is the bytes the
 op must move (see ``TRAFFIC``) divided by the bandwidth of a large ``copy_`` measured in the
 same run; ``x bound`` is the measured time over that bound.
+
+Timing (``--timing``): ``blocks`` (default) times each function's repeats back to back, as
+``timeit`` and ``torch.utils.benchmark`` do, the sides taking turns by round; ``turns`` runs
+every function once per repetition, so each call follows the other side's (after a 3 ms serial
+``F.dropout`` the OpenMP workers have gone to sleep, and the next parallel call pays their
+wake-up, which no training step pays: the layer before keeps them busy).
+Allocator (``--allocator``): ``steady`` (default) sets glibc's trim and mmap thresholds so that
+freed memory stays mapped, the tuning PyTorch's CPU performance guide makes with jemalloc or
+tcmalloc; ``default`` leaves glibc's dynamic thresholds, under which a 1 MB tensor is sometimes
+freshly mapped (up to 256 page faults), depending on the order of earlier allocations.
 """
 
 from __future__ import annotations
@@ -64,14 +74,25 @@ class Row:
         return self.torch_ms / self.ours_ms
 
 
+TIMING = {"mode": "blocks"}  # set by main from --timing
+
+
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
     return medians_ms([fn], repeats, warmup)[0]
 
 
-def medians_ms(fns: list[Callable[[], object]], repeats: int, warmup: int = 2) -> list[float]:
-    """Median milliseconds of each function, the functions taking turns: each repetition runs
-    all of them once, so they share the allocator's and the machine's state (a large tensor
-    freshly mapped by the allocator costs page faults; turns spread that evenly)."""
+def _block_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    spent = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        spent.append(time.perf_counter() - start)
+    return statistics.median(spent) * 1e3
+
+
+def _turns_ms(fns: list[Callable[[], object]], repeats: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -82,6 +103,41 @@ def medians_ms(fns: list[Callable[[], object]], repeats: int, warmup: int = 2) -
             fn()
             spent.append(time.perf_counter() - start)
     return [statistics.median(spent) * 1e3 for spent in times]
+
+
+def medians_ms(
+    fns: list[Callable[[], object]], repeats: int, warmup: int = 2, reverse: bool = False
+) -> list[float]:
+    """Median milliseconds of each function (see ``--timing`` in the module docstring):
+    in blocks, in list order (``reverse``: the last first), or taking turns."""
+    if TIMING["mode"] == "turns":
+        return _turns_ms(fns, repeats, warmup)
+    order = range(len(fns) - 1, -1, -1) if reverse else range(len(fns))
+    times = {i: _block_ms(fns[i], repeats, warmup) for i in order}
+    return [times[i] for i in range(len(fns))]
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def steady_allocator() -> str:
+    """Keep freed memory mapped (glibc): no trimming of the heap's top, and blocks up to 32 MiB
+    (glibc's largest mmap threshold) from the heap, so a 1 MB tensor freed and allocated again
+    costs no page faults. Returns what was done, for the report."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        done = libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(
+            _M_MMAP_THRESHOLD, 32 << 20
+        )
+    except (OSError, AttributeError):
+        done = 0
+    if not done:
+        return "default (glibc's mallopt unavailable)"
+    return "steady (glibc mallopt: M_TRIM_THRESHOLD 1 GiB, M_MMAP_THRESHOLD 32 MiB)"
 
 
 def copy_bandwidth(repeats: int) -> float:
@@ -162,6 +218,7 @@ def run_ops(repeats: int, bandwidth: float, shapes, rounds: int) -> list[Row]:
                             _timed(ours_fn, mode, grad, ours_inputs),
                         ],
                         repeats,
+                        reverse=round_ % 2 == 1,
                     )
                     measured.setdefault((case, shape, mode), []).append(tuple(times))
                     print(f"  round {round_ + 1} {case:9s} {shape!s:18s} {mode:8s} "
@@ -388,6 +445,12 @@ def _shape(shape) -> str:
     return "x".join(str(d) for d in shape)
 
 
+TIMING_TEXT = {
+    "blocks": "blocks (each side's repeats back to back, the sides taking turns by round)",
+    "turns": "turns (the sides alternate call by call)",
+}
+
+
 def report(args, runs, saved, first_calls) -> str:
     """``runs``: per thread count, (threads, bandwidth, op rows, training rows, small rows)."""
     lines = [
@@ -401,7 +464,9 @@ def report(args, runs, saved, first_calls) -> str:
         f"Versions: Python {platform.python_version()}, torch {torch.__version__}, "
         f"numba {numba.__version__}, normdrop {normdrop.__version__}  ",
         f"Repetitions: median of {args.repeats} after warm-up (op cases: the median of that over "
-        f"{args.rounds} rounds on fresh tensors); float32; dropout p = {P}",
+        f"{args.rounds} rounds on fresh tensors); float32; dropout p = {P}  ",
+        f"Timing: {TIMING_TEXT[args.timing]}  ",
+        f"Allocator: {args.allocator_done}",
         "",
         "Speed-up is torch time / normdrop time. `x bound` is normdrop's time over the",
         "memory-traffic bound (passes over the tensor the op must make, at the copy bandwidth):",
@@ -499,6 +564,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output", type=Path, default=Path(__file__).parent.parent / "BENCHMARKS.md"
     )
+    parser.add_argument(
+        "--timing", choices=("blocks", "turns"), default="blocks", help="see the docstring"
+    )
+    parser.add_argument(
+        "--allocator", choices=("steady", "default"), default="steady", help="see the docstring"
+    )
     parser.add_argument("--note", action="append", default=[], help="a line for the report")
     args = parser.parse_args(argv)
     shown = ["..." if a in args.note else a for a in (argv or sys.argv[1:])]  # notes: at the end
@@ -507,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     args.load_before = f"{os.getloadavg()[0]:.2f}"
     if args.quick:
         args.repeats, args.rounds = 3, 1
+    TIMING["mode"] = args.timing
+    args.allocator_done = steady_allocator() if args.allocator == "steady" else "default (glibc's)"
     shapes = SHAPES[:1] + SHAPES[2:3] if args.quick else SHAPES
     runs = []
     for threads in args.threads:
