@@ -15,6 +15,10 @@ warm-up, minor page faults per call from ``resource.getrusage``), printed in two
   neither accounts for (step - fixed - kernels); and what a 1.5x speed-up over ATen's step would
   leave for our kernels once ATen's fixed cost is paid.
 
+Then the price of waking the OpenMP workers: our dropout forward+backward on 256x1024 back to
+back, right after ``F.dropout`` (3 ms of serial ``bernoulli_``: the workers go to sleep) and
+right after a parallel ``torch.mm`` (as in a training step), the three taking turns.
+
 Then, in fresh processes with an empty ``NUMBA_CACHE_DIR``, the cold first ``BatchNorm2d``
 training step with and without the backward compiled ahead in a helper process
 (``NORMDROP_COMPILE_AHEAD``), and, without it, the compile time split by function from numba's
@@ -212,6 +216,44 @@ def step_breakdown(threads: int, repeats: int) -> None:
     print("(unaccounted: ours step - ours fixed - kernels; allowed: ATen step / 1.5 - ATen fixed)")
 
 
+def wake_up(threads: int, repeats: int) -> None:
+    """Our dropout forward+backward on 256x1024: back to back, after ``F.dropout`` and after
+    ``torch.mm``, in turns (the preceding call untimed)."""
+    import numba
+    import torch
+    import torch.nn.functional as TF
+
+    from normdrop.kernels import dispatch
+
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    x = torch.randn(256, 1024, requires_grad=True)
+    grad, rows = torch.randn(256, 1024), torch.randn(64, 256)
+
+    def ours():
+        torch.autograd.grad(dispatch.dropout(x, 0.5), [x], grad)
+
+    before = {
+        "back to back": lambda: None,
+        "after F.dropout": lambda: TF.dropout(x.detach(), 0.5),
+        "after torch.mm": lambda: torch.mm(rows, x.detach()),  # a parallel op
+    }
+    times: dict[str, list[float]] = {name: [] for name in before}
+    for _ in range(5):  # warm-up
+        ours()
+    for _ in range(repeats):
+        for name, preceding in before.items():
+            preceding()
+            start = time.perf_counter()
+            ours()
+            times[name].append(time.perf_counter() - start)
+    print(
+        f"\nOpenMP wake-up, {threads} thread(s), median of {repeats} (us): our dropout"
+        " forward+backward on 256x1024 "
+        + ", ".join(f"{name} {statistics.median(t) * 1e6:.1f}" for name, t in times.items())
+    )
+
+
 _COMPILE_PROBE = """
 import collections, time, torch, normdrop
 from numba.core import event
@@ -284,6 +326,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=201)
     args = parser.parse_args()
     step_breakdown(args.threads, args.repeats)
+    wake_up(args.threads, args.repeats)
     compile_breakdown()
 
 

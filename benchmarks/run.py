@@ -9,11 +9,12 @@ the median of ``--repeats`` runs after warm-up; an op case's, the median of that
 op must move (see ``TRAFFIC``) divided by the bandwidth of a large ``copy_`` measured in the
 same run; ``x bound`` is the measured time over that bound.
 
-Timing (``--timing``): ``blocks`` (default) times each function's repeats back to back, as
-``timeit`` and ``torch.utils.benchmark`` do, the sides taking turns by round; ``turns`` runs
-every function once per repetition, so each call follows the other side's (after a 3 ms serial
-``F.dropout`` the OpenMP workers have gone to sleep, and the next parallel call pays their
-wake-up, which no training step pays: the layer before keeps them busy).
+Timing of the op cases (``--timing``): ``blocks`` (default) times each function's repeats back
+to back, as ``timeit`` and ``torch.utils.benchmark`` do, the sides taking turns by round;
+``turns`` runs every function once per repetition, so each call follows the other side's (after
+a 3 ms serial ``F.dropout`` the OpenMP workers have gone to sleep, and the next parallel call
+pays their wake-up, which no training step pays: the layer before keeps them busy). Whole
+training steps and the small batches always take turns: every step starts after a step.
 Allocator (``--allocator``): ``steady`` (default) sets glibc's trim and mmap thresholds so that
 freed memory stays mapped, the tuning PyTorch's CPU performance guide makes with jemalloc or
 tcmalloc; ``default`` leaves glibc's dynamic thresholds, under which a 1 MB tensor is sometimes
@@ -106,11 +107,15 @@ def _turns_ms(fns: list[Callable[[], object]], repeats: int, warmup: int) -> lis
 
 
 def medians_ms(
-    fns: list[Callable[[], object]], repeats: int, warmup: int = 2, reverse: bool = False
+    fns: list[Callable[[], object]],
+    repeats: int,
+    warmup: int = 2,
+    reverse: bool = False,
+    turns: bool | None = None,
 ) -> list[float]:
-    """Median milliseconds of each function (see ``--timing`` in the module docstring):
-    in blocks, in list order (``reverse``: the last first), or taking turns."""
-    if TIMING["mode"] == "turns":
+    """Median milliseconds of each function: in blocks, in list order (``reverse``: the last
+    first), or taking turns (``turns``; None: as ``--timing`` says, see the module docstring)."""
+    if TIMING["mode"] == "turns" if turns is None else turns:
         return _turns_ms(fns, repeats, warmup)
     order = range(len(fns) - 1, -1, -1) if reverse else range(len(fns))
     times = {i: _block_ms(fns[i], repeats, warmup) for i in order}
@@ -247,7 +252,7 @@ def _small_batchnorm_ms(shape: tuple[int, ...], repeats: int) -> list[float]:
         with normdrop.use_backend("reference"):
             ours_run()
 
-    return medians_ms([torch_run, reference_run, ours_run], max(repeats, 50), warmup=10)
+    return medians_ms([torch_run, reference_run, ours_run], max(repeats, 50), warmup=10, turns=True)
 
 
 def run_small_batchnorm(repeats: int) -> list[tuple[tuple[int, ...], float, float, float]]:
@@ -374,7 +379,8 @@ def run_training(repeats: int) -> list[tuple[str, dict[str, float]]]:
             model = build("normdrop" if layers == "reference" else layers)
             backend = "reference" if layers == "reference" else "fast"
             steps.append(training_step(model, batches, backend))
-        times = dict(zip(TRAINING_LAYERS, medians_ms(steps, repeats, warmup=3), strict=True))
+        medians = medians_ms(steps, repeats, warmup=3, turns=True)
+        times = dict(zip(TRAINING_LAYERS, medians, strict=True))
         rows.append((name, times))
         print(f"  {name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in times.items()), flush=True)
     return rows
@@ -446,8 +452,9 @@ def _shape(shape) -> str:
 
 
 TIMING_TEXT = {
-    "blocks": "blocks (each side's repeats back to back, the sides taking turns by round)",
-    "turns": "turns (the sides alternate call by call)",
+    "blocks": "op cases in blocks (each side's repeats back to back, the sides taking turns by"
+    " round); training steps and small batches in turns (call by call)",
+    "turns": "turns (the sides alternate call by call) everywhere",
 }
 
 
