@@ -1,7 +1,9 @@
 """Where a BatchNorm training step's time goes, and where the kernels' JIT time goes.
 
-    python benchmarks/breakdown.py [--threads 2] [--repeats 201]
+    python benchmarks/breakdown.py [--threads 2] [--repeats 201] [--allocator steady|default]
 
+The process's allocator is set as in ``benchmarks/run.py`` (``--allocator``; by default freed
+memory stays mapped, so steps pay no page-fault lottery; the fault counts are printed anyway).
 For the BatchNorm1d shapes, one measurement of each quantity (median of ``repeats`` after a
 warm-up, minor page faults per call from ``resource.getrusage``), printed in two tables:
 
@@ -324,7 +326,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=201)
+    parser.add_argument(
+        "--allocator",
+        choices=("steady", "default"),
+        default="steady",
+        help="as in benchmarks/run.py: steady keeps freed memory mapped (glibc mallopt)",
+    )
     args = parser.parse_args()
+    if args.allocator == "steady":
+        from run import steady_allocator  # benchmarks/run.py, beside this file
+
+        print(f"Allocator: {steady_allocator()}\n")
     step_breakdown(args.threads, args.repeats)
     wake_up(args.threads, args.repeats)
     compile_breakdown()
