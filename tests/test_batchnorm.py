@@ -774,29 +774,47 @@ def test_functional_call_uses_the_given_tensors(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_per_sample_gradients_with_torch_func_match_torch(backend):
-    """vmap(grad(...)) over an eval-mode BatchNorm (torch.func transforms active: the
-    reference path and autograd.Function's full apply) gives torch's per-sample gradients."""
-    from torch.func import functional_call, grad, vmap
+def test_plain_tensors_inside_torch_func_transforms_match_torch(backend):
+    """Inside grad and vmap, with a plain input and plain parameters (the transform is over a
+    scale of the output), and with the module's fast-path cache filled by a call outside: the
+    kernels would get wrapped tensors back (detach, the gradients), so the calls take the
+    reference, with torch's results; Dropout's mask is then torch's for the same seed."""
+    from torch.func import grad, vmap
 
-    generator = torch.Generator().manual_seed(7)
-    x = torch.randn(5, 3, 6, generator=generator)
-    grads = []
-    for cls in (normdrop.nn.BatchNorm1d, torch.nn.BatchNorm1d):
-        module = cls(3).eval()
-        with torch.no_grad():
-            module.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3]))
-            module.running_var.copy_(torch.tensor([1.5, 0.5, 2.0]))
-        params = {k: v.detach() for k, v in module.named_parameters()}
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(16, 3, generator=generator) + 1.0
+    pairs = (
+        (normdrop.nn.BatchNorm1d(3).eval(), torch.nn.BatchNorm1d(3).eval()),
+        (
+            normdrop.nn.BatchNorm1d(3, track_running_stats=False),
+            torch.nn.BatchNorm1d(3, track_running_stats=False),
+        ),
+        (
+            normdrop.nn.BatchNormAct1d(3, activation="relu").eval(),
+            torch.nn.Sequential(torch.nn.BatchNorm1d(3), torch.nn.ReLU()).eval(),
+        ),
+    )
+    scales = torch.tensor([0.5, 1.0, 2.0])
+    for ours, reference in pairs:
+        results = []
+        for module in (ours, reference):
+            with normdrop.use_backend(backend):
+                module(x)  # fills our module's cache outside the transforms
 
-        def loss(p, sample, module=module):
-            return functional_call(module, p, (sample.unsqueeze(0),)).pow(3).sum()
+                def loss(scale, module=module):
+                    return (module(x) * scale).pow(2).sum()
 
+                results.append((grad(loss)(torch.tensor(1.5)), vmap(loss)(scales)))
+        for actual, expected in zip(*results, strict=True):
+            assert_close_scaled(actual, expected, 1e-5)
+    dropped = []
+    for module in (normdrop.nn.Dropout(0.5), torch.nn.Dropout(0.5)):
+        torch.manual_seed(4)
         with normdrop.use_backend(backend):
-            grads.append(vmap(grad(loss), in_dims=(None, 0))(params, x))
-    for name in grads[1]:
-        assert grads[1][name].shape == (5, 3)
-        assert_close_scaled(grads[0][name], grads[1][name], 1e-5)
+            dropped.append(
+                grad(lambda scale, m=module: (m(x) * scale).pow(2).sum())(torch.ones(()))
+            )
+    torch.testing.assert_close(dropped[0], dropped[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -4,7 +4,8 @@ The fast path runs when every condition holds, and the reference otherwise, sile
 
 * ``normdrop.get_backend() == "fast"``, numba imported, and not in a process forked after its
   parent ran the (OpenMP) kernels;
-* a CPU tensor of dtype float32 or float64, not empty, not wrapped by ``torch.func``;
+* a CPU tensor of dtype float32 or float64, not empty, outside ``torch.func`` transforms and
+  not wrapped by one;
 * BatchNorm: parameters and buffers of the input's dtype and device, and an input whose memory
   the kernels read as it is (contiguous, or channels_last / channels_last_3d);
 * Dropout: element-wise dropout in training with ``0 < p < 1``.
@@ -57,19 +58,25 @@ def _fast_tensor(input: object) -> bool:
         and input.is_cpu
         and input.dtype in _FAST_DTYPES
         and input.numel() > 0
-        and not _functorch_wrapped(input)
+        and not _torch_func(input)
     )
 
 
-def _functorch_wrapped(input: Tensor) -> bool:
-    """vmap/grad transforms wrap tensors; the ops have no vmap rule, so those take the reference.
+def _torch_func(tensor: Tensor) -> bool:
+    """True inside a ``torch.func`` transform (vmap, grad, jvp...) or for a tensor one wrapped
+    (a parameter under ``grad``, a dead wrapper): the kernels have no functorch rules and read
+    plain memory, and inside a transform even plain tensors come back wrapped (``detach()``,
+    the gradients reaching backward), so those calls take the reference.
 
     Under torch.compile the check is skipped: dynamo cannot trace it, and traced tensors are
     fake tensors, which the ops handle.
     """
     if torch.compiler.is_compiling():
         return False
-    return torch._C._functorch.is_functorch_wrapped_tensor(input)
+    return (
+        torch._C._are_functorch_transforms_active()
+        or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+    )
 
 
 def _fast_batch_norm(input: Tensor, *tensors: Tensor | None) -> bool:
@@ -81,7 +88,7 @@ def _fast_batch_norm(input: Tensor, *tensors: Tensor | None) -> bool:
             isinstance(tensor, Tensor)
             and tensor.dtype == dtype
             and tensor.is_cpu
-            and not _functorch_wrapped(tensor)  # torch.func.grad over the parameters
+            and not _torch_func(tensor)
         ):
             return False
     return True

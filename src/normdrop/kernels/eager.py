@@ -134,6 +134,7 @@ def _lookup(cache, input, running_mean, running_var, weight, bias, training, eps
         or not input.is_cpu
         or get_backend() != "fast"
         or not ops.usable()
+        or torch._C._are_functorch_transforms_active()  # see dispatch._torch_func
         or torch._C._functorch.is_functorch_wrapped_tensor(input)
     ):
         return None
