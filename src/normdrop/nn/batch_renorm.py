@@ -60,7 +60,13 @@ from normdrop.functional import (
 )
 from normdrop.nn.batchnorm import _BatchNorm
 
-__all__ = ["BatchRenorm1d", "BatchRenorm2d", "renorm_correction", "update_renorm_stats"]
+__all__ = [
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "renorm_correction",
+    "stored_variance",
+    "update_renorm_stats",
+]
 
 
 @torch.no_grad()
@@ -85,6 +91,12 @@ def renorm_correction(
     return r, d
 
 
+def stored_variance(sigma: Tensor, eps: float) -> Tensor:
+    """``running_var`` for a running ``sigma``: ``sigma^2 - eps``, at least 0 (the buffer keeps
+    BatchNorm's meaning, so ``sigma = sqrt(running_var + eps)`` again)."""
+    return (sigma * sigma - eps).clamp_min(0.0)
+
+
 @torch.no_grad()
 def update_renorm_stats(
     running_mean: Tensor,
@@ -106,7 +118,7 @@ def update_renorm_stats(
     sigma = torch.sqrt(running_var.to(mean.dtype) + eps)
     new_mean = running_mean + momentum * (mean - running_mean.to(mean.dtype))
     new_sigma = sigma + momentum * (sigma_batch - sigma)
-    new_var = (new_sigma * new_sigma - eps).clamp_min(0.0)
+    new_var = stored_variance(new_sigma, eps)
     finite = torch.isfinite(mean) & torch.isfinite(sigma_batch)
     _store_finite(running_mean, running_var, new_mean, new_var, finite, "BatchRenorm")
 

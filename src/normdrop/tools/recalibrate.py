@@ -45,7 +45,7 @@ from torch import Tensor
 
 from normdrop.errors import InputError
 from normdrop.functional import batch_statistics
-from normdrop.nn.batch_renorm import _BatchRenorm
+from normdrop.nn.batch_renorm import _BatchRenorm, stored_variance
 from normdrop.nn.sync_batchnorm import combine_batch_statistics
 
 __all__ = ["recalibrate_batchnorm"]
@@ -98,7 +98,7 @@ class _Pooled:
             # batch onto it): the count-weighted mean of sigma_B = sqrt(v_b + eps).
             weights = (counts / total).to(torch.float64).unsqueeze(1)
             sigma = (weights * (variances + bn.eps).sqrt()).sum(0)
-            bn.running_var.copy_((sigma * sigma - bn.eps).clamp_min(0.0))
+            bn.running_var.copy_(stored_variance(sigma, bn.eps))
         else:
             bn.running_var.copy_(var * (total / (total - 1)))
 
