@@ -165,7 +165,7 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def _count_batch(self) -> None:
         """After a forward: one more batch in ``num_batches_tracked`` where it is tracked."""
         if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
+            _registered(self, self._buffers, "num_batches_tracked").add_(1)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)

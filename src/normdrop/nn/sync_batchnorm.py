@@ -275,20 +275,12 @@ class SyncBatchNorm(_BatchNorm):
         if not self._synchronizes():
             return super().forward(input)
         self._check_input_dim(input)
-        tracks = self.track_running_stats
-        momentum = self._momentum_for_this_batch() if tracks else 0.0
+        # Training (see _synchronizes): the buffers are passed only when tracked, for updating.
+        running_mean, running_var, weight, bias, _, momentum = self._call_arguments()
         output = _sync_batch_norm(
-            input,
-            self.running_mean if tracks else None,
-            self.running_var if tracks else None,
-            self.weight,
-            self.bias,
-            momentum,
-            self.eps,
-            self.process_group,
+            input, running_mean, running_var, weight, bias, momentum, self.eps, self.process_group
         )
-        if tracks:
-            self.num_batches_tracked.add_(1)
+        self._count_batch()
         return output
 
     @classmethod
