@@ -19,7 +19,8 @@ warm-up, minor page faults per call from ``resource.getrusage``), printed in two
 
 Then the price of waking the OpenMP workers: our dropout forward+backward on 256x1024 back to
 back, right after ``F.dropout`` (3 ms of serial ``bernoulli_``: the workers go to sleep) and
-right after a parallel ``torch.mm`` (as in a training step), the three taking turns.
+right after a parallel ``torch.mm`` (as in a training step), the three taking turns; and the
+Python the modules' eager path saves per call (a parameter read, ``autograd.Function.apply``).
 
 Then, in fresh processes with an empty ``NUMBA_CACHE_DIR``, the cold first ``BatchNorm2d``
 training step with and without the backward compiled ahead in a helper process
@@ -168,12 +169,16 @@ def _steps(calls: _Calls, repeats: int) -> dict[str, float]:
     return {"ours": ours, "aten": aten, "ours faults": ours_faults, "aten faults": aten_faults}
 
 
-def step_breakdown(threads: int, repeats: int) -> None:
+def _use_threads(threads: int) -> None:
     import numba
     import torch
 
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+def step_breakdown(threads: int, repeats: int) -> None:
+    """The two tables (``threads`` only labels them: :func:`main` sets the threads)."""
     floor = _plain_passes()
     calls = {shape: _Calls(shape) for shape in SHAPES}
     # The passes before any repeated 1 MB step: steps leave the C allocator in states (page
@@ -218,17 +223,55 @@ def step_breakdown(threads: int, repeats: int) -> None:
     print("(unaccounted: ours step - ours fixed - kernels; allowed: ATen step / 1.5 - ATen fixed)")
 
 
+def python_overheads(repeats: int) -> None:
+    """What the modules' eager path saves per call: a parameter read through
+    ``nn.Module.__getattr__`` against the registry read, and ``autograd.Function.apply``
+    against :func:`normdrop.kernels.ops.direct_apply` (a trivial Function on a 2x8 tensor)."""
+    import torch
+
+    import normdrop
+    from normdrop.kernels.ops import direct_apply
+    from normdrop.nn.batchnorm import _registered
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    module, x = normdrop.nn.BatchNorm1d(8), torch.randn(2, 8, requires_grad=True)
+    direct, loops = direct_apply(Identity), 100
+
+    def per_call(fn):
+        def run():
+            for _ in range(loops):
+                fn()
+
+        return _measure(run, repeats)[0] / loops
+
+    timed = {
+        "module.weight": per_call(lambda: module.weight),
+        "registry read": per_call(lambda: _registered(module, module._parameters, "weight")),
+        "Function.apply": per_call(lambda: Identity.apply(x)),
+        "direct_apply": per_call(lambda: direct(x)),
+    }
+    print(
+        f"\nPython per call, median of {repeats} x {loops} (us): "
+        + ", ".join(f"{name} {us:.2f}" for name, us in timed.items())
+    )
+
+
 def wake_up(threads: int, repeats: int) -> None:
     """Our dropout forward+backward on 256x1024: back to back, after ``F.dropout`` and after
     ``torch.mm``, in turns (the preceding call untimed)."""
-    import numba
     import torch
     import torch.nn.functional as TF
 
     from normdrop.kernels import dispatch
 
-    torch.set_num_threads(threads)
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     x = torch.randn(256, 1024, requires_grad=True)
     grad, rows = torch.randn(256, 1024), torch.randn(64, 256)
 
@@ -337,8 +380,10 @@ def main() -> None:
         from run import steady_allocator  # benchmarks/run.py, beside this file
 
         print(f"Allocator: {steady_allocator()}\n")
+    _use_threads(args.threads)
     step_breakdown(args.threads, args.repeats)
     wake_up(args.threads, args.repeats)
+    python_overheads(args.repeats)
     compile_breakdown()
 
 

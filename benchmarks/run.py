@@ -75,25 +75,12 @@ class Row:
         return self.torch_ms / self.ours_ms
 
 
-TIMING = {"mode": "blocks"}  # set by main from --timing
-
-
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
     return medians_ms([fn], repeats, warmup)[0]
 
 
-def _block_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    spent = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        spent.append(time.perf_counter() - start)
-    return statistics.median(spent) * 1e3
-
-
 def _turns_ms(fns: list[Callable[[], object]], repeats: int, warmup: int) -> list[float]:
+    """Median milliseconds of each function, each repetition running all of them once."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -110,15 +97,17 @@ def medians_ms(
     fns: list[Callable[[], object]],
     repeats: int,
     warmup: int = 2,
+    *,
+    turns: bool = True,
     reverse: bool = False,
-    turns: bool | None = None,
 ) -> list[float]:
-    """Median milliseconds of each function: in blocks, in list order (``reverse``: the last
-    first), or taking turns (``turns``; None: as ``--timing`` says, see the module docstring)."""
-    if TIMING["mode"] == "turns" if turns is None else turns:
+    """Median milliseconds of each function, taking turns (``turns``) or in blocks, one function's
+    repeats after the other's, in list order (``reverse``: the last first). See ``--timing`` in
+    the module docstring."""
+    if turns:
         return _turns_ms(fns, repeats, warmup)
     order = range(len(fns) - 1, -1, -1) if reverse else range(len(fns))
-    times = {i: _block_ms(fns[i], repeats, warmup) for i in order}
+    times = {i: _turns_ms([fns[i]], repeats, warmup)[0] for i in order}
     return [times[i] for i in range(len(fns))]
 
 
@@ -202,7 +191,7 @@ def op_cases(shape: tuple[int, ...]):
     ]
 
 
-def run_ops(repeats: int, bandwidth: float, shapes, rounds: int) -> list[Row]:
+def run_ops(repeats: int, bandwidth: float, shapes, rounds: int, turns: bool) -> list[Row]:
     """Every op case, ``rounds`` times over, each round on fresh tensors and modules; a row holds
     the median over rounds of each side's median time. The host's memory system is not steady
     (page faults when the C allocator re-maps a freed 1 MB block, input and output buffers
@@ -223,6 +212,7 @@ def run_ops(repeats: int, bandwidth: float, shapes, rounds: int) -> list[Row]:
                             _timed(ours_fn, mode, grad, ours_inputs),
                         ],
                         repeats,
+                        turns=turns,
                         reverse=round_ % 2 == 1,
                     )
                     measured.setdefault((case, shape, mode), []).append(tuple(times))
@@ -379,8 +369,7 @@ def run_training(repeats: int) -> list[tuple[str, dict[str, float]]]:
             model = build("normdrop" if layers == "reference" else layers)
             backend = "reference" if layers == "reference" else "fast"
             steps.append(training_step(model, batches, backend))
-        medians = medians_ms(steps, repeats, warmup=3, turns=True)
-        times = dict(zip(TRAINING_LAYERS, medians, strict=True))
+        times = dict(zip(TRAINING_LAYERS, medians_ms(steps, repeats, warmup=3), strict=True))
         rows.append((name, times))
         print(f"  {name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in times.items()), flush=True)
     return rows
@@ -585,7 +574,6 @@ def main(argv: list[str] | None = None) -> int:
     args.load_before = f"{os.getloadavg()[0]:.2f}"
     if args.quick:
         args.repeats, args.rounds = 3, 1
-    TIMING["mode"] = args.timing
     args.allocator_done = steady_allocator() if args.allocator == "steady" else "default (glibc's)"
     shapes = SHAPES[:1] + SHAPES[2:3] if args.quick else SHAPES
     runs = []
@@ -594,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         print(f"threads {threads}: copy bandwidth, op cases", flush=True)
         bandwidth = copy_bandwidth(args.repeats)
-        rows = run_ops(args.repeats, bandwidth, shapes, args.rounds)
+        rows = run_ops(args.repeats, bandwidth, shapes, args.rounds, args.timing == "turns")
         print("small batches", flush=True)
         small = run_small_batchnorm(args.repeats)
         print("training steps", flush=True)
