@@ -30,15 +30,17 @@ def draw_seed(generator: torch.Generator | None = None) -> torch.Tensor:
     return torch.randint(0, _SEED_LIMIT, (), dtype=torch.int64, generator=generator)
 
 
+def _folded(seed: int, offset: int, n: int) -> np.ndarray:
+    """The stream's words as :func:`normdrop.kernels.philox.fold31` folds them (int64)."""
+    signed = words(seed, offset, n).view(np.int32).astype(np.int64)
+    return np.where(signed < 0, -signed - 1, signed)
+
+
 def keep_mask(seed: int, offset: int, n: int, p: float) -> torch.Tensor:
     """The dropout keep mask (bool) of stream elements ``offset ... offset + n - 1``."""
-    folded = words(seed, offset, n).view(np.int32).astype(np.int64)
-    folded = np.where(folded < 0, -folded - 1, folded)
-    return torch.from_numpy(folded > keep_threshold(p))
+    return torch.from_numpy(_folded(seed, offset, n) > keep_threshold(p))
 
 
 def uniform(seed: int, offset: int, n: int) -> torch.Tensor:
     """The float32 uniforms in [0, 1) of stream elements ``offset ... offset + n - 1``."""
-    folded = words(seed, offset, n).view(np.int32)
-    folded = np.where(folded < 0, -(folded.astype(np.int64)) - 1, folded).astype(np.float32)
-    return torch.from_numpy(folded * UNIFORM_SCALE)
+    return torch.from_numpy(_folded(seed, offset, n).astype(np.float32) * UNIFORM_SCALE)
