@@ -104,13 +104,13 @@ _PLAIN = frozenset((Tensor, torch.nn.Parameter))
 
 
 def direct_apply(function: type[torch.autograd.Function]) -> Callable[..., Any]:
-    """``function.apply`` without the Python layer of ``autograd.Function.apply``, about 2 us a
-    call: it binds default arguments (for Functions with a ``setup_context``) and maps a pytree
-    over the arguments to unwrap dead ``torch.func`` wrappers. The kernels' Functions define no
-    ``setup_context``, and their eager callers pass no ``torch.func``-wrapped tensor (the
-    dispatch sends those to the reference), so neither step changes anything there. Under
-    active ``torch.func`` transforms, or on a torch without the C entry point, it is the full
-    ``apply``."""
+    """``function.apply`` without the Python layer of ``autograd.Function.apply`` (about 1.2 us
+    a call, ``benchmarks/breakdown.py``): it binds default arguments (for Functions with a
+    ``setup_context``) and maps a pytree over the arguments to unwrap dead ``torch.func``
+    wrappers. The kernels' Functions define no ``setup_context``, and their eager callers pass
+    no ``torch.func``-wrapped tensor (the dispatch sends those to the reference), so neither
+    step changes anything there. Under active ``torch.func`` transforms, or on a torch without
+    the C entry point, it is the full ``apply``."""
     base = getattr(torch._C, "_FunctionBase", None)
     raw = None if base is None else base.__dict__.get("apply")
     if raw is None or not hasattr(raw, "__get__"):

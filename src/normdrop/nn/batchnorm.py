@@ -147,8 +147,9 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         passed only to be updated; batch statistics in training or without buffers.
 
         Parameters and buffers are read from the module's registries: ``nn.Module.__getattr__``
-        costs about 0.6 us a name, a noticeable share of a small step. A name missing from them
-        (a parametrization's property, a plain attribute) is read by ``getattr``."""
+        costs about 0.6 us a name (``benchmarks/breakdown.py``), a noticeable share of a small
+        step. A name missing from them (a parametrization's property, a plain attribute) is
+        read by ``getattr``."""
         params, buffers = self._parameters, self._buffers
         running_mean = _registered(self, buffers, "running_mean")
         training, tracking = self.training, self.track_running_stats
