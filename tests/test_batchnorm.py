@@ -849,3 +849,44 @@ def test_torch_func_grad_over_parameters_matches_torch(training, track, backend)
         assert len(grads[0]) == len(grads[1]) == 2
         for g_ours, g_ref in zip(grads[0].values(), grads[1].values(), strict=True):
             assert_close_scaled(g_ours, g_ref, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("training", "affine"), [(True, True), (True, False), (False, True)])
+def test_forward_mode_ad_matches_torch(training, affine, backend):
+    # Tangents on the input and the parameters, through the module (the fast path's Functions
+    # have no jvp: dual levels take the reference) and through torch.func.jvp.
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    x, x_t = torch.randn(64, 5, 3, dtype=torch.float64) + 4, torch.randn(64, 5, 3).double()
+    ours = normdrop.nn.BatchNorm1d(5, affine=affine).double().train(training)
+    theirs = torch.nn.BatchNorm1d(5, affine=affine).double().train(training)
+    if affine:
+        for module in (ours, theirs):
+            module.weight.data = torch.linspace(0.5, 2, 5, dtype=torch.float64)
+            module.bias.data = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    tangents = {"weight": torch.randn(5).double(), "bias": torch.randn(5).double()}
+    outputs = []
+    with normdrop.use_backend(backend):
+        for module in (ours, theirs):
+            params = {n: p.detach() for n, p in module.named_parameters()}
+            with fwAD.dual_level():
+                duals = {n: fwAD.make_dual(p, tangents[n]) for n, p in params.items()}
+                out = torch.func.functional_call(module, duals, (fwAD.make_dual(x, x_t),))
+                outputs.append(fwAD.unpack_dual(out))
+            # torch.func refuses the in-place running-stat update (torch.nn's too): in training
+            # the transformed module tracks none
+            plain = copy.deepcopy(module)
+            plain.track_running_stats = not training
+            _, jvp_out = torch.func.jvp(
+                lambda t, m=plain, ps=params: torch.func.functional_call(m, ps, (t,)),
+                (x,),
+                (x_t,),
+            )
+            outputs.append((None, jvp_out))
+    (y, y_t), (_, jvp_ours), (expected, expected_t), (_, jvp_theirs) = outputs
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(y_t, expected_t)
+    torch.testing.assert_close(jvp_ours, jvp_theirs)
+    assert ours.running_mean.abs().sum() > 0 or not training  # the running statistics moved

@@ -216,9 +216,66 @@ def test_p_must_be_a_number():
         NF.dropout(torch.randn(3), "0.5")
 
 
-def test_integer_input_is_refused():
+def test_integer_input_is_refused_only_where_values_would_change():
     with pytest.raises(TypeError, match="dropout: input must be a floating-point tensor"):
         NF.dropout(torch.ones(4, dtype=torch.int64))
+    # As in PyTorch: in eval mode, with p = 0 or on an empty tensor the input itself comes back.
+    for name, (ours, reference, ranks) in FUNCTIONS.items():
+        x = torch.arange(2 * 3 * 2 ** (max(ranks) - 2)).reshape(2, 3, *[2] * (max(ranks) - 2))
+        for p, training in ((0.5, False), (0.0, True)):
+            assert ours(x, p, training) is x, name
+            assert reference(x, p, training) is x, name
+
+
+@pytest.mark.parametrize("name", sorted(set(FUNCTIONS) - {"dropout1d"}))  # 4-D inputs
+@pytest.mark.parametrize(
+    "layout",
+    [
+        lambda x: x.to(memory_format=torch.channels_last),
+        lambda x: x.transpose(1, 3),
+        lambda x: x[:, :, ::2],
+    ],
+    ids=["channels_last", "transposed", "strided"],
+)
+def test_masks_equal_torchs_for_inputs_not_contiguous(name, layout):
+    # The element-wise noise follows the input's memory format, as ATen's empty_like does, so
+    # bernoulli_ fills it in the same order.
+    ours, reference, _ = FUNCTIONS[name]
+    x = layout(torch.randn(2, 3, 6, 5))
+    torch.manual_seed(7)
+    expected = reference(x, 0.5, True)
+    with normdrop.use_backend("reference"):
+        torch.manual_seed(7)
+        actual = ours(x, 0.5, True)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert actual.stride() == expected.stride()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (lambda: normdrop.nn.Dropout(0.5), (4, 8, 16)),
+        (lambda: normdrop.nn.Dropout1d(0.5), (4, 8, 16)),
+        (lambda: normdrop.nn.Dropout2d(0.5), (4, 8, 5, 5)),
+        (lambda: normdrop.nn.Dropout3d(0.5), (4, 8, 2, 3, 3)),
+        (lambda: normdrop.nn.DropPath(0.5), (4, 8, 16)),
+        (lambda: normdrop.nn.DropBlock2d(0.5, 3), (4, 2, 3, 8, 8)),
+    ],
+)
+def test_vmap_with_different_randomness_draws_a_mask_per_sample(backend, make, shape):
+    module = make()
+    x = torch.randn(shape) + 3  # no zero but the dropped ones
+    with normdrop.use_backend(backend):
+        y = torch.func.vmap(module, randomness="different")(x)
+        same = torch.func.vmap(module, randomness="same")(x)
+    kept = y != 0
+    assert y.shape == x.shape
+    assert any(not torch.equal(kept[0], kept[i]) for i in range(1, shape[0]))
+    assert all(torch.equal(same[0] != 0, same[i] != 0) for i in range(1, shape[0]))
+    for i in range(shape[0]):  # in each sample, what is kept is scaled by one factor
+        ratio = y[i][kept[i]] / x[i][kept[i]]
+        torch.testing.assert_close(ratio, torch.full_like(ratio, ratio[0].item()))
 
 
 def test_dropout1d_wrong_rank_is_a_clear_error():
@@ -329,3 +386,31 @@ def test_torch_opinfo_samples_match_torch(backend):
         checked += 1
     assert checked >= 150
     assert philox >= (4 if backend == "fast" else 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_mode_ad_tangent_is_the_masked_tangent(backend):
+    import torch.autograd.forward_ad as fwAD
+
+    x, tangent = torch.randn(300, 50) + 5, torch.randn(300, 50)
+    with normdrop.use_backend(backend), fwAD.dual_level():
+        y, y_t = fwAD.unpack_dual(normdrop.nn.Dropout(0.4)(fwAD.make_dual(x, tangent)))
+    torch.testing.assert_close(y_t, tangent * (y / x))
+    assert 0.5 < (y != 0).float().mean() < 0.7
+
+
+@pytest.mark.parametrize("module", [False, True])
+def test_p_too_close_to_one_for_the_fast_masks_takes_torchs_bernoulli(module):
+    # Within 2^-10 of 1 the float32 uniforms would miss the keep rate: the fast backend then
+    # draws torch's mask (bit-equal for the same seed); at the bound it still runs the kernel.
+    from normdrop.kernels import dispatch, masks
+
+    x = torch.randn(64, 1024)
+    for p, torchs in ((1 - masks.MIN_KEEP / 2, True), (1 - masks.MIN_KEEP, False)):
+        torch.manual_seed(3)
+        expected = torch.nn.functional.dropout(x, p)
+        torch.manual_seed(3)
+        with normdrop.use_backend("fast"):
+            actual = normdrop.nn.Dropout(p)(x) if module else dispatch.dropout(x, p)
+        assert torch.equal(actual, expected) == torchs
+        assert ((actual == 0) | torch.isclose(actual, x / (1 - p))).all()

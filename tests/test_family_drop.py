@@ -192,6 +192,18 @@ def test_drop_block_identity_cases_and_errors():
         drop_block2d(x, -0.1, 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_drop_block_with_everything_dropped_gives_zeros_not_nan(dtype):
+    # The scale numel / eps overflows float16; the docstring promises finite output anyway.
+    x = torch.randn(2, 3, 4, 4, dtype=dtype, requires_grad=True)
+    y = drop_block2d(x, 1.0, 4)
+    y.sum().backward()
+    assert torch.equal(y, torch.zeros_like(y))
+    assert torch.equal(x.grad, torch.zeros_like(x.grad))
+    kept = drop_block2d(x.detach(), 0.3, 2, generator=_generator(1))  # and survivors scaled
+    assert torch.isfinite(kept).all() and (kept != 0).any()
+
+
 # --------------------------------------------------------------------------------------------
 # DropConnect
 # --------------------------------------------------------------------------------------------

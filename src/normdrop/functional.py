@@ -265,8 +265,34 @@ class _BatchNormFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         input, weight, bias, mean, invstd, training, eps = inputs
         ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.save_for_forward(input, weight, mean, invstd)
         ctx.training, ctx.eps = training, eps
         ctx.bias_dtype = None if bias is None else bias.dtype
+
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, *_) -> Tensor:
+        """Forward mode: the output's tangent. BatchNorm's Jacobian in ``x`` is symmetric, so the
+        input's tangent goes through the backward formula; then ``xhat * weight' + bias'``."""
+        input, weight, mean, invstd = ctx.saved_tensors
+        x = input.to(_compute_dtype(input))
+        ndim = x.dim()
+        xhat = (x - _per_channel(mean, ndim)) * _per_channel(invstd, ndim)
+        scale = invstd if weight is None else invstd * weight.to(x.dtype)
+        tangent = torch.zeros_like(xhat)
+        if input_t is not None:
+            dx = input_t.to(x.dtype)
+            if ctx.training:
+                dims = _reduction_dims(x)
+                sum_dx, sum_dx_xhat = dx.sum(dims), (dx * xhat).sum(dims)
+                count = _values_per_channel(x)
+                tangent = _input_grad_batch_stats(dx, xhat, scale, sum_dx, sum_dx_xhat, count)
+            else:
+                tangent = dx * _per_channel(scale, ndim)
+        if weight_t is not None:
+            tangent = tangent + xhat * _per_channel(weight_t.to(x.dtype), ndim)
+        if bias_t is not None:
+            tangent = tangent + _per_channel(bias_t.to(x.dtype), ndim)
+        return tangent.to(input.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -394,14 +420,16 @@ def _check_dropout_p(name: str, p: float) -> None:
         raise InputError(f"{name}: dropout probability p has to be between 0 and 1, but got {p}")
 
 
-def _check_dropout_args(name: str, input: Tensor, p: float) -> None:
+def _check_dropout_args(name: str, input: Tensor, p: float, training: bool = True) -> None:
+    """The input must be floating point only where values change (training, ``p > 0``, not
+    empty): otherwise PyTorch returns the input itself, whatever its dtype."""
     if not isinstance(input, Tensor):
         raise InputTypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
-    if not input.is_floating_point():
+    _check_dropout_p(name, p)
+    if training and p > 0 and input.numel() > 0 and not input.is_floating_point():
         raise InputTypeError(
             f"{name}: input must be a floating-point tensor, got dtype {input.dtype}"
         )
-    _check_dropout_p(name, p)
 
 
 def _feature_noise_shape(input: Tensor) -> tuple[int, ...]:
@@ -435,8 +463,9 @@ def _dropout(
             f"dims, got shape {tuple(input.shape)}"
         )
     keep = 1.0 - p
-    shape = _feature_noise_shape(input) if channelwise else input.shape
-    noise = torch.empty(shape, dtype=input.dtype, device=input.device)
+    # As ATen: element-wise noise in the input's memory format (bernoulli_ fills it in memory
+    # order), channel-wise noise contiguous.
+    noise = input.new_empty(_feature_noise_shape(input)) if channelwise else torch.empty_like(input)
     noise.bernoulli_(keep, generator=generator)
     if not alpha:
         noise.div_(keep)
@@ -463,7 +492,7 @@ def dropout(
     global generator when ``None``). In eval mode, or with ``p == 0``, the input itself is
     returned.
     """
-    _check_dropout_args("dropout", input, p)
+    _check_dropout_args("dropout", input, p, training)
     return _dropout("dropout", input, p, training, inplace, generator, False, alpha=False)
 
 
@@ -495,7 +524,7 @@ def dropout1d(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Zero whole channels of an ``(N, C, L)`` or ``(C, L)`` input with probability ``p``."""
-    _check_dropout_args("dropout1d", input, p)
+    _check_dropout_args("dropout1d", input, p, training)
     if input.dim() not in (2, 3):
         raise InputError(
             f"dropout1d: input must have shape (N, C, L) or (C, L), got {input.dim()}-D input "
@@ -517,7 +546,7 @@ def dropout2d(
     As in PyTorch, a 3-D input is read as ``(N, C, L)`` (channel-wise 1-D dropout) with a
     warning, and other ranks are accepted with a deprecation warning.
     """
-    _check_dropout_args("dropout2d", input, p)
+    _check_dropout_args("dropout2d", input, p, training)
     if input.dim() not in (3, 4):
         warnings.warn(
             f"dropout2d: received a {input.dim()}-D input; dropout2d expects (N, C, H, W). "
@@ -545,7 +574,7 @@ def dropout3d(
 ) -> Tensor:
     """Zero whole channels of an ``(N, C, D, H, W)`` or ``(C, D, H, W)`` input, each with
     probability ``p``."""
-    _check_dropout_args("dropout3d", input, p)
+    _check_dropout_args("dropout3d", input, p, training)
     if input.dim() not in (4, 5):
         warnings.warn(
             f"dropout3d: received a {input.dim()}-D input; dropout3d expects (N, C, D, H, W) or "
@@ -570,7 +599,7 @@ def alpha_dropout(
     so that a standard-normal input keeps mean 0 and variance 1. ``training`` defaults to False,
     as in PyTorch.
     """
-    _check_dropout_args("alpha_dropout", input, p)
+    _check_dropout_args("alpha_dropout", input, p, training)
     return _dropout("alpha_dropout", input, p, training, inplace, generator, False, alpha=True)
 
 
@@ -583,5 +612,5 @@ def feature_alpha_dropout(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Alpha dropout of whole channels of an ``(N, C, *)`` input."""
-    _check_dropout_args("feature_alpha_dropout", input, p)
+    _check_dropout_args("feature_alpha_dropout", input, p, training)
     return _dropout("feature_alpha_dropout", input, p, training, inplace, generator, True, True)

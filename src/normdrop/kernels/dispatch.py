@@ -8,7 +8,9 @@ The fast path runs when every condition holds, and the reference otherwise, sile
   not wrapped by one;
 * BatchNorm: parameters and buffers of the input's dtype and device, and an input whose memory
   the kernels read as it is (contiguous, or channels_last / channels_last_3d);
-* Dropout: element-wise dropout in training with ``0 < p < 1``.
+* Dropout: element-wise dropout in training with ``0 < p <= 1 - 2^-10``
+  (:data:`normdrop.kernels.masks.MIN_KEEP`: closer to 1, the float32 uniforms would miss the
+  keep rate).
 
 Arguments are validated by :mod:`normdrop.functional`'s own checks on both paths, so bad input
 raises the same error whichever path runs. Under ``normdrop.use_backend("reference")`` every
@@ -20,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from normdrop import functional as F
@@ -66,7 +69,9 @@ def _torch_func(tensor: Tensor) -> bool:
     """True inside a ``torch.func`` transform (vmap, grad, jvp...) or for a tensor one wrapped
     (a parameter under ``grad``, a dead wrapper): the kernels have no functorch rules and read
     plain memory, and inside a transform even plain tensors come back wrapped (``detach()``,
-    the gradients reaching backward), so those calls take the reference.
+    the gradients reaching backward), so those calls take the reference. The same inside
+    ``torch.autograd.forward_ad.dual_level()``: the kernels' Functions have no ``jvp``, the
+    reference's formulas do.
 
     Under torch.compile the check is skipped: dynamo cannot trace it, and traced tensors are
     fake tensors, which the ops handle.
@@ -76,7 +81,13 @@ def _torch_func(tensor: Tensor) -> bool:
     return (
         torch._C._are_functorch_transforms_active()
         or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+        or forward_ad_active()
     )
+
+
+def forward_ad_active() -> bool:
+    """True inside ``torch.autograd.forward_ad.dual_level()`` (dual tensors may exist)."""
+    return _forward_ad._current_level >= 0
 
 
 def _fast_batch_norm(input: Tensor, *tensors: Tensor | None) -> bool:
@@ -140,7 +151,9 @@ def batch_norm_act_dropout(
     """
     check_activation("batch_norm_act_dropout", activation, negative_slope)
     F._check_dropout_p("batch_norm_act_dropout", p)
-    if not _fast_batch_norm(input, running_mean, running_var, weight, bias):
+    if not _fast_batch_norm(input, running_mean, running_var, weight, bias) or (
+        p > 1 - masks.MIN_KEEP
+    ):
         return reference_batch_norm_act_dropout(
             input,
             running_mean,
@@ -273,8 +286,8 @@ def dropout(
     The mask differs from torch's for the same seed (another generator) but is just as
     reproducible: ``torch.manual_seed`` (or ``generator``) fixes the seed the kernel uses.
     """
-    F._check_dropout_args("dropout", input, p)
-    if not (_fast_tensor(input) and training and 0 < p < 1):
+    F._check_dropout_args("dropout", input, p, training)
+    if not (_fast_tensor(input) and training and 0 < p <= 1 - masks.MIN_KEEP):
         return F.dropout(input, p, training, inplace, generator=generator)
     seed = masks.draw_seed(generator)
     if not inplace:

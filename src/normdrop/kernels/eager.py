@@ -21,6 +21,7 @@ import math
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from normdrop import functional as F
@@ -136,6 +137,7 @@ def _lookup(cache, input, running_mean, running_var, weight, bias, training, eps
         or not ops.usable()
         or torch._C._are_functorch_transforms_active()  # see dispatch._torch_func
         or torch._C._functorch.is_functorch_wrapped_tensor(input)
+        or _forward_ad._current_level >= 0
     ):
         return None
     _, tensors, pointers, entry = state

@@ -99,7 +99,7 @@ def drop_path(
     keep = 1.0 - p
     ones = (1,) * (input.dim() - 1)
     shape = (input.shape[0], *ones) if mode == "row" else (1, *ones)
-    noise = torch.empty(shape, dtype=input.dtype, device=input.device)
+    noise = input.new_empty(shape)  # as timm; vmap batches new_empty's result
     noise.bernoulli_(keep, generator=generator)
     if scale_by_keep and keep > 0:
         noise.div_(keep)
@@ -207,11 +207,14 @@ def drop_block2d(
         return input
     gamma = drop_block_gamma(p, block_size, height, width)
     grid = (n, c if per_channel else 1, height - block_size + 1, width - block_size + 1)
-    seeds = torch.empty(grid, dtype=input.dtype, device=input.device)
+    seeds = input.new_empty(grid)  # not torch.empty: vmap batches new_empty's result
     seeds.bernoulli_(gamma, generator=generator)
     keep = 1 - block_mask(seeds, block_size)
-    scale = keep.numel() / (eps + keep.sum(dtype=_compute_dtype(input)))
-    return input * keep * scale.to(input.dtype)
+    compute = _compute_dtype(input)
+    scale = keep.numel() / (eps + keep.sum(dtype=compute))
+    # keep * scale in float32 for half inputs: with everything dropped the scale (numel / eps)
+    # overflows float16, and 0 * inf would be NaN (forward and gradient). Exact: keep is 0 or 1.
+    return input * (keep.to(compute) * scale).to(input.dtype)
 
 
 class DropBlock2d(torch.nn.Module):
