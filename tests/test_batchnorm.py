@@ -147,7 +147,7 @@ def test_analytic_backward_is_not_autograd_through_statistics():
     """The training backward is our autograd.Function, not a graph of mean/var ops."""
     x = torch.randn(4, 3, requires_grad=True)
     y = NF.batch_norm(x, None, None, training=True)
-    assert type(y.grad_fn).__name__ == "_BatchNormFunctionBackward"
+    assert type(y.grad_fn).__name__ == "_BatchNormFunctionWithJvpBackward"
 
 
 def test_functional_matches_torch_functional():
@@ -397,10 +397,12 @@ def test_batch_of_one_in_training_has_torchs_message():
         torch.nn.BatchNorm1d(3)(x)
     assert str(ours.value) == str(reference.value)
     assert "Expected more than 1 value per channel when training" in str(ours.value)
-    bn = normdrop.nn.BatchNorm1d(3)
-    with pytest.raises(ValueError):
-        bn(x)
-    assert bn.num_batches_tracked.item() == 0  # a refused batch is not counted
+    bn, theirs = normdrop.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    for module in (bn, theirs):
+        with pytest.raises(ValueError):
+            module(x)
+    # torch.nn counts before its checks (see test_refused_training_call_still_counts_the_batch)
+    assert bn.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 1
     normdrop.nn.BatchNorm1d(3).eval()(x)  # one sample is fine in eval mode
     normdrop.nn.BatchNorm1d(3)(torch.randn(1, 3, 2))  # two values per channel is enough
 
@@ -436,10 +438,15 @@ def test_eps_sign_is_checked_by_forward_as_torch_does(cls, backend):
     x = torch.randn(4, 3)
     with normdrop.use_backend(backend):
         for eps in (0.0, -1.0):
-            bn = cls(3, eps=eps)
+            bn, theirs = cls(3, eps=eps), torch.nn.BatchNorm1d(3, eps=eps)
             with pytest.raises(ValueError, match="eps must be positive"):
                 bn(x)
-            assert bn.num_batches_tracked.item() == 0  # a refused batch is not counted
+            with pytest.raises(ValueError, match="eps must be positive"):
+                theirs(x)
+            # BatchNorm counts before the checks, as torch.nn counts; a ghost batch counts after
+            counted = 1 if cls is normdrop.nn.BatchNorm1d else 0
+            assert bn.num_batches_tracked.item() == counted
+            assert theirs.num_batches_tracked.item() == 1
         with pytest.raises(ValueError, match="eps must be non-negative"):
             cls(3, eps=-1.0).eval()(x)
         ours, reference = cls(3, eps=0.0).eval(), torch.nn.BatchNorm1d(3, eps=0.0).eval()
@@ -890,3 +897,98 @@ def test_forward_mode_ad_matches_torch(training, affine, backend):
     torch.testing.assert_close(y_t, expected_t)
     torch.testing.assert_close(jvp_ours, jvp_theirs)
     assert ours.running_mean.abs().sum() > 0 or not training  # the running statistics moved
+
+
+LAYOUTS = {
+    "transposed sequence": lambda: torch.randn(4, 7, 3).transpose(1, 2),
+    "channels_last": lambda: torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
+    "permuted image": lambda: torch.randn(2, 4, 3, 5).transpose(1, 2),
+    "swapped spatial": lambda: torch.randn(2, 3, 4, 5).permute(0, 1, 3, 2),
+    "strided rows": lambda: torch.randn(6, 3)[::2],
+    "transposed (N, C)": lambda: torch.randn(3, 6).t(),
+    "channels_last_3d": lambda: torch.randn(2, 3, 2, 3, 4).to(memory_format=torch.channels_last_3d),
+    "bfloat16 channels_last": lambda: (
+        torch.randn(2, 3, 4, 5).bfloat16().to(memory_format=torch.channels_last)
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_output_and_input_gradient_have_torchs_memory_format(layout, training, backend):
+    # ATen writes both in the input's suggested format, not in its strides: after a
+    # transposed sequence, .view works on the output.
+    x = LAYOUTS[layout]()
+    ours, theirs = PAIRS[max(1, x.dim() - 2)]
+    results = []
+    for module in (ours(x.shape[1]), theirs(x.shape[1])):
+        module.to(x.dtype).train(training)
+        leaf = x.detach().requires_grad_()
+        with normdrop.use_backend(backend):
+            y = module(leaf)
+            (grad,) = torch.autograd.grad(y, leaf, torch.ones(y.shape, dtype=y.dtype))
+        results.append((y, grad))
+    (y, grad), (expected, expected_grad) = results
+    assert y.stride() == expected.stride() and grad.stride() == expected_grad.stride()
+    tol = tolerance(x.dtype)
+    torch.testing.assert_close(y, expected, atol=tol, rtol=tol)
+    torch.testing.assert_close(grad, expected_grad, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_refused_training_call_still_counts_the_batch_like_torch(backend):
+    # torch.nn counts before F.batch_norm's checks; with momentum=None the averages depend on it.
+    ours, theirs = normdrop.nn.BatchNorm1d(3, momentum=None), torch.nn.BatchNorm1d(3, momentum=None)
+    x = torch.randn(8, 3) * 2 + 1
+    with normdrop.use_backend(backend):
+        for module in (ours, theirs):
+            with pytest.raises(ValueError, match="more than 1 value per channel"):
+                module(torch.randn(1, 3))
+            module(x)
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 2
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("momentum", [None, 0.3])
+def test_counter_set_to_none_is_skipped_like_torch(momentum, backend):
+    ours = normdrop.nn.BatchNorm2d(3, momentum=momentum)
+    theirs = torch.nn.BatchNorm2d(3, momentum=momentum)
+    x = torch.randn(4, 3, 2, 2) + 2
+    with normdrop.use_backend(backend):
+        for module in (ours, theirs):
+            module.num_batches_tracked = None
+            module(x)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    [("reference", torch.float32), ("fast", torch.bfloat16)],
+)
+def test_compile_fullgraph_where_the_reference_math_runs(backend, dtype):
+    # The Function with a jvp is kept out of Dynamo's way (it refuses to trace one).
+    module = normdrop.nn.BatchNorm2d(3)
+    x = torch.randn(8, 3, 4, 4).to(dtype)
+    with normdrop.use_backend(backend):
+        compiled = torch.compile(copy.deepcopy(module), fullgraph=True, backend="aot_eager")
+        tol = tolerance(dtype)
+        torch.testing.assert_close(compiled(x), module(x), atol=tol, rtol=tol)
+
+
+@given(data=st.data())
+def test_suggested_memory_format_is_atens(data):
+    # Oracle: torch's own Python port (which fails under jit.trace, hence ours).
+    from torch._prims_common import suggest_memory_format as torchs
+
+    rank = data.draw(st.sampled_from([2, 3, 4, 5]))
+    sizes = [data.draw(st.integers(0, 4)) for _ in range(rank)]
+    x = torch.randn([max(1, s) * 2 for s in sizes])
+    x = x.permute(data.draw(st.permutations(range(rank))))
+    x = x[tuple(slice(0, s, data.draw(st.sampled_from([1, 2]))) for s in sizes)]
+    if rank > 3 and data.draw(st.booleans()):
+        x = x.contiguous(memory_format=torch.channels_last if rank == 4 else torch.channels_last_3d)
+    assert NF.suggest_memory_format(x) == torchs(x)

@@ -69,6 +69,43 @@ def _compute_dtype(input: Tensor) -> torch.dtype:
     return torch.float32 if input.dtype in _LOW_PRECISION else input.dtype
 
 
+def _strides_like_channels_last(input: Tensor) -> bool:
+    """ATen's test whether a 4-D/5-D tensor's strides look channels-last (dense or not):
+    the strides grow from the channel dim through the spatial dims, last to first, to the batch
+    dim; ambiguous cases (a trivial channel stride, size-1 dims sharing a stride) are not."""
+    sizes, strides = input.shape, input.stride()
+    if strides[1] == 0:
+        return False
+    smallest = 0
+    for d in (1, *range(input.dim() - 1, 1, -1), 0):
+        if sizes[d] == 0 or strides[d] < smallest or (d == 0 and smallest == strides[1]):
+            return False
+        smallest = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
+
+
+def suggest_memory_format(input: Tensor) -> torch.memory_format:
+    """ATen's ``Tensor::suggest_memory_format()``: channels_last (3d) for 4-D (5-D) inputs
+    whose strides look like it, else contiguous. (``torch._prims_common`` has one too, but it
+    fails under ``torch.jit.trace``.)"""
+    if input.dim() in (4, 5) and _strides_like_channels_last(input):
+        return torch.channels_last if input.dim() == 4 else torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _in_layout_of(result: Tensor, input: Tensor) -> Tensor:
+    """``result`` in the memory format ATen gives BatchNorm's output and input gradient: the
+    input's suggested one (channels_last for channels_last images, else contiguous), not the
+    input's own strides: a transposed ``(N, L, C)`` sequence fed as ``(N, C, L)`` comes back
+    contiguous, so ``.view`` works on it as after ``torch.nn``. A copy only in that case."""
+    return result.contiguous(memory_format=suggest_memory_format(input))
+
+
+def _in_layout(input: Tensor) -> bool:
+    """True when ``input`` is already in the memory format of :func:`_in_layout_of`."""
+    return input.is_contiguous(memory_format=suggest_memory_format(input))
+
+
 def _values_per_channel(input: Tensor) -> int:
     return input.numel() // input.shape[1] if input.shape[1] else 0
 
@@ -265,34 +302,8 @@ class _BatchNormFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         input, weight, bias, mean, invstd, training, eps = inputs
         ctx.save_for_backward(input, weight, mean, invstd)
-        ctx.save_for_forward(input, weight, mean, invstd)
         ctx.training, ctx.eps = training, eps
         ctx.bias_dtype = None if bias is None else bias.dtype
-
-    @staticmethod
-    def jvp(ctx, input_t, weight_t, bias_t, *_) -> Tensor:
-        """Forward mode: the output's tangent. BatchNorm's Jacobian in ``x`` is symmetric, so the
-        input's tangent goes through the backward formula; then ``xhat * weight' + bias'``."""
-        input, weight, mean, invstd = ctx.saved_tensors
-        x = input.to(_compute_dtype(input))
-        ndim = x.dim()
-        xhat = (x - _per_channel(mean, ndim)) * _per_channel(invstd, ndim)
-        scale = invstd if weight is None else invstd * weight.to(x.dtype)
-        tangent = torch.zeros_like(xhat)
-        if input_t is not None:
-            dx = input_t.to(x.dtype)
-            if ctx.training:
-                dims = _reduction_dims(x)
-                sum_dx, sum_dx_xhat = dx.sum(dims), (dx * xhat).sum(dims)
-                count = _values_per_channel(x)
-                tangent = _input_grad_batch_stats(dx, xhat, scale, sum_dx, sum_dx_xhat, count)
-            else:
-                tangent = dx * _per_channel(scale, ndim)
-        if weight_t is not None:
-            tangent = tangent + xhat * _per_channel(weight_t.to(x.dtype), ndim)
-        if bias_t is not None:
-            tangent = tangent + _per_channel(bias_t.to(x.dtype), ndim)
-        return tangent.to(input.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -318,12 +329,58 @@ class _BatchNormFunction(torch.autograd.Function):
                 )
             else:
                 grad_input = grad * _per_channel(scale, ndim)
-            grad_input = grad_input.to(input.dtype)
+            grad_input = _in_layout_of(grad_input.to(input.dtype), input)
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = sum_grad_xhat.to(weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = sum_grad.to(ctx.bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+class _BatchNormFunctionWithJvp(_BatchNormFunction):
+    """:class:`_BatchNormFunction` with a forward-mode rule (``forward_ad``, ``torch.func.jvp``).
+
+    A subclass, not a method of the base: Dynamo refuses to trace any ``autograd.Function`` that
+    defines ``jvp``, so compiled code gets the base class (see :func:`_batch_norm_function`).
+    """
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _BatchNormFunction.setup_context(ctx, inputs, output)
+        input, weight, _, mean, invstd, _, _ = inputs
+        ctx.save_for_forward(input, weight, mean, invstd)
+
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, *_) -> Tensor:
+        """Forward mode: the output's tangent. BatchNorm's Jacobian in ``x`` is symmetric, so the
+        input's tangent goes through the backward formula; then ``xhat * weight' + bias'``."""
+        input, weight, mean, invstd = ctx.saved_tensors
+        x = input.to(_compute_dtype(input))
+        ndim = x.dim()
+        xhat = (x - _per_channel(mean, ndim)) * _per_channel(invstd, ndim)
+        scale = invstd if weight is None else invstd * weight.to(x.dtype)
+        tangent = torch.zeros_like(xhat)
+        if input_t is not None:
+            dx = input_t.to(x.dtype)
+            if ctx.training:
+                dims = _reduction_dims(x)
+                sum_dx, sum_dx_xhat = dx.sum(dims), (dx * xhat).sum(dims)
+                count = _values_per_channel(x)
+                tangent = _input_grad_batch_stats(dx, xhat, scale, sum_dx, sum_dx_xhat, count)
+            else:
+                tangent = dx * _per_channel(scale, ndim)
+        if weight_t is not None:
+            tangent = tangent + xhat * _per_channel(weight_t.to(x.dtype), ndim)
+        if bias_t is not None:
+            tangent = tangent + _per_channel(bias_t.to(x.dtype), ndim)
+        return _in_layout_of(tangent.to(input.dtype), input)
+
+
+def _batch_norm_function() -> type[_BatchNormFunction]:
+    """The BatchNorm Function to apply: with ``jvp`` in eager mode, without under Dynamo."""
+    if torch.compiler.is_compiling():
+        return _BatchNormFunction
+    return _BatchNormFunctionWithJvp
 
 
 def _input_grad_batch_stats(
@@ -357,7 +414,7 @@ def _normalize(
     out = (x - _per_channel(mean, ndim)) * _per_channel(scale, ndim)
     if bias is not None:
         out = out + _per_channel(bias.to(x.dtype), ndim)
-    return out.to(input.dtype)
+    return _in_layout_of(out.to(input.dtype), input)
 
 
 def batch_norm(
@@ -405,7 +462,7 @@ def batch_norm(
     compute = _compute_dtype(input)
     invstd = torch.rsqrt(var.detach().to(compute) + eps)
     mean = mean.detach().to(compute)
-    return _BatchNormFunction.apply(input, weight, bias, mean, invstd, training, eps)
+    return _batch_norm_function().apply(input, weight, bias, mean, invstd, training, eps)
 
 
 # --------------------------------------------------------------------------------------------

@@ -90,9 +90,30 @@ def forward_ad_active() -> bool:
     return _forward_ad._current_level >= 0
 
 
+def _in_torchs_layout(input: Tensor) -> Tensor:
+    """A channel-fastest input that ATen would not answer in its own layout (a transposed
+    ``(N, L, C)`` sequence fed as ``(N, C, L)``), as a contiguous copy; any other input as is.
+
+    The kernels write the output (and the input's gradient) in the input's memory order, ATen in
+    the input's suggested format (:func:`normdrop.functional._in_layout_of`). Through the copy,
+    both come out contiguous, as from ATen, still on the kernels."""
+    if (
+        ops is not None
+        and isinstance(input, Tensor)
+        and input.dim() >= 2
+        and ops.layout_of(input) == ops.ROWS
+        and not F._in_layout(input)
+    ):
+        return input.contiguous()
+    return input
+
+
 def _fast_batch_norm(input: Tensor, *tensors: Tensor | None) -> bool:
-    if not (_fast_tensor(input) and input.dim() >= 2 and ops.layout_of(input) is not None):
+    if not (_fast_tensor(input) and input.dim() >= 2):
         return False
+    layout = ops.layout_of(input)
+    if layout is None or (layout == ops.ROWS and not F._in_layout(input)):
+        return False  # see _in_torchs_layout
     dtype = input.dtype
     for tensor in tensors:  # a loop, not all(...): a generator costs ~1 us, every call
         if tensor is not None and not (
@@ -151,6 +172,7 @@ def batch_norm_act_dropout(
     """
     check_activation("batch_norm_act_dropout", activation, negative_slope)
     F._check_dropout_p("batch_norm_act_dropout", p)
+    input = _in_torchs_layout(input)
     if not _fast_batch_norm(input, running_mean, running_var, weight, bias) or (
         p > 1 - masks.MIN_KEEP
     ):
@@ -249,6 +271,7 @@ def batch_norm(
         )
         if output is not None:
             return output
+    input = _in_torchs_layout(input)
     if not _fast_batch_norm(input, running_mean, running_var, weight, bias):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if cache is not None and ops._eager(input, running_mean, running_var, weight, bias):

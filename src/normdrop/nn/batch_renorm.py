@@ -51,7 +51,7 @@ from torch import Tensor
 
 from normdrop.errors import InputError, InputTypeError
 from normdrop.functional import (
-    _BatchNormFunction,
+    _batch_norm_function,
     _check_batch_norm_args,
     _compute_dtype,
     _store_finite,
@@ -241,7 +241,7 @@ class _BatchRenorm(_BatchNorm):
             shift = self.weight.to(compute) * d
         if self.bias is not None:
             shift = shift + self.bias.to(compute)
-        return _BatchNormFunction.apply(input, weight, shift, mean, invstd, True, self.eps)
+        return _batch_norm_function().apply(input, weight, shift, mean, invstd, True, self.eps)
 
 
 class BatchRenorm1d(_BatchRenorm):

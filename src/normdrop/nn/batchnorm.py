@@ -130,7 +130,9 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def _momentum_for_this_batch(self) -> float:
         """The running-average factor: ``momentum``, or 1/t at batch t for ``momentum=None``."""
         if self.momentum is None:
-            return 1.0 / (float(self.num_batches_tracked) + 1.0)
+            counted = self.num_batches_tracked
+            # torch.nn: without a counter (set to None), no cumulative average
+            return 0.0 if counted is None else 1.0 / (float(counted) + 1.0)
         return self.momentum
 
     def _fast_path_cache(self) -> dispatch.eager.ModuleCache | None:
@@ -164,17 +166,19 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         )
 
     def _count_batch(self) -> None:
-        """After a forward: one more batch in ``num_batches_tracked`` where it is tracked."""
+        """One more batch in ``num_batches_tracked`` where it is tracked. Called after
+        :meth:`_call_arguments` and before the functional call, as torch.nn counts: a call that
+        the functional checks then refuse (a batch of one, a wrong channel count) still counts."""
         if self.training and self.track_running_stats:
-            _registered(self, self._buffers, "num_batches_tracked").add_(1)
+            counter = _registered(self, self._buffers, "num_batches_tracked")
+            if counter is not None:
+                counter.add_(1)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        output = dispatch.batch_norm(
-            input, *self._call_arguments(), self.eps, cache=self._fast_path_cache()
-        )
+        arguments = self._call_arguments()
         self._count_batch()
-        return output
+        return dispatch.batch_norm(input, *arguments, self.eps, cache=self._fast_path_cache())
 
 
 class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):

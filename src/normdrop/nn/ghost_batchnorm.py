@@ -30,7 +30,7 @@ from torch import Tensor
 
 from normdrop.errors import InputError, InputTypeError
 from normdrop.functional import (
-    _BatchNormFunction,
+    _batch_norm_function,
     _check_batch_norm_args,
     _update_running_stats,
     batch_statistics,
@@ -141,7 +141,7 @@ class _GhostBatchNorm(_BatchNorm):
         invstd = torch.rsqrt(var + self.eps)
         weight = None if self.weight is None else self.weight.repeat(ghosts)
         bias = None if self.bias is None else self.bias.repeat(ghosts)
-        output = _BatchNormFunction.apply(x, weight, bias, mean, invstd, True, self.eps)
+        output = _batch_norm_function().apply(x, weight, bias, mean, invstd, True, self.eps)
         output = _from_ghost_layout(output, ghosts)
         if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
             output = output.contiguous(memory_format=torch.channels_last)

@@ -65,16 +65,16 @@ class _BatchNormAct(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        output = dispatch.batch_norm_act_dropout(
+        arguments = self._call_arguments()
+        self._count_batch()
+        return dispatch.batch_norm_act_dropout(
             input,
-            *self._call_arguments(),
+            *arguments,
             self.eps,
             self.activation,
             self.negative_slope,
             self.p if self.training else 0.0,
         )
-        self._count_batch()
-        return output
 
 
 class BatchNormAct1d(_BatchNormAct, BatchNorm1d):

@@ -277,11 +277,10 @@ class SyncBatchNorm(_BatchNorm):
         self._check_input_dim(input)
         # Training (see _synchronizes): the buffers are passed only when tracked, for updating.
         running_mean, running_var, weight, bias, _, momentum = self._call_arguments()
-        output = _sync_batch_norm(
+        self._count_batch()
+        return _sync_batch_norm(
             input, running_mean, running_var, weight, bias, momentum, self.eps, self.process_group
         )
-        self._count_batch()
-        return output
 
     @classmethod
     def convert_sync_batchnorm(
