@@ -209,3 +209,38 @@ def test_training_mode_trace_uses_each_batchs_own_statistics(backend):
         traced = torch.jit.trace(copy.deepcopy(converted), torch.randn(2, 3, 8, 8))
         other = torch.randn(5, 3, 8, 8) * 3 + 1
         torch.testing.assert_close(traced(other), reference(other))
+
+
+def test_backward_hooks_fire_and_handles_still_remove_hooks_after_convert():
+    calls = []
+    bn = torch.nn.BatchNorm2d(3)
+    bn.register_full_backward_hook(lambda *args: calls.append("full"))
+    dropout = torch.nn.Dropout(0.5)
+    dropout.register_backward_hook(lambda *args: calls.append("old"))  # the deprecated kind
+    model = torch.nn.Sequential(bn, dropout)
+    handle = model[0].register_forward_hook(lambda *args: calls.append("forward"))
+    converted = convert(model, inplace=True)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    converted(x).sum().backward()
+    assert sorted(calls) == ["forward", "full", "old"]
+    handle.remove()  # the handle of the torch.nn layer removes the hook from its twin
+    calls.clear()
+    converted(x)
+    assert calls == []
+
+
+def test_a_layer_shared_by_two_parents_stays_one_layer():
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(3)
+            self.alias = self.bn
+            self.block = torch.nn.Sequential(self.bn, torch.nn.Dropout(0.1))
+            self.block_again = self.block
+
+    ours = convert(Shared())
+    assert isinstance(ours.bn, ndnn.BatchNorm2d)
+    assert ours.bn is ours.alias is ours.block[0] and ours.block is ours.block_again
+    back = convert(ours, "torch")
+    assert type(back.bn) is torch.nn.BatchNorm2d
+    assert back.bn is back.alias is back.block[0] and back.block is back.block_again

@@ -273,3 +273,22 @@ def test_an_output_the_fold_misreads_is_refused_not_silently_wrong():
     torch.testing.assert_close(folded(x), conv(x))
     with pytest.raises(InputError, match=r"3-D"):
         folded(torch.randn(2, 3))  # unbatched (C, L) output, read as (N, C) by BatchNorm1d
+
+
+def test_a_layer_whose_weight_forward_also_reads_is_not_folded():
+    # F.conv2d(x, self.conv.weight) would see the folded weight: the pair must stay.
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, bias=False)
+            self.bn = torch.nn.BatchNorm2d(4)
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + torch.nn.functional.conv2d(x, self.conv.weight)
+
+    model, x = Tied().eval(), torch.randn(2, 3, 8, 8)
+    folded = fold_batchnorm(model)
+    assert isinstance(folded.bn, torch.nn.BatchNorm2d)  # left alone
+    torch.testing.assert_close(folded(x), model(x))

@@ -228,3 +228,58 @@ def test_python_dash_m(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "redundant-bias" not in done.stdout and "1 warning, 1 info" in done.stdout
     assert "Warning" not in done.stderr  # e.g. runpy's "found in sys.modules" warning
+
+
+def _found(model, x):
+    return [(finding.rule, finding.path) for finding in lint(model, x)]
+
+
+def test_redundant_bias_only_where_the_batchnorm_is_the_outputs_only_use():
+    x = torch.randn(2, 3, 8, 8)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    assert ("redundant-bias", "1") in _found(plain, x)
+    # an in-place activation in between changes what the BatchNorm sees
+    relu = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(inplace=True), torch.nn.BatchNorm2d(4)
+    )
+    assert all(rule != "redundant-bias" for rule, _ in _found(relu, x))
+
+    class Skip(torch.nn.Module):  # the conv's output also skips the BatchNorm: bias matters
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    assert all(rule != "redundant-bias" for rule, _ in _found(Skip(), x))
+
+
+@pytest.mark.parametrize(
+    "bn",
+    [
+        lambda: torch.nn.BatchNorm1d(4, affine=False, track_running_stats=False),
+        lambda: torch.nn.BatchNorm1d(4, track_running_stats=False).double(),
+        lambda: ndnn.BatchNorm1d(4, affine=False, track_running_stats=False).double(),
+    ],
+)
+def test_batch_of_one_is_reported_without_weight_or_in_float64(bn):
+    module = bn()
+    dtype = torch.float64 if module.weight is None or module.weight.dtype == torch.float64 else None
+    x = torch.randn(1, 4, dtype=dtype or torch.float32)
+    assert ("batch-of-one", "") in _found(module, x)
+    assert module.running_mean is None  # the lent statistics are gone
+
+
+def test_dropout_fused_into_batchnormact_before_a_batchnorm_is_seen():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, bias=False),
+        ndnn.BatchNormAct2d(8, p=0.5),
+        torch.nn.Conv2d(8, 8, 3, bias=False),
+        torch.nn.BatchNorm2d(8),
+    )
+    x = torch.randn(4, 3, 10, 10)
+    assert ("dropout-before-batchnorm", "3") in _found(model, x)
+    model[1].p = 0.0
+    assert all(rule != "dropout-before-batchnorm" for rule, _ in _found(model, x))

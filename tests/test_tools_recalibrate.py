@@ -171,3 +171,27 @@ def test_arguments_are_checked_and_num_batches_is_honoured():
     assert int(model[1].num_batches_tracked) == 2 and len(consumed) <= 3
     no_bn = torch.nn.Linear(2, 2)
     assert recalibrate_batchnorm(no_bn, []) is no_bn  # nothing to do is not an error
+
+
+def test_batchnormact_dropout_is_off_and_num_batches_fetches_no_extra_batch():
+    def model(p):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, bias=False),
+            ndnn.BatchNormAct2d(8, p=p),
+            torch.nn.Conv2d(8, 8, 3, bias=False),
+            torch.nn.BatchNorm2d(8),
+        )
+
+    data = [torch.randn(8, 3, 12, 12) for _ in range(4)]
+    with_dropout, without = (
+        recalibrate_batchnorm(model(0.5), data),
+        recalibrate_batchnorm(model(0.0), data),
+    )
+    # the fused dropout did not run: the next BatchNorm sees what it sees without dropout
+    torch.testing.assert_close(with_dropout[3].running_var, without[3].running_var)
+    assert with_dropout[1].p == 0.5  # and p is back
+    batches = iter([torch.randn(4, 8) for _ in range(5)])
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4))
+    recalibrate_batchnorm(net, batches, num_batches=2)
+    assert net[1].num_batches_tracked.item() == 2 and len(list(batches)) == 3

@@ -3,8 +3,9 @@
 ``convert(model, to="normdrop")`` puts normdrop's implementation behind an existing model (a
 torchvision or timm network, a checkpoint) without touching its code; ``to="torch"`` takes it
 back out. Each layer keeps its parameters and buffers (the very tensors), its mode, device,
-dtype, hyperparameters and forward hooks, so ``state_dict`` is unchanged and a round trip is
-the identity. Only exact classes are swapped: a user's subclass of ``torch.nn.BatchNorm2d`` has
+dtype, hyperparameters and hooks (the same hook tables: handles still remove them), so
+``state_dict`` is unchanged and a round trip is the identity; a layer shared by two parents
+stays one layer. Only exact classes are swapped: a user's subclass of ``torch.nn.BatchNorm2d`` has
 its own reasons and stays.
 """
 
@@ -62,19 +63,39 @@ def _rebuild(module: torch.nn.Module, cls: type[torch.nn.Module]) -> torch.nn.Mo
         if issubclass(cls, torch.nn.SyncBatchNorm | ndnn.SyncBatchNorm):
             args.append(module.process_group)
         new = cls(*args, **extra)
+    # The very tables, not copies: the handles a user holds (handle.remove()) point at them.
     for hooks in _HOOK_DICTS:
         if hasattr(module, hooks):
-            getattr(new, hooks).update(getattr(module, hooks))
+            setattr(new, hooks, getattr(module, hooks))
+    # Which kind of backward hook the table holds (full, or the deprecated one): without it,
+    # torch never calls them.
+    new._is_full_backward_hook = getattr(module, "_is_full_backward_hook", None)
     return _move_state(module, new)
 
 
-def _swap(module: torch.nn.Module, table: dict, path: str, left: list[str]) -> torch.nn.Module:
+def _swap(
+    module: torch.nn.Module,
+    table: dict,
+    path: str,
+    left: list[str],
+    done: dict[int, torch.nn.Module],
+) -> torch.nn.Module:
+    """``module`` with its layers swapped; ``done`` maps each layer already swapped (by id) to
+    its twin, so that a layer shared by two parents stays one layer."""
+    if id(module) in done:
+        return done[id(module)]
     if type(module) in table:
-        return _rebuild(module, table[type(module)])
+        done[id(module)] = _rebuild(module, table[type(module)])
+        return done[id(module)]
+    done[id(module)] = module
     if type(module).__module__.startswith("normdrop.") and _is_layer(module):
         left.append(f"{path or '<root>'} ({type(module).__name__})")
-    for name, child in module.named_children():
-        module.add_module(name, _swap(child, table, f"{path}.{name}" if path else name, left))
+    # _modules, not named_children(): that lists a child held under two names only once
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        child_path = f"{path}.{name}" if path else name
+        module.add_module(name, _swap(child, table, child_path, left, done))
     return module
 
 
@@ -116,7 +137,7 @@ def convert(
         raise InputError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     target = model if inplace else copy.deepcopy(model)
     left: list[str] = []
-    converted = _swap(target, _TARGETS[to], "", left)
+    converted = _swap(target, _TARGETS[to], "", left, {})
     if to == "torch" and left:
         warnings.warn(
             "convert(to='torch'): these normdrop layers have no torch.nn counterpart and were "

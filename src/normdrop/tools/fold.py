@@ -100,6 +100,9 @@ def _pairs_from_graph(model: torch.nn.Module) -> list[tuple[str, str]]:
     graph = _Tracer().trace(model)
     modules = dict(model.named_modules())
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    # A module whose tensors forward reads directly (F.conv2d(x, self.conv.weight)) would see
+    # the folded ones there too.
+    read = {node.target for node in graph.nodes if node.op == "get_attr"}
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
@@ -109,9 +112,15 @@ def _pairs_from_graph(model: torch.nn.Module) -> list[tuple[str, str]]:
             continue
         layer, bn = modules[source.target], modules[node.target]
         alone = len(source.users) == 1 and calls[source.target] == 1 and calls[node.target] == 1
-        if alone and _can_fold(layer, bn):
+        untouched = not any(_within(target, (source.target, node.target)) for target in read)
+        if alone and untouched and _can_fold(layer, bn):
             pairs.append((source.target, node.target))
     return pairs
+
+
+def _within(target: str, paths: tuple[str, ...]) -> bool:
+    """Is the attribute ``target`` one of the modules ``paths`` or inside one?"""
+    return any(target == path or target.startswith(path + ".") for path in paths)
 
 
 def _pairs_in_sequentials(model: torch.nn.Module) -> list[tuple[str, str]]:
@@ -222,7 +231,11 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     except Exception as error:  # any tracing failure: fall back to what is safe without a graph
         warnings.warn(
             f"fold_batchnorm: torch.fx could not trace {type(model).__name__} "
-            f"({type(error).__name__}: {error}); folded only inside nn.Sequential containers",
+            f"({type(error).__name__}: {error}); folded only consecutive (layer, BatchNorm) "
+            "pairs inside nn.Sequential containers. Without a graph it cannot check that "
+            "forward applies such a layer nowhere else and uses its output nowhere else: if "
+            "it does, the result is wrong there. Compare the folded model's outputs with the "
+            "original's",
             UserWarning,
             stacklevel=2,
         )

@@ -46,6 +46,7 @@ from torch import Tensor
 from normdrop.errors import InputError
 from normdrop.functional import batch_statistics
 from normdrop.nn.batch_renorm import _BatchRenorm, stored_variance
+from normdrop.nn.norm_act import _BatchNormAct
 from normdrop.nn.sync_batchnorm import combine_batch_statistics
 
 __all__ = ["recalibrate_batchnorm"]
@@ -114,6 +115,8 @@ def _saved_state(model: torch.nn.Module, bns: list) -> dict:
             for bn in bns
             if isinstance(bn, _BatchRenorm)
         },
+        # BatchNormAct's dropout is part of the layer put in training mode: switched off too.
+        "dropout": {bn: bn.p for bn in bns if isinstance(bn, _BatchNormAct)},
     }
 
 
@@ -125,6 +128,8 @@ def _restore(state: dict, *, buffers: bool) -> None:
     for bn, (rmax, dmax, steps) in state["renorm"].items():
         bn.rmax, bn.dmax = rmax, dmax
         bn.num_batches_tracked.copy_(steps)
+    for bn, p in state["dropout"].items():
+        bn.p = p
     if buffers:
         for bn, saved in state["buffers"].items():
             for buffer, value in zip(bn.buffers(recurse=False), saved, strict=True):
@@ -198,11 +203,13 @@ def _run(
         bn.train()
         if isinstance(bn, _BatchRenorm):
             bn.rmax, bn.dmax = 1.0, 0.0  # plain BatchNorm while the statistics are rebuilt
+        if isinstance(bn, _BatchNormAct):
+            bn.p = 0.0  # its fused dropout stays off, as every other dropout
     seen = 0
     for batch in data:
-        if num_batches is not None and seen >= num_batches:
-            break
         x = _first_tensor(batch)
         model(x if device is None else x.to(device))
         seen += 1
+        if seen == num_batches:  # before fetching another: an iterator keeps the rest
+            break
     return seen

@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from normdrop.errors import InputError
+from normdrop.nn.norm_act import _BatchNormAct
 from normdrop.tools.mc_dropout import DROPOUT_LAYERS
 
 __all__ = ["SEVERITIES", "Finding", "lint"]
@@ -186,6 +187,10 @@ class _DropoutTags(TorchFunctionMode):
         super().__init__()
         self.tags: dict[int, frozenset[str]] = {}
         self._alive: list[Tensor] = []  # ids stay unique while the tensors live
+        # Uses of watched tensors (a biased layer's outputs) by ops outside a BatchNorm call
+        # (``paused`` counts the BatchNorm calls in progress).
+        self.uses: dict[int, int] = {}
+        self.paused = 0
 
     def tag(self, tensor: Tensor, tags: frozenset[str]) -> None:
         self.tags[id(tensor)] = tags
@@ -196,6 +201,10 @@ class _DropoutTags(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not self.paused and self.uses:
+            for tensor in _tensors((args, kwargs)):
+                if id(tensor) in self.uses:
+                    self.uses[id(tensor)] += 1
         output = func(*args, **kwargs)
         tags = self.of((args, kwargs))
         if tags:
@@ -211,7 +220,10 @@ class _Recorder:
         self.dropout_tags = dropout_tags
         self.findings: list[Finding] = []
         self.stack: list[str] = []
-        self.producers: dict[int, tuple[str, torch.nn.Module, Tensor]] = {}
+        # id(output) -> (layer path, layer, output, the output's version when produced)
+        self.producers: dict[int, tuple[str, torch.nn.Module, Tensor, int]] = {}
+        # (BatchNorm path, its name, the producer): reported if nothing else used its output
+        self.bias_candidates: list[tuple[str, str, tuple]] = []
         self.lent_statistics: list[torch.nn.Module] = []
 
     def install(self, model: torch.nn.Module) -> list[Any]:
@@ -223,6 +235,8 @@ class _Recorder:
 
     def pre(self, path: str, module: torch.nn.Module, args: tuple) -> None:
         self.stack.append(path)
+        if isinstance(module, _BATCHNORM):
+            self.dropout_tags.paused += 1
         x = args[0] if args and isinstance(args[0], Tensor) else None
         if x is None:
             return
@@ -244,14 +258,19 @@ class _Recorder:
 
     def post(self, path: str, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         self.stack.pop()
+        if isinstance(module, _BATCHNORM):
+            self.dropout_tags.paused -= 1
         if isinstance(output, Tensor) and isinstance(module, _NORMALIZERS):
-            self.dropout_tags.tag(output, frozenset())
+            # a BatchNormAct with p > 0 normalizes, then drops out: its output is dropout's
+            fused_dropout = isinstance(module, _BatchNormAct) and module.p > 0
+            self.dropout_tags.tag(output, frozenset({path}) if fused_dropout else frozenset())
         elif isinstance(output, Tensor) and _is_unit_dropout(module):
             if args and output is args[0]:  # eval mode returns the input: tag a view instead
                 output = output.view_as(output)
             self.dropout_tags.tag(output, self.dropout_tags.of(args) | {path})
         elif isinstance(output, Tensor) and isinstance(module, _BIASED_LAYERS):
-            self.producers[id(output)] = (path, module, output)
+            self.producers[id(output)] = (path, module, output, output._version)
+            self.dropout_tags.uses[id(output)] = 0
         return output
 
     def _check_batchnorm_input(self, path: str, bn: torch.nn.Module, x: Tensor) -> None:
@@ -272,18 +291,13 @@ class _Recorder:
                 )
             )
         producer = self.producers.get(id(x))
-        if producer is not None and producer[1].bias is not None and _aligned(producer[1], x):
-            layer_path, layer, _ = producer
-            self.findings.append(
-                Finding(
-                    "info",
-                    "redundant-bias",
-                    path,
-                    f"{name} follows '{layer_path}' ({type(layer).__name__}), which has a bias: "
-                    "BatchNorm subtracts the per-channel mean, so that bias has no effect",
-                    f"construct '{layer_path}' with bias=False",
-                )
-            )
+        if (
+            producer is not None
+            and producer[1].bias is not None
+            and _aligned(producer[1], x)
+            and x._version == producer[3]  # not changed in place since (ReLU(inplace=True))
+        ):
+            self.bias_candidates.append((path, name, producer))
         if bn.training and x.shape[1] and x.numel() // x.shape[1] == 1:
             self.findings.append(
                 Finding(
@@ -297,15 +311,32 @@ class _Recorder:
                     "batch of one), or call model.eval() for inference",
                 )
             )
-            self._run_in_eval(bn)
+            self._run_in_eval(bn, x)
 
-    def _run_in_eval(self, bn: torch.nn.Module) -> None:
+    def bias_findings(self) -> Iterator[Finding]:
+        """``redundant-bias`` where the layer's output went to the BatchNorm only: a skip
+        connection or any other use of it keeps the bias meaningful."""
+        for path, name, (layer_path, layer, output, _) in self.bias_candidates:
+            if self.dropout_tags.uses.get(id(output)):
+                continue
+            yield Finding(
+                "info",
+                "redundant-bias",
+                path,
+                f"{name} follows '{layer_path}' ({type(layer).__name__}), which has a bias: "
+                "BatchNorm subtracts the per-channel mean, so that bias has no effect",
+                f"construct '{layer_path}' with bias=False",
+            )
+
+    def _run_in_eval(self, bn: torch.nn.Module, x: Tensor) -> None:
         """Let the example run on past a batch of one; :func:`lint` undoes this."""
         bn.training = False
         if bn.running_mean is None:  # eval would still use batch statistics: lend some
             self.lent_statistics.append(bn)
-            bn.running_mean = torch.zeros(bn.num_features, device=bn.weight.device)
-            bn.running_var = torch.ones(bn.num_features, device=bn.weight.device)
+            like = bn.weight if bn.weight is not None else x  # affine=False has no weight
+            options = {"device": x.device, "dtype": like.dtype}
+            bn.running_mean = torch.zeros(bn.num_features, **options)
+            bn.running_var = torch.ones(bn.num_features, **options)
 
 
 def _quoted(paths: frozenset[str]) -> str:
@@ -365,7 +396,7 @@ def _run_example(model: torch.nn.Module, example_input: Any) -> list[Finding]:
             handle.remove()
         for bn in recorder.lent_statistics:
             bn.running_mean = bn.running_var = None
-    return recorder.findings
+    return recorder.findings + list(recorder.bias_findings())
 
 
 def lint(model: torch.nn.Module, example_input: Any, *, deployment: bool = True) -> list[Finding]:
