@@ -992,3 +992,15 @@ def test_suggested_memory_format_is_atens(data):
     if rank > 3 and data.draw(st.booleans()):
         x = x.contiguous(memory_format=torch.channels_last if rank == 4 else torch.channels_last_3d)
     assert NF.suggest_memory_format(x) == torchs(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_variance_that_overflows_gives_torchs_zeros_not_nan(backend):
+    # Finite float32 values whose squares overflow: the variance is inf, the output 0 (invstd 0)
+    x = torch.tensor([[2.7e29], [6.2e29], [-1.7e29], [3.8e29], [-5.6e29], [-5.8e28]])
+    ours, theirs = normdrop.nn.BatchNorm1d(1), torch.nn.BatchNorm1d(1)
+    with normdrop.use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the running statistics are skipped, with a warning
+        torch.testing.assert_close(ours(x), theirs(x))
+    mean, var = NF.batch_statistics(x)
+    assert torch.isfinite(mean).all() and torch.isinf(var).all()

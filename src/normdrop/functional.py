@@ -129,7 +129,9 @@ def batch_statistics(input: Tensor) -> tuple[Tensor, Tensor]:
     mean = x.mean(dims)
     centered = x - _per_channel(mean, x.dim())
     correction = centered.mean(dims)
-    var = (centered * centered).mean(dims) - correction * correction
+    squares = (centered * centered).mean(dims)
+    # c^2 <= mean(d^2): where the squares overflow, so would c^2, and inf - inf would be NaN
+    var = torch.where(torch.isinf(squares), squares, squares - correction * correction)
     return mean + correction, var
 
 
