@@ -101,6 +101,7 @@ def _in_torchs_layout(input: Tensor) -> Tensor:
         ops is not None
         and isinstance(input, Tensor)
         and input.dim() >= 2
+        and not input.is_contiguous()  # contiguous is always in its suggested format
         and ops.layout_of(input) == ops.ROWS
         and not F._in_layout(input)
     ):
@@ -112,7 +113,9 @@ def _fast_batch_norm(input: Tensor, *tensors: Tensor | None) -> bool:
     if not (_fast_tensor(input) and input.dim() >= 2):
         return False
     layout = ops.layout_of(input)
-    if layout is None or (layout == ops.ROWS and not F._in_layout(input)):
+    if layout is None or (
+        layout == ops.ROWS and not input.is_contiguous() and not F._in_layout(input)
+    ):
         return False  # see _in_torchs_layout
     dtype = input.dtype
     for tensor in tensors:  # a loop, not all(...): a generator costs ~1 us, every call
