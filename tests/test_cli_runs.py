@@ -107,3 +107,33 @@ def test_reading_never_writes(db):
     main(["runs", "--db", str(db), "list"])
     main(["runs", "--db", str(db), "export", "1", "--format", "json"])
     assert (db.stat().st_mtime_ns, db.read_bytes()) == before
+
+
+def test_export_never_overwrites_the_database_or_an_existing_file(db, tmp_path, capsys):
+    before = db.read_bytes()
+    for target in (db, db.with_name(db.name + "-wal")):
+        assert main(["runs", "--db", str(db), "export", "1", "-o", str(target)]) == 2
+        assert "that is the run database" in capsys.readouterr().err
+    assert db.read_bytes() == before
+    kept = tmp_path / "results.csv"
+    kept.write_text("mine")
+    assert main(["runs", "--db", str(db), "export", "1", "-o", str(kept)]) == 2
+    assert "the file exists" in capsys.readouterr().err and kept.read_text() == "mine"
+    assert main(["runs", "--db", str(db), "export", "1", "-o", str(kept), "--force"]) == 0
+    assert kept.read_text().startswith("run_id,")
+    missing = tmp_path / "nowhere" / "x.csv"
+    assert main(["runs", "--db", str(db), "export", "1", "-o", str(missing)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: names the argument and the expected form
+        main(["runs", "--db", str(db), "show", "99999999999999999999999"])
+    assert "a run id is a positive integer" in capsys.readouterr().err
+
+
+def test_an_out_folder_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("a file a user saved")
+    argv = ["lab", "--data", "wine", "--model", "simplenet", "--epochs", "1", "--seeds", "1"]
+    assert main([*argv, "--variants", "plain", "--no-progress", "--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert "normdrop lab: error:" in err and str(taken) in err and "Traceback" not in err
+    assert taken.read_text() == "a file a user saved"

@@ -6,6 +6,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -127,6 +128,25 @@ def test_claims(tmp_path):
         assert store.claim(run_id)  # failed runs are retried
         store.finish(run_id, RunResult(1, 1, 0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 1.5))
         assert not store.claim(run_id)  # complete runs are never retrained
+
+
+def test_a_claim_whose_pid_now_belongs_to_a_newer_process_is_abandoned(tmp_path):
+    # PIDs are reused (after a restart, in containers): a live process that started after the
+    # claim's heartbeat cannot be its owner, so the lab takes the run over instead of waiting.
+    with RunStore(tmp_path / "r.db") as store:
+        (run_id,) = store.add_runs(store.add_experiment("e", "lab", {}, "c"), [_spec()])
+        host = owner_id().rsplit(":", 1)[0]
+        newer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            claimed = f"{host}:{newer.pid}"
+            update = "UPDATE runs SET status = 'running', owner = ?, heartbeat = ? WHERE id = ?"
+            store.connection.execute(update, (claimed, 1000.0, run_id))  # a 1970 heartbeat
+            assert store.claim(run_id)
+            store.connection.execute(update, (claimed, time.time(), run_id))  # a fresh one
+            assert not store.claim(run_id)  # the process started before it: still the owner
+        finally:
+            newer.kill()
+            newer.wait()
 
 
 def test_epochs_and_checkpoints_move_together(tmp_path):

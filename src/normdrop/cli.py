@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 
@@ -296,14 +297,28 @@ def _add_runs(sub) -> None:
     listing = actions.add_parser("list", help="every run, one line each")
     listing.add_argument("--experiment", help="only this experiment's runs")
     show = actions.add_parser("show", help="a run's settings, result and epochs")
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=_run_id)
     compare = actions.add_parser("compare", help="two runs side by side")
-    compare.add_argument("ids", type=int, nargs=2, metavar="ID")
+    compare.add_argument("ids", type=_run_id, nargs=2, metavar="ID")
     export = actions.add_parser("export", help="a run's epochs as CSV or JSON")
-    export.add_argument("id", type=int)
+    export.add_argument("id", type=_run_id)
     export.add_argument("--format", choices=("csv", "json"), default="csv")
-    export.add_argument("--output", "-o", help="file to write (default: standard output)")
+    export.add_argument(
+        "--output", "-o", help="new file to write (default: standard output); never overwritten"
+    )
+    export.add_argument("--force", action="store_true", help="overwrite an existing --output")
     parser.set_defaults(run=_runs)
+
+
+def _run_id(text: str) -> int:
+    """A run id as the database stores it: a positive 64-bit integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a run id is a positive integer, got {text!r}") from None
+    if not 1 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a run id is a positive integer, got {text}")
+    return value
 
 
 def _runs(args: argparse.Namespace) -> int:
@@ -316,7 +331,7 @@ def _runs(args: argparse.Namespace) -> int:
         if args.action == "export":
             text = runs.export_run(store, args.id, args.format)
             if args.output:
-                Path(args.output).write_text(text, encoding="utf-8")
+                _write_new(Path(args.output), text, Path(args.db), args.force)
             else:
                 sys.stdout.write(text)
             return 0
@@ -330,6 +345,23 @@ def _runs(args: argparse.Namespace) -> int:
         for table in tables:
             console.print(table)
     return 0
+
+
+def _write_new(path, text: str, database, force: bool) -> None:
+    """Write ``text`` to ``path``, which must not be the run database (or its WAL files) and,
+    without ``force``, must not exist: nothing a user saved is overwritten by an export."""
+    target = path.resolve()
+    if target.parent.resolve() == database.resolve().parent and target.name.startswith(
+        database.name
+    ):
+        raise InputError(f"--output {path}: that is the run database; choose another file")
+    if target.is_dir():
+        raise InputError(f"--output {path}: is a directory; give a file name")
+    if target.exists() and not force:
+        raise InputError(f"--output {path}: the file exists; choose a new name or pass --force")
+    if not target.parent.is_dir():
+        raise InputError(f"--output {path}: the folder {path.parent} does not exist")
+    path.write_text(text, encoding="utf-8")
 
 
 # --- commands with their own parsers --------------------------------------------------------
@@ -398,6 +430,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (InputError, InputTypeError, DownloadError) as error:
         print(f"normdrop {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a path the user gave: a file where a folder goes, no permission
+        where = f" {error.filename}" if error.filename else ""
+        print(f"normdrop {args.command}: error:{where}: {error.strerror or error}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as error:  # the run database: read-only, locked, damaged
+        print(
+            f"normdrop {args.command}: error: the run database: {error} (check that the --out "
+            "folder and its normdrop.db are writable, or restore the file from a backup)",
+            file=sys.stderr,
+        )
         return 2
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] not in _LAB_EXTRA:

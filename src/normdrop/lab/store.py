@@ -125,13 +125,28 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _started_after(pid: int, when: float) -> bool:
+    """Whether process ``pid`` started after the time ``when`` (so it cannot be the process
+    that wrote a heartbeat then: its pid was reused, as after a restart or in a container).
+    False where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/stat") as system:
+            boot = next(int(line.split()[1]) for line in system if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK") > when + 1.0  # 1 s: btime's rounding
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+
+
 def owner_alive(owner: str | None, heartbeat: float | None) -> bool:
     """Whether the process that claimed a run may still be training it."""
     if not owner:
         return False
     host, _, pid = owner.rpartition(":")
     if host == socket.gethostname() and pid.isdigit():
-        return _pid_alive(int(pid))
+        reused = heartbeat is not None and _started_after(int(pid), heartbeat)
+        return _pid_alive(int(pid)) and not reused
     return heartbeat is not None and time.time() - heartbeat < STALE_SECONDS
 
 
