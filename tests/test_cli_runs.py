@@ -137,3 +137,12 @@ def test_an_out_folder_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "normdrop lab: error:" in err and str(taken) in err and "Traceback" not in err
     assert taken.read_text() == "a file a user saved"
+
+
+def test_a_run_that_would_take_no_training_step_fails_and_says_why(tmp_path, capfd):
+    # ghost batches of 500 out of a 106-sample training split: no whole virtual batch, so the
+    # untrained model was reported as a result
+    argv = ["lab", "--data", "wine", "--model", "simplenet", "--variants", "bn", "--seeds", "1"]
+    argv += ["--bn-type", "ghost", "--batch-size", "1000", "--virtual-batch-size", "500"]
+    assert main([*argv, "--epochs", "1", "--no-progress", "--out", str(tmp_path)]) != 0
+    assert "no training step in an epoch" in "".join(capfd.readouterr())

@@ -74,3 +74,19 @@ def test_example_script_runs():
         check=True,
     )
     assert "train acc" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch-size", "1"], "--batch-size must be >= 2"),
+        (["--lr", "0"], "--lr must be a positive number"),
+        (["--lr", "nan"], "--lr must be a positive number"),
+        (["--momentum", "2"], "--momentum must be in [0, 1)"),
+    ],
+)
+def test_settings_that_would_train_nothing_are_refused(argv, message, capsys):
+    # a batch of one is skipped (BatchNorm needs two samples): the run printed loss 0.0000
+    with pytest.raises(SystemExit) as exit_info:
+        seed.main([*argv, "--epochs", "1"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normdrop.backend import use_backend
+from normdrop.errors import InputError
 from normdrop.lab.config import RunSpec, Variant
 from normdrop.lab.data import Splits
 from normdrop.lab.models import build_model, last_activation
@@ -222,6 +223,7 @@ def _train_epoch(state: RunState, features: Tensor, labels: Tensor, batch_size: 
     state.model.train()
     order = torch.randperm(len(features), generator=state.shuffle)
     multiple = _batch_multiple(state.model)
+    steps = 0
     for batch in order.split(batch_size):
         # The last batch of an epoch is smaller: ghost batch norm keeps its whole virtual
         # batches (the samples left out are shuffled into other batches next epoch), and
@@ -232,6 +234,13 @@ def _train_epoch(state: RunState, features: Tensor, labels: Tensor, batch_size: 
         state.optimizer.zero_grad(set_to_none=True)
         batch_loss(state.model(features[batch]), labels[batch]).backward()
         state.optimizer.step()
+        steps += 1
+    if steps == 0:  # an untrained model would be reported as a result
+        raise InputError(
+            f"no training step in an epoch: {len(features)} training samples in batches of "
+            f"{batch_size}, each cut to whole virtual batches of {multiple} (ghost batch norm) "
+            "and skipped below 2 samples; use a smaller --batch-size or --virtual-batch-size"
+        )
 
 
 def _percentiles(values: Tensor) -> list[float]:
