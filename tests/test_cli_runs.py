@@ -146,3 +146,16 @@ def test_a_run_that_would_take_no_training_step_fails_and_says_why(tmp_path, cap
     argv += ["--bn-type", "ghost", "--batch-size", "1000", "--virtual-batch-size", "500"]
     assert main([*argv, "--epochs", "1", "--no-progress", "--out", str(tmp_path)]) != 0
     assert "no training step in an epoch" in "".join(capfd.readouterr())
+
+
+def test_a_name_given_to_another_experiment_is_refused_and_its_report_kept(tmp_path, capsys):
+    argv = ["lab", "--model", "simplenet", "--epochs", "1", "--seeds", "1", "--variants", "plain"]
+    argv += ["--no-progress", "--out", str(tmp_path), "--name", "exp1"]
+    assert main([*argv, "--data", "wine"]) == 0
+    report = tmp_path / "exp1" / "report.html"
+    before = report.read_bytes()
+    assert main([*argv, "--data", "wine"]) == 0  # the same settings: resumed (nothing to train)
+    capsys.readouterr()
+    assert main([*argv, "--data", "breast-cancer"]) == 2
+    assert "already exists with other settings" in capsys.readouterr().err
+    assert report.read_bytes() == before

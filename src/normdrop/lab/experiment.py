@@ -11,6 +11,7 @@ The steps, each resumable because the database is the only state:
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +192,22 @@ def write_outputs(
     return runs, summaries, statements, report, plots
 
 
+def _check_name_is_this_experiments(store: RunStore, config: LabConfig) -> None:
+    """A ``--name`` already given to an experiment with other settings would replace its run
+    list and its report: refused. The same settings resume it."""
+    existing = next((e for e in store.experiments() if e["name"] == config.name), None)
+    if existing is None:
+        return
+    wanted = json.loads(json.dumps(config.to_dict(), sort_keys=True))
+    if json.loads(existing["config_json"]) != wanted:
+        raise InputError(
+            f"--name {config.name}: an experiment of that name already exists with other "
+            f"settings ({existing['command']}); its report is "
+            f"{Path(config.out) / config.name / 'report.html'}. Choose another --name, or rerun "
+            "that command to resume it"
+        )
+
+
 def run_lab(config: LabConfig, *, progress: bool = True, kind: str = "lab") -> ExperimentResult:
     """Run (or resume) the experiment ``config`` describes and write its report."""
     started = time.perf_counter()
@@ -200,6 +217,8 @@ def run_lab(config: LabConfig, *, progress: bool = True, kind: str = "lab") -> E
     check_models(config, splits)
     name = config.experiment_name(splits.fingerprint)
     with RunStore(config.db_path) as store, interrupt_as_keyboard():
+        if kind == "lab" and config.name:
+            _check_name_is_this_experiments(store, config)
         experiment_id = store.add_experiment(name, kind, config.to_dict(), config.command())
         run_ids = store.add_runs(experiment_id, config.run_specs(splits.fingerprint))
         bar = _EpochProgress(store, run_ids, config.settings.epochs, name, progress)
