@@ -161,6 +161,8 @@ def test_reproduce_command_round_trips():
         (["--variant", "batchnorm"], "unknown variant"),
         (["--trials", "0"], "--trials and --seeds must be positive"),
         (["--model", "cnn:small"], "needs image data"),
+        (["--tune-seed", "-1"], r"--tune-seed must be an integer in \[0, 2\^32\)"),
+        (["--split-seed", "-1"], r"--split-seed must be an integer in \[0, 2\^32\)"),
     ],
 )
 def test_bad_tune_options(tmp_path, capsys, argv, message):

@@ -99,6 +99,10 @@ class TrainSettings:
         from normdrop.lab.models import parse_model_spec
 
         _require(self.epochs >= 1, f"--epochs must be a positive integer, got {self.epochs}")
+        _require(
+            0 <= self.split_seed < 2**32,
+            f"--split-seed must be an integer in [0, 2^32), got {self.split_seed}",
+        )
         _require(self.batch_size >= 2, f"--batch-size must be >= 2, got {self.batch_size}")
         _require(
             self.optimizer in OPTIMIZERS,

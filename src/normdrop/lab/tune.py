@@ -77,6 +77,8 @@ class TuneConfig:
         object.__setattr__(self, "variant", Variant.parse(self.variant).name)
         if self.trials < 1 or self.seeds < 1:
             raise InputError("--trials and --seeds must be positive integers")
+        if not 0 <= self.tune_seed < 2**32:
+            raise InputError(f"--tune-seed must be an integer in [0, 2^32), got {self.tune_seed}")
         unknown = set(self.ranges) - set(PARAMETERS)
         if unknown:
             raise InputError(
@@ -189,7 +191,9 @@ def _study(config: TuneConfig, name: str):
     )
     # Seeded by how far the study got: a fresh study is reproducible, and a resumed one does
     # not replay the random start-up trials it already ran.
-    study.sampler = optuna.samplers.TPESampler(seed=config.tune_seed * 100_003 + len(study.trials))
+    # modulo 2^32: numpy's seed range, so any --tune-seed works (smaller ones are unchanged)
+    sampler_seed = (config.tune_seed * 100_003 + len(study.trials)) % 2**32
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed)
     return study
 
 
