@@ -220,3 +220,9 @@ def test_standardizing_features_near_the_float64_limit_stays_finite():
     ordinary = rng.normal(size=(40, 2)) * 3 + 2  # and the plain formula, bit for bit, elsewhere
     expected = ((ordinary - ordinary.mean(0)) / ordinary.std(0)).astype(np.float32)
     assert np.array_equal(_standardize(ordinary)[0].numpy(), expected)
+
+
+def test_synthetic_data_needs_two_classes():
+    # one class reported 100% accuracy, while user files with one class are refused
+    with pytest.raises(InputError, match="classes must be >= 2, got 1"):
+        load_dataset("synthetic:classes=1")

@@ -115,6 +115,7 @@ def test_npz_images_and_labels(tmp_path):
     [
         ({"X": np.zeros((4, 2))}, r"no array 'y' \(arrays: X\)"),
         ({"X": np.zeros(4), "y": np.arange(4) % 2}, "shape \\(samples, features"),
+        ({"X": np.zeros((4, 0)), "y": np.arange(4) % 2}, "at least one feature, got \\(4, 0\\)"),
         ({"X": np.zeros((4, 2)), "y": np.arange(3) % 2}, r"y must have shape \(4,\)"),
         ({"X": np.array([["a", "b"]] * 4), "y": np.arange(4) % 2}, "features must be numbers"),
         (

@@ -158,6 +158,8 @@ def _synthetic(options: dict) -> Dataset:
 
     if not 0.0 <= options["flip"] <= 1.0:
         raise InputError(f"--data synthetic: flip must be in [0, 1], got {options['flip']}")
+    if options["classes"] < 2:  # as for user files: one class is nothing to classify
+        raise InputError(f"--data synthetic: classes must be >= 2, got {options['classes']}")
     try:
         features, labels = make_classification(
             n_samples=options["samples"],

@@ -174,10 +174,10 @@ def _read_npz(path: Path, target: str | None) -> tuple[np.ndarray, np.ndarray]:
 def _check_npz_arrays(path: Path, features: np.ndarray, labels: np.ndarray, key: str) -> np.ndarray:
     if not (np.issubdtype(features.dtype, np.number) or features.dtype == np.bool_):
         raise InputError(f"{path}: X has dtype {features.dtype}; features must be numbers")
-    if features.ndim < 2 or features.shape[0] == 0:
+    if features.ndim < 2 or features.shape[0] == 0 or 0 in features.shape[1:]:
         raise InputError(
-            f"{path}: X must have shape (samples, features...) with samples > 0, "
-            f"got {features.shape}"
+            f"{path}: X must have shape (samples, features...) with samples > 0 and at least "
+            f"one feature, got {features.shape}"
         )
     if labels.ndim != 1 or len(labels) != len(features):
         raise InputError(
