@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from normdrop import functional as F
@@ -66,28 +65,9 @@ def _fast_tensor(input: object) -> bool:
 
 
 def _torch_func(tensor: Tensor) -> bool:
-    """True inside a ``torch.func`` transform (vmap, grad, jvp...) or for a tensor one wrapped
-    (a parameter under ``grad``, a dead wrapper): the kernels have no functorch rules and read
-    plain memory, and inside a transform even plain tensors come back wrapped (``detach()``,
-    the gradients reaching backward), so those calls take the reference. The same inside
-    ``torch.autograd.forward_ad.dual_level()``: the kernels' Functions have no ``jvp``, the
-    reference's formulas do.
-
-    Under torch.compile the check is skipped: dynamo cannot trace it, and traced tensors are
-    fake tensors, which the ops handle.
-    """
-    if torch.compiler.is_compiling():
-        return False
-    return (
-        torch._C._are_functorch_transforms_active()
-        or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
-        or forward_ad_active()
-    )
-
-
-def forward_ad_active() -> bool:
-    """True inside ``torch.autograd.forward_ad.dual_level()`` (dual tensors may exist)."""
-    return _forward_ad._current_level >= 0
+    """:func:`normdrop.kernels.ops.under_transform`, skipped under torch.compile: dynamo cannot
+    trace it, and traced tensors are fake tensors, which the ops handle."""
+    return not torch.compiler.is_compiling() and ops.under_transform(tensor)
 
 
 def _in_torchs_layout(input: Tensor) -> Tensor:
@@ -112,11 +92,9 @@ def _in_torchs_layout(input: Tensor) -> Tensor:
 def _fast_batch_norm(input: Tensor, *tensors: Tensor | None) -> bool:
     if not (_fast_tensor(input) and input.dim() >= 2):
         return False
-    layout = ops.layout_of(input)
-    if layout is None or (
-        layout == ops.ROWS and not input.is_contiguous() and not F._in_layout(input)
-    ):
-        return False  # see _in_torchs_layout
+    # Callers pass the input through _in_torchs_layout first: every layout left is ATen's own.
+    if ops.layout_of(input) is None:
+        return False
     dtype = input.dtype
     for tensor in tensors:  # a loop, not all(...): a generator costs ~1 us, every call
         if tensor is not None and not (

@@ -21,7 +21,6 @@ import math
 
 import numpy as np
 import torch
-import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from normdrop import functional as F
@@ -135,9 +134,7 @@ def _lookup(cache, input, running_mean, running_var, weight, bias, training, eps
         or not input.is_cpu
         or get_backend() != "fast"
         or not ops.usable()
-        or torch._C._are_functorch_transforms_active()  # see dispatch._torch_func
-        or torch._C._functorch.is_functorch_wrapped_tensor(input)
-        or _forward_ad._current_level >= 0
+        or ops.under_transform(input)
     ):
         return None
     _, tensors, pointers, entry = state

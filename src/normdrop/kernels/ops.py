@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import numba
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from normdrop import functional as F
@@ -122,6 +123,19 @@ def direct_apply(function: type[torch.autograd.Function]) -> Callable[..., Any]:
         return full(*args) if transforms_active() else bound(*args)
 
     return apply
+
+
+def under_transform(tensor: Tensor) -> bool:
+    """True inside a ``torch.func`` transform (vmap, grad, jvp...), for a tensor one wrapped (a
+    parameter under ``grad``, a dead wrapper), or inside ``torch.autograd.forward_ad``'s
+    ``dual_level()``: the kernels have no functorch or forward-mode rules and read plain memory
+    (inside a transform even plain tensors come back wrapped: ``detach()``, the gradients
+    reaching backward), so such calls take the reference, whose formulas have them."""
+    return (
+        torch._C._are_functorch_transforms_active()
+        or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+        or _forward_ad._current_level >= 0
+    )
 
 
 def _records_nothing(*tensors: Tensor | None) -> bool:
