@@ -67,6 +67,15 @@ def _require(condition: bool, message: str) -> None:
         raise InputError(message)
 
 
+def check_step_settings(batch_size: int, lr: float, momentum: float) -> None:
+    """The settings every training step needs (``lab``, ``tune``, ``seed``): batches of at
+    least 2 (BatchNorm skips a batch of one: with 1 nothing would train), a positive learning
+    rate, momentum in [0, 1)."""
+    _require(batch_size >= 2, f"--batch-size must be >= 2, got {batch_size}")
+    _require(_finite(lr) and lr > 0, f"--lr must be positive, got {lr}")
+    _require(0 <= momentum < 1, f"--momentum must be in [0, 1), got {momentum}")
+
+
 def _finite(value: float) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
@@ -103,15 +112,13 @@ class TrainSettings:
             0 <= self.split_seed < 2**32,
             f"--split-seed must be an integer in [0, 2^32), got {self.split_seed}",
         )
-        _require(self.batch_size >= 2, f"--batch-size must be >= 2, got {self.batch_size}")
         _require(
             self.optimizer in OPTIMIZERS,
             f"--optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}",
         )
         if self.lr is None:
             object.__setattr__(self, "lr", OPTIMIZERS[self.optimizer])
-        _require(_finite(self.lr) and self.lr > 0, f"--lr must be positive, got {self.lr}")
-        _require(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        check_step_settings(self.batch_size, self.lr, self.momentum)
         _require(
             _finite(self.weight_decay) and self.weight_decay >= 0,
             f"--weight-decay must be >= 0, got {self.weight_decay}",

@@ -18,13 +18,14 @@ to watch it happen, and ``--compare`` to see how much BatchNorm and Dropout chan
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from normdrop.errors import InputError
+from normdrop.lab.config import check_step_settings
 from normdrop.nn import BatchNorm1d, Dropout
 
 SEED_SAMPLES = 100
@@ -172,14 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.epochs < 1 or args.test_size < 1:
         _parser().error("--epochs and --test-size must be positive")
-    if args.batch_size < 2:  # every batch of one is skipped: nothing would train
-        _parser().error(
-            f"--batch-size must be >= 2 (BatchNorm needs 2 samples), got {args.batch_size}"
-        )
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        _parser().error(f"--lr must be a positive number, got {args.lr}")
-    if not 0.0 <= args.momentum < 1.0:
-        _parser().error(f"--momentum must be in [0, 1), got {args.momentum}")
+    try:
+        check_step_settings(args.batch_size, args.lr, args.momentum)
+    except InputError as error:
+        _parser().error(str(error))
     if not 0.0 <= args.dropout < 1.0:
         _parser().error(f"--dropout must be in [0, 1), got {args.dropout}")
     common = dict(
