@@ -414,3 +414,16 @@ def test_p_too_close_to_one_for_the_fast_masks_takes_torchs_bernoulli(module):
             actual = normdrop.nn.Dropout(p)(x) if module else dispatch.dropout(x, p)
         assert torch.equal(actual, expected) == torchs
         assert ((actual == 0) | torch.isclose(actual, x / (1 - p))).all()
+
+
+def test_the_fast_keep_rate_bound_quoted_in_the_docs():
+    # docs/kernels.md: within MIN_KEEP of 1 the float32 uniforms miss 1 - p by more than 1e-4 of
+    # itself (p = 1 - 1e-7 keeps about 0.3 of what it should); at the bound they do not.
+    from normdrop.kernels.masks import MIN_KEEP
+    from normdrop.kernels.philox import keep_threshold
+
+    def kept(p):  # a word f (31 bits, uniform) is kept iff f > keep_threshold(p)
+        return (2**31 - 1 - keep_threshold(p)) / 2**31
+
+    assert abs(kept(1 - MIN_KEEP) / MIN_KEEP - 1) < 1e-4
+    assert 0.25 < kept(1 - 1e-7) / 1e-7 < 0.35
