@@ -34,7 +34,7 @@ from normdrop.lab.norms import norm_factory
 from normdrop.lab.plots import Plot, gap_plot, learning_curves, preactivation_plot
 from normdrop.lab.report import Table, write_report
 from normdrop.lab.scheduler import execute, interrupt_as_keyboard
-from normdrop.lab.store import RunStore
+from normdrop.lab.store import RunStore, StoreError
 from normdrop.lab.summary import (
     ACCURACY_COLUMNS,
     LOSS_COLUMNS,
@@ -195,8 +195,9 @@ def write_outputs(
 def _check_name_is_this_experiments(store: RunStore, config: LabConfig) -> None:
     """A ``--name`` already given to an experiment with other settings would replace its run
     list and its report: refused. The same settings resume it."""
-    existing = next((e for e in store.experiments() if e["name"] == config.name), None)
-    if existing is None:
+    try:
+        existing = store.experiment(config.name)
+    except StoreError:  # a new name
         return
     wanted = json.loads(json.dumps(config.to_dict(), sort_keys=True))
     if json.loads(existing["config_json"]) != wanted:
