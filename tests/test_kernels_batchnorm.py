@@ -447,6 +447,35 @@ def test_rows_statistics_near_the_float32_limit():
     assert torch.equal(invstd, torch.zeros(8))
 
 
+@pytest.mark.parametrize(
+    ("shape", "channels_last_input"),
+    [((64, 3), False), ((64, 3, 5), False), ((4, 3, 8, 8), False), ((4, 3, 8, 8), True),
+     ((3, 5, 67, 71), False), ((4100, 6), False)],
+)  # fmt: skip
+def test_float64_variance_that_overflows_gives_the_references_zeros(
+    shape, channels_last_input, kernel_calls
+):
+    """Finite float64 values near 1e300: their squares overflow, so the variance is inf and the
+    output and gradients are zeros, as the reference gives (the kernels gave NaN: inf - inf in
+    the moments, 0 * inf in the merge of the first piece), on every layout and block count."""
+    generator = torch.Generator().manual_seed(7)
+    x = 1e300 * torch.randn(shape, dtype=torch.float64, generator=generator)
+    if channels_last_input:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(shape, dtype=torch.float64, generator=generator)
+    module = MODULES[len(shape) - 2 if len(shape) > 3 else 1](shape[1], dtype=torch.float64)
+    reference = copy.deepcopy(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # inf variance: the running statistics are skipped
+        y_fast, grads_fast = _step(module, x, grad, "fast")
+        y_ref, grads_ref = _step(reference, x, grad, "reference")
+    assert kernel_calls
+    for fast, ref in zip([y_fast, *grads_fast], [y_ref, *grads_ref], strict=True):
+        assert not fast.isnan().any()
+        torch.testing.assert_close(fast, ref)
+    _compare(list(module.buffers()), list(reference.buffers()), torch.float64)
+
+
 def test_module_cache_follows_every_change_a_user_makes(kernel_calls):
     """The eager path caches what a module's last call found (kernels.eager.ModuleCache): every
     change below must be seen, step after step, in lockstep with torch.nn."""

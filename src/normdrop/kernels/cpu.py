@@ -383,6 +383,8 @@ def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     """Merge two (count, mean, sum of squared deviations) summaries (Chan et al. 1979)."""
     if count_b == 0:
         return count_a, mean_a, m2_a
+    if count_a == 0:  # the formula's answer, without 0 * inf = NaN where delta^2 overflows
+        return count_b, mean_b, m2_b
     count = count_a + count_b
     delta = mean_b - mean_a
     weight_b = count_b / count
@@ -526,10 +528,17 @@ def _leading_mean(xs):
 
 
 @njit(**_INLINE)
+def _m2(squares, centered):
+    """``sum(d^2) - sum(d)^2 / n``; inf where the squares overflowed (finite data near the
+    dtype's maximum), not ``inf - inf = NaN``: the variance is then inf, as the reference's."""
+    return squares - centered if squares < np.inf else squares
+
+
+@njit(**_INLINE)
 def _centered_moments(total, squares, n):
     """``(sum(d)^2 / n, m2 = sum(d^2) - sum(d)^2 / n)`` from the sums of ``d = x - center``."""
     centered = total * total / n
-    return centered, squares - centered
+    return centered, _m2(squares, centered)
 
 
 @njit(**_INLINE)
@@ -660,7 +669,7 @@ def _rows_statistics(sums, squares, center, channels, count):
     for c in range(channels):
         offset = total[c] * per_value
         centered = total[c] * offset
-        m2 = total_sq[c] - centered
+        m2 = _m2(total_sq[c], centered)
         far += 1 if centered > RECENTER * m2 else 0
         mean[c] = offset
         var[c] = max(m2, 0.0) * per_value
