@@ -160,6 +160,75 @@ def test_batchnorm_buffer_update_when_stats_are_not_tracked(backend):
     torch.testing.assert_close(y.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_BatchNorm_empty(backend):
+    """TestNNDeviceType.test_BatchNorm_empty: a float32 module on an empty float64 batch gives
+    an empty float64 output; the input, weight and bias get zero gradients and the running
+    statistics stay at their defaults."""
+    module = normdrop.nn.BatchNorm2d(3)
+    x = torch.randn(0, 3, 2, 2, dtype=torch.float64)
+    with normdrop.use_backend(backend):
+        output, grad_in = _forward_backward(module, x, torch.rand(x.shape, dtype=x.dtype))
+    assert output.shape == x.shape and output.dtype == torch.float64
+    assert grad_in.shape == x.shape
+    assert torch.equal(module.running_mean, torch.zeros(3))
+    assert torch.equal(module.running_var, torch.ones(3))
+    assert torch.equal(module.weight.grad, torch.zeros(3))
+    assert torch.equal(module.bias.grad, torch.zeros(3))
+
+
+EMPTY_CALLS = {  # name: (input, running_mean, running_var, weight, bias, training)
+    "float32 companions, float64 input": (
+        torch.randn(0, 3, 2, 2, dtype=torch.float64),
+        torch.zeros(3),
+        torch.ones(3),
+        torch.ones(3),
+        torch.zeros(3),
+        True,
+    ),
+    "companions of the wrong size": (
+        torch.randn(0, 3),
+        torch.zeros(4),
+        torch.ones(4),
+        None,
+        None,
+        False,
+    ),
+    "no running statistics in eval": (torch.randn(0, 3, 5), None, None, torch.rand(3), None, False),
+    "integer input": (
+        torch.zeros(0, 3, dtype=torch.int64),
+        torch.zeros(3),
+        torch.ones(3),
+        None,
+        None,
+        True,
+    ),
+    "channels_last": (
+        torch.randn(0, 3, 2, 2).contiguous(memory_format=torch.channels_last),
+        None,
+        None,
+        torch.rand(3),
+        torch.rand(3),
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_CALLS))
+def test_batchnorm_functional_on_an_empty_input_is_torchs(name):
+    """The rule behind test_BatchNorm_empty: ATen answers an input without values with a copy
+    of it, times ``weight[0]`` plus ``bias[0]``, before looking at the other tensors; the
+    functional gives the same tensor (dtype, shape and strides), where torch raises nothing."""
+    input, running_mean, running_var, weight, bias, training = EMPTY_CALLS[name]
+    arguments = (input, running_mean, running_var, weight, bias, training)
+    expected = torch.nn.functional.batch_norm(*arguments)
+    actual = NF.batch_norm(*arguments)
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    assert actual.stride() == expected.stride()
+    with pytest.raises(ValueError, match="eps must be positive"):  # torch checks eps first
+        NF.batch_norm(*arguments[:5], True, 0.1, 0.0)
+
+
 # TestNNDeviceType.test_batchnorm_{eval,affine,simple_average}: float32 on CPU; their _mixed
 # variants (bfloat16/float16 input, float32 module) are CUDA-only in PyTorch and run here on CPU.
 MODULE_DTYPES = {

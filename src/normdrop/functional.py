@@ -135,6 +135,15 @@ def batch_statistics(input: Tensor) -> tuple[Tensor, Tensor]:
     return mean + correction, var
 
 
+def _check_eps(eps: float, training: bool) -> None:
+    if not isinstance(eps, numbers.Real) or math.isnan(eps):
+        raise InputTypeError(f"batch_norm: eps must be a real number, got {eps!r}")
+    if training and eps <= 0:
+        raise InputError(f"batch_norm: eps must be positive during training, got {eps}")
+    if eps < 0:
+        raise InputError(f"batch_norm: eps must be non-negative, got {eps}")
+
+
 def _check_batch_norm_args(
     input: Tensor,
     running_mean: Tensor | None,
@@ -149,14 +158,17 @@ def _check_batch_norm_args(
         raise InputTypeError(
             f"batch_norm: input must be a torch.Tensor, got {type(input).__name__}"
         )
+    if input.numel() == 0:
+        # As in PyTorch: only eps is checked (by its Python layer) before ATen answers an input
+        # without values, whatever the other tensors' dtype or size (see _empty_batch_norm).
+        _check_eps(eps, training)
+        return
     if not input.is_floating_point():
         raise InputTypeError(
             "batch_norm: input must be a floating-point tensor (float16, bfloat16, float32 or "
             f"float64), got dtype {input.dtype}"
         )
     if input.dim() < 2:
-        if input.numel() == 0:
-            return  # as in PyTorch, an empty input passes through (batch_norm returns a copy)
         raise InputError(
             "batch_norm: input must have shape (N, C, *) with at least 2 dims, "
             f"got shape {tuple(input.shape)}"
@@ -194,11 +206,8 @@ def _check_batch_norm_args(
             )
     if (running_mean is None) != (running_var is None):
         raise InputError("batch_norm: pass both running_mean and running_var, or neither")
-    if not isinstance(eps, numbers.Real) or math.isnan(eps):
-        raise InputTypeError(f"batch_norm: eps must be a real number, got {eps!r}")
+    _check_eps(eps, training)
     if training:
-        if eps <= 0:
-            raise InputError(f"batch_norm: eps must be positive during training, got {eps}")
         if _values_per_channel(input) == 1:
             # Same rule and message as torch.nn.functional.batch_norm: the variance of one
             # value is 0 and the output would be all beta.
@@ -212,14 +221,11 @@ def _check_batch_norm_args(
             not isinstance(momentum, numbers.Real) or math.isnan(momentum)
         ):
             raise InputTypeError(f"batch_norm: momentum must be a real number, got {momentum!r}")
-    else:
-        if eps < 0:
-            raise InputError(f"batch_norm: eps must be non-negative, got {eps}")
-        if running_mean is None:
-            raise InputError(
-                "batch_norm: running_mean and running_var are required when training=False "
-                "(inference normalizes with them); pass training=True to use batch statistics"
-            )
+    elif running_mean is None:
+        raise InputError(
+            "batch_norm: running_mean and running_var are required when training=False "
+            "(inference normalizes with them); pass training=True to use batch statistics"
+        )
 
 
 @torch.no_grad()
@@ -419,6 +425,18 @@ def _normalize(
     return _in_layout_of(out.to(input.dtype), input)
 
 
+def _empty_batch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """ATen's answer for an input without values (``_batch_norm_impl_index``): a copy of it,
+    times ``weight[0]`` plus ``bias[0]``, so that the parameters stay in the graph (with zero
+    gradients); the running statistics are left alone."""
+    output = input.clone()
+    if weight is not None:
+        output = output * weight[0]
+    if bias is not None:
+        output = output + bias[0]
+    return output
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -450,8 +468,8 @@ def batch_norm(
     NaN. See ``_update_running_stats``.
     """
     _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if input.dim() < 2:  # an empty input without channels: nothing to normalize
-        return input.clone()
+    if input.numel() == 0:
+        return _empty_batch_norm(input, weight, bias)
     if training:
         with torch.no_grad():
             mean, var = batch_statistics(input)
