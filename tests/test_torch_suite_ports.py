@@ -19,6 +19,7 @@ import random
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.testing._internal.common_utils import freeze_rng_state, gradcheck
 
 import normdrop
@@ -142,6 +143,44 @@ def test_batchnorm_raises_error_if_tensor_is_not_same_size_as_input(size, wrong,
         for batch_norm in (NF.batch_norm, dispatch.batch_norm):
             with pytest.raises(RuntimeError):
                 batch_norm(x, **arguments)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(
+    "duals", [(0,), (1,), (1, 2), (0, 1), (0, 2), (0, 1, 2), (3,), (1, 3), (2, 4)], ids=str
+)
+def test_batchnorm_raises_error_if_running_var_or_running_mean_have_forward_grad(
+    duals, training, backend
+):
+    """TestNN.test_batchnorm_raises_error_if_running_var_or_running_mean_have_forward_grad, and
+    the module's call: in eval, a tangent on a running statistic is refused with torch's message
+    when the input, weight or bias has one too (otherwise no forward derivative is computed);
+    in training the running statistics do not enter the output and nothing is refused."""
+    primals = [torch.randn(3, 2, 5), torch.randn(2), torch.rand(2) + 0.5]
+    primals += [torch.rand(2), torch.rand(2)]  # weight, bias
+    expected = torch.nn.functional.batch_norm
+    refused = not training and bool({1, 2} & set(duals)) and bool({0, 3, 4} & set(duals))
+    module = normdrop.nn.BatchNorm1d(2).train(training)
+    names = ["running_mean", "running_var", "weight", "bias"]
+    with normdrop.use_backend(backend), fwAD.dual_level():
+        args = [
+            fwAD.make_dual(p, torch.rand_like(p)) if i in duals else p
+            for i, p in enumerate(primals)
+        ]
+        for function in (
+            lambda: expected(*args[:3], *args[3:], training=training),
+            lambda: NF.batch_norm(*args[:3], *args[3:], training=training),
+            lambda: dispatch.batch_norm(*args[:3], *args[3:], training=training),
+            lambda: torch.func.functional_call(
+                module, dict(zip(names, args[1:], strict=True)), (args[0],)
+            ),
+        ):
+            if refused:
+                with pytest.raises(RuntimeError, match="not differentiable wrt running_mean"):
+                    function()
+            else:
+                function()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -28,6 +28,7 @@ import numbers
 import warnings
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from normdrop.errors import InputError, InputTypeError
@@ -425,6 +426,29 @@ def _normalize(
     return _in_layout_of(out.to(input.dtype), input)
 
 
+def _has_tangent(tensor: Tensor | None) -> bool:
+    return tensor is not None and _forward_ad.unpack_dual(tensor).tangent is not None
+
+
+def _check_no_running_tangents(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> None:
+    """Forward-mode AD in inference, as PyTorch: the output's tangent would need the running
+    statistics' tangents, which BatchNorm does not differentiate, so they are refused (with
+    torch's message) whenever an input, weight or bias tangent asks for a forward derivative."""
+    if (_has_tangent(running_mean) or _has_tangent(running_var)) and (
+        _has_tangent(input) or _has_tangent(weight) or _has_tangent(bias)
+    ):
+        raise InputError(
+            "batch_norm is not differentiable wrt running_mean and running_var, they cannot "
+            "have forward grad defined (running statistics are buffers: pass them detached)"
+        )
+
+
 def _empty_batch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """ATen's answer for an input without values (``_batch_norm_impl_index``): a copy of it,
     times ``weight[0]`` plus ``bias[0]``, so that the parameters stay in the graph (with zero
@@ -470,6 +494,8 @@ def batch_norm(
     _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if input.numel() == 0:
         return _empty_batch_norm(input, weight, bias)
+    if not training and running_mean is not None and _forward_ad._current_level >= 0:
+        _check_no_running_tangents(input, running_mean, running_var, weight, bias)
     if training:
         with torch.no_grad():
             mean, var = batch_statistics(input)
