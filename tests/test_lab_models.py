@@ -121,6 +121,12 @@ def test_bad_model_specs(spec):
 def test_cnn_needs_images():
     with pytest.raises(InputError, match=r"cnn:small needs image data.*\(13,\)"):
         build_model("cnn:small", Variant(True, False), (13,), 3)
+    # The message gives the accepted shapes in the terms of docs/lab.md: NPZ X of 3 or 4 dims.
+    with pytest.raises(InputError) as raised:
+        build_model("cnn:small", Variant(True, False), (32, 32, 3), 3)  # channels last
+    message = str(raised.value)
+    assert "(samples, height, width)" in message and "(samples, channels, height, width)" in message
+    assert "channels first" in message and "got samples of shape (32, 32, 3)" in message
 
 
 def test_last_activation_sees_the_last_hidden_preactivation():

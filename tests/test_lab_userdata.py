@@ -4,6 +4,7 @@ import builtins
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -196,3 +197,54 @@ def test_unknown_suffix(tmp_path):
 def test_encode_labels_mixed_numbers_and_names_are_names():
     labels, classes = encode_labels(["10", "x", "9"], "somewhere")
     assert classes == ("10", "9", "x") and labels.tolist() == [0, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"X": np.ones((4, 2)) + 1j, "y": np.arange(4) % 2}, "array X has complex dtype"),
+        ({"X": np.ones((4, 2)), "y": np.arange(4) % 2 + 0j}, "array y has complex dtype"),
+    ],
+)
+def test_complex_npz_arrays_are_refused(tmp_path, arrays, message):
+    # numpy's cast would drop the imaginary part with only a ComplexWarning
+    path = tmp_path / "complex.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(InputError, match=f"{path}: {message}.*real numbers"):
+        read_user_file(path, None)
+
+
+def test_npz_value_beyond_float32_is_named_not_called_inf(tmp_path):
+    features = np.zeros((4, 2))
+    features[2, 1] = -1e300  # finite in float64, infinity after the float32 cast
+    path = tmp_path / "huge.npz"
+    np.savez(path, X=features, y=np.arange(4) % 2)
+    with pytest.raises(InputError, match=rf"{path}: X\[2, 1\] is -1e\+300 .*too large for float32"):
+        read_user_file(path, None)
+
+
+def test_csv_and_parquet_values_beyond_float32_are_refused(tmp_path):
+    # Both were accepted and became inf: NaN losses, exit 0.
+    path = _write(tmp_path, "huge.csv", "a,y\n1,0\n1e39,1\n2,0\n")
+    with pytest.raises(InputError, match=r"line 3, column 'a': 1e39 is too large for float32"):
+        read_user_file(path, "y")
+    pa = pytest.importorskip("pyarrow", reason="parquet is an optional extra (pyarrow)")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "huge.parquet"
+    pq.write_table(pa.table({"a": [1.0, 2.0, 1e300], "y": [0, 1, 0]}), path)
+    with pytest.raises(InputError, match=r"row 3, column 'a': 1e\+300 is too large for float32"):
+        read_user_file(path, "y")
+
+
+def test_a_3d_npz_x_is_one_channel_images_for_cnn_small(tmp_path):
+    from normdrop.lab.config import Variant
+    from normdrop.lab.models import build_model
+
+    images = np.random.default_rng(0).normal(size=(6, 8, 8))
+    np.savez(tmp_path / "gray.npz", X=images, y=np.arange(6) % 2)
+    dataset = load_dataset(str(tmp_path / "gray.npz"))
+    assert dataset.sample_shape == (1, 8, 8)  # docs/lab.md: 3-D X is one-channel images
+    np.testing.assert_array_equal(dataset.features[:, 0], images.astype(np.float32))
+    model = build_model("cnn:small", Variant(True, False), dataset.sample_shape, 1)
+    assert model(torch.from_numpy(dataset.features)).shape == (6, 1)

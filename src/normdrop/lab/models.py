@@ -97,8 +97,9 @@ def _mlp(widths, in_features, n_outputs, variant, p, norm) -> list[nn.Module]:
 def _cnn(sample_shape, n_outputs, variant, p, norm) -> list[nn.Module]:
     if len(sample_shape) != 3 or min(sample_shape[1:]) < 4:
         raise InputError(
-            "--model cnn:small needs image data of shape (channels, height, width) with sides "
-            f">= 4 (digits, mnist5k, mnist, fashion-mnist, cifar10), got samples of shape "
+            "--model cnn:small needs image data: an NPZ X of shape (samples, height, width) or "
+            "(samples, channels, height, width), channels first, height and width >= 4, or "
+            "digits, mnist5k, mnist, fashion-mnist, cifar10; got samples of shape "
             f"{tuple(sample_shape)}"
         )
     channels, height, width = sample_shape

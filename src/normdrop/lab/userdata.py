@@ -27,7 +27,8 @@ def read_user_file(
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """``(features, labels, classes)`` from a CSV, NPZ or Parquet file.
 
-    ``features`` is float32 of shape (n, *sample_shape); ``labels`` int64 in [0, len(classes)).
+    ``features`` is float32 of shape (n, *sample_shape), (n, C, H, W) for images (an NPZ ``X``
+    of 3 dimensions gets its one channel); ``labels`` int64 in [0, len(classes)).
     ``target`` names the label column (CSV, Parquet) or array (NPZ, default ``"y"``).
     """
     path = Path(path)
@@ -83,6 +84,16 @@ def _as_float(text: str) -> float | None:
     return number if math.isfinite(number) else None
 
 
+# The lab computes in float32: a finite value beyond its range would become infinity.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+_TOO_LARGE = (
+    f"too large for float32 (the lab computes in float32, largest {_FLOAT32_MAX:.4g}); "
+    "rescale the feature"
+)
+
+
 def _missing_target(path: Path, columns: Sequence[str], target: str | None) -> InputError:
     listing = ", ".join(repr(c) for c in columns)
     if target is None:
@@ -100,6 +111,8 @@ def _cell_number(cell: str, where: str) -> float:
         raise InputError(f"{where}: {text!r} is not a number") from None
     if not math.isfinite(value):
         raise InputError(f"{where}: {text} is not a finite number; remove or impute it")
+    if abs(value) > _FLOAT32_MAX:
+        raise InputError(f"{where}: {text} is {_TOO_LARGE}")
     return value
 
 
@@ -172,6 +185,13 @@ def _read_npz(path: Path, target: str | None) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_npz_arrays(path: Path, features: np.ndarray, labels: np.ndarray, key: str) -> np.ndarray:
+    # Complex arrays are numbers to numpy, but casting them drops the imaginary part (with only
+    # a ComplexWarning): refused before any cast.
+    for name, array in (("X", features), (key, labels)):
+        if np.iscomplexobj(array):
+            raise InputError(
+                f"{path}: array {name} has complex dtype {array.dtype}; the lab needs real numbers"
+            )
     if not (np.issubdtype(features.dtype, np.number) or features.dtype == np.bool_):
         raise InputError(f"{path}: X has dtype {features.dtype}; features must be numbers")
     if features.ndim < 2 or features.shape[0] == 0 or 0 in features.shape[1:]:
@@ -186,15 +206,18 @@ def _check_npz_arrays(path: Path, features: np.ndarray, labels: np.ndarray, key:
     if np.issubdtype(labels.dtype, np.floating) and not np.isfinite(labels).all():
         bad = int(np.flatnonzero(~np.isfinite(labels))[0])
         raise InputError(f"{path}: {key}[{bad}] is {labels[bad]}; every label must be given")
-    features = features.astype(np.float32)
-    finite = np.isfinite(features)
-    if not finite.all():
-        bad = tuple(int(i) for i in np.argwhere(~finite)[0])
+    # Checked in X's own dtype: after the float32 cast, 1e300 would read as inf.
+    unusable = ~np.isfinite(features) | (np.abs(features) > _FLOAT32_MAX)
+    if unusable.any():
+        bad = tuple(int(i) for i in np.argwhere(unusable)[0])
+        value = features[bad]
+        why = _TOO_LARGE if np.isfinite(value) else "features must be finite numbers"
         raise InputError(
-            f"{path}: X[{', '.join(map(str, bad))}] is {features[bad]} (sample {bad[0]}); "
-            "features must be finite numbers"
+            f"{path}: X[{', '.join(map(str, bad))}] is {value:g} (sample {bad[0]}); {why}"
         )
-    return features
+    if features.ndim == 3:  # one-channel images (docs/lab.md): (n, 1, H, W), as cnn:small takes
+        features = features[:, None]
+    return features.astype(np.float32)
 
 
 def _read_parquet(path: Path, target: str | None) -> tuple[np.ndarray, list]:
@@ -233,6 +256,11 @@ def _read_parquet(path: Path, target: str | None) -> tuple[np.ndarray, list]:
             row = int(np.flatnonzero(~np.isfinite(values))[0]) + 1
             raise InputError(
                 f"{path}, row {row}, column {name!r}: {values[row - 1]} is not a finite number"
+            )
+        if (np.abs(values) > _FLOAT32_MAX).any():
+            row = int(np.flatnonzero(np.abs(values) > _FLOAT32_MAX)[0]) + 1
+            raise InputError(
+                f"{path}, row {row}, column {name!r}: {values[row - 1]:g} is {_TOO_LARGE}"
             )
         columns.append(values)
     return np.stack(columns, axis=1).astype(np.float32), table.column(target).to_pylist()
