@@ -83,9 +83,10 @@ class Splits:
 def _options(name: str, given: dict[str, str], defaults: dict[str, object]) -> dict[str, object]:
     unknown = sorted(set(given) - set(defaults))
     if unknown:
+        known = ", ".join(f"{key}={value}" for key, value in defaults.items())
         raise InputError(
-            f"--data {name}: unknown option {unknown[0]!r}; options: "
-            + ", ".join(f"{key}={value}" for key, value in defaults.items())
+            f"--data {name}: unknown option {unknown[0]!r}; "
+            + (f"options: {known}" if known else f"{name} takes no options")
         )
     options = dict(defaults)
     for key, text in given.items():
@@ -289,6 +290,10 @@ def _parse_spec(spec: str) -> tuple[str, dict[str, str]]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise InputError(f"--data {spec}: options are key=value pairs, got {item!r}")
+        if key.strip() in given:  # last-wins would silently drop the first value
+            raise InputError(
+                f"--data {spec}: option {key.strip()!r} is given twice; give each option once"
+            )
         given[key.strip()] = value.strip()
     return name.strip(), given
 
