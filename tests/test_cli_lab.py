@@ -89,6 +89,10 @@ def test_reproduce_command_round_trips():
         (["--model", "cnn:small", "--data", "wine"], "needs image data"),
         (["--name", "../escape"], "--name must be"),
         (["--data", "nothing.csv", "--target", "y"], "no such file"),
+        (["--out", ""], "--out must name a folder, got ''"),
+        (["--tensorboard", ""], "--tensorboard must name a folder, got ''"),
+        (["--cache-dir", ""], "--cache-dir must name a folder, got ''"),
+        (["--data", "synthetic:seed=1,seed=2"], "option 'seed' is given twice"),
     ],
 )
 def test_bad_options_exit_2_naming_the_option(tmp_path, capsys, argv, message):
@@ -97,6 +101,16 @@ def test_bad_options_exit_2_naming_the_option(tmp_path, capsys, argv, message):
     assert err.startswith("normdrop lab: error:")
     assert re.search(message, err)
     assert not (tmp_path / "normdrop.db").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("variants", ["plain,,bn", ",bn", "bn,"])
+def test_an_empty_item_in_variants_is_refused(tmp_path, capsys, variants):
+    with pytest.raises(SystemExit) as exited:
+        main(["lab", *TINY, "--out", str(tmp_path), "--variants", variants])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("normdrop lab: error: argument --variants:")
+    assert "without empty items (e.g. plain,bn)" in err and repr(variants) in err
 
 
 @pytest.mark.parametrize(

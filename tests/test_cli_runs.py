@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import re
 import shlex
 import sqlite3
 
@@ -100,6 +101,19 @@ def test_errors_name_what_is_missing(db, tmp_path, capsys):
     garbage.write_bytes(b"\x00" * 4096)
     assert main(["runs", "--db", str(garbage), "list"]) == 2
     assert "not a normdrop run database" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--db", "", "list"], ["export", "1", "-o", ""]])
+def test_an_empty_path_is_refused_naming_the_option(db, capsys, argv):
+    # --db '' was the working folder, and -o '' wrote to standard output
+    argv = argv if argv[0] == "--db" else ["--db", str(db), *argv]
+    with pytest.raises(SystemExit) as exited:
+        main(["runs", *argv])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert re.fullmatch(
+        r"normdrop runs.*: error: argument --(db|output/-o): must name a file, got ''", err
+    )
 
 
 def test_reading_never_writes(db):

@@ -158,7 +158,12 @@ def test_reproduce_command_round_trips():
         (["--lr-range", "0,0.1"], "log scale, so both ends must be > 0"),
         (["--dropout-p-range", "0.5,0.2"], "low end must be below the high end"),
         (["--dropout-p-range", "0,1"], r"--dropout-p must be in \[0, 1\)"),
-        (["--variant", "batchnorm"], "unknown variant"),
+        (["--variant", "batchnorm"], "^normdrop tune: error: --variant: unknown variant"),
+        (
+            ["--var", "batchnorm"],
+            "^normdrop tune: error: --variant: unknown variant",
+        ),  # abbreviated
+        (["--out", ""], "--out must name a folder, got ''"),
         (["--trials", "0"], "--trials and --seeds must be positive"),
         (["--model", "cnn:small"], "needs image data"),
         (["--tune-seed", "-1"], r"--tune-seed must be an integer in \[0, 2\^32\)"),

@@ -65,14 +65,25 @@ def test_out_must_be_a_folder(tmp_path, capsys):
     assert a_file.read_text() == "kept"
 
 
+def test_an_empty_out_is_refused(capsys):
+    # Path("") is the working folder: the results would land there
+    with pytest.raises(SystemExit) as raised:
+        cli_main(["li2019", "--out", ""])
+    assert raised.value.code == 2
+    assert "argument --out: must name a folder, got ''" in capsys.readouterr().err
+
+
 def test_seeds_count_and_list():
     assert parse_seeds("3") == [0, 1, 2]
     assert parse_seeds("11,12,13") == [11, 12, 13]
     assert parse_seeds("7,") == [7]
     assert parse_seeds(" 4 , 5 ") == [4, 5]
+    assert parse_seeds("4,5,") == [4, 5]  # the trailing comma that marks a list, and no more
 
 
-@pytest.mark.parametrize("text", ["0", "-2", "x", "1,x", "1,1", "-1,2", ",", "1.5"])
+@pytest.mark.parametrize(
+    "text", ["0", "-2", "x", "1,x", "1,1", "-1,2", ",", "1.5", "1,,2", ",1", "7,,", "1, ,2"]
+)
 def test_bad_seeds_are_refused_with_the_expected_form(text):
     with pytest.raises(argparse.ArgumentTypeError, match="seeds"):
         parse_seeds(text)

@@ -116,7 +116,19 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+    parts = tuple(part.strip() for part in text.split(","))
+    if not all(parts):  # "plain,,bn": a typo or a lost item, not something to skip
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated names without empty items (e.g. plain,bn), got {text!r}"
+        )
+    return parts
+
+
+def _file_path(text: str) -> str:
+    # An empty path would be the working folder (--db) or "not given" (-o: standard output).
+    if not text:
+        raise argparse.ArgumentTypeError("must name a file, got ''")
+    return text
 
 
 def _range(text: str) -> tuple[float, float]:
@@ -292,7 +304,9 @@ def _add_runs(sub) -> None:
         help="list, show, compare and export what the lab ran",
         description="Read the run database (never changes it).",
     )
-    parser.add_argument("--db", default="runs/normdrop.db", help="default: %(default)s")
+    parser.add_argument(
+        "--db", type=_file_path, default="runs/normdrop.db", help="default: %(default)s"
+    )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="every run, one line each")
     listing.add_argument("--experiment", help="only this experiment's runs")
@@ -304,7 +318,10 @@ def _add_runs(sub) -> None:
     export.add_argument("id", type=_run_id)
     export.add_argument("--format", choices=("csv", "json"), default="csv")
     export.add_argument(
-        "--output", "-o", help="new file to write (default: standard output); never overwritten"
+        "--output",
+        "-o",
+        type=_file_path,
+        help="new file to write (default: standard output); never overwritten",
     )
     export.add_argument("--force", action="store_true", help="overwrite an existing --output")
     parser.set_defaults(run=_runs)

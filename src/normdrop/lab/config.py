@@ -46,12 +46,13 @@ class Variant:
     dropout: bool
 
     @classmethod
-    def parse(cls, text: str) -> Variant:
+    def parse(cls, text: str, option: str = "--variants") -> Variant:
+        """``option`` is the one the error names: ``lab --variants``, ``tune --variant``."""
         parts = text.strip().lower().split("+")
         if parts == ["plain"]:
             return cls(False, False)
         if not parts or not set(parts) <= {"bn", "dropout"} or len(set(parts)) != len(parts):
-            raise InputError(f"--variants: unknown variant {text!r}; expected one of {VARIANTS}")
+            raise InputError(f"{option}: unknown variant {text!r}; expected one of {VARIANTS}")
         return cls("bn" in parts, "dropout" in parts)
 
     @property
@@ -74,6 +75,15 @@ def check_step_settings(batch_size: int, lr: float, momentum: float) -> None:
     _require(batch_size >= 2, f"--batch-size must be >= 2, got {batch_size}")
     _require(_finite(lr) and lr > 0, f"--lr must be positive, got {lr}")
     _require(0 <= momentum < 1, f"--momentum must be in [0, 1), got {momentum}")
+
+
+def check_path_options(**paths: str | None) -> None:
+    """Options naming a folder (``out="runs"`` is ``--out``) must not be empty strings: an empty
+    path is the working folder to ``Path``, and "not given" to ``if value:``, so either way
+    the user's option would be silently replaced. None is "not given"."""
+    for name, value in paths.items():
+        option = f"--{name.replace('_', '-')}"
+        _require(value is None or str(value) != "", f"{option} must name a folder, got ''")
 
 
 def _finite(value: float) -> bool:
@@ -107,6 +117,7 @@ class TrainSettings:
     def __post_init__(self) -> None:
         from normdrop.lab.models import parse_model_spec
 
+        _require(self.target != "", "--target must name a column (CSV, Parquet) or array (NPZ)")
         _require(self.epochs >= 1, f"--epochs must be a positive integer, got {self.epochs}")
         _require(
             0 <= self.split_seed < 2**32,
@@ -222,6 +233,7 @@ class LabConfig:
         _require(len(set(names)) == len(names), f"--variants: a variant is repeated in {names}")
         object.__setattr__(self, "variants", names)
         _require(self.workers is None or self.workers >= 1, "--workers must be >= 1")
+        check_path_options(out=self.out, cache_dir=self.cache_dir, tensorboard=self.tensorboard)
         if self.name is not None:
             _require(
                 re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.name) is not None,

@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from normdrop.errors import InputError
-from normdrop.lab.config import TUNE_RANGES, LabConfig, RunSpec, TrainSettings, Variant, slug
+from normdrop.lab.config import (
+    TUNE_RANGES,
+    LabConfig,
+    RunSpec,
+    TrainSettings,
+    Variant,
+    check_path_options,
+    slug,
+)
 from normdrop.lab.experiment import ExperimentResult, check_models, load_splits, run_lab
 from normdrop.lab.plots import importance_plot, tune_history_plot
 from normdrop.lab.report import Table, write_report
@@ -74,7 +82,8 @@ class TuneConfig:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "variant", Variant.parse(self.variant).name)
+        object.__setattr__(self, "variant", Variant.parse(self.variant, "--variant").name)
+        check_path_options(out=self.out, cache_dir=self.cache_dir)
         if self.trials < 1 or self.seeds < 1:
             raise InputError("--trials and --seeds must be positive integers")
         if not 0 <= self.tune_seed < 2**32:

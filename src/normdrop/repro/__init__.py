@@ -65,10 +65,13 @@ def parse_seeds(text: str) -> list[int]:
             if count < 1:
                 raise ValueError
             return list(range(count))
-        seeds = [int(part) for part in text.split(",") if part.strip()]
+        parts = text.split(",")
+        if parts[-1].strip() == "":  # the one trailing comma that marks a list ("7,")
+            parts.pop()
+        seeds = [int(part) for part in parts]  # an empty item ("1,,2") is no int: refused
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--seeds takes a positive count (3) or a comma-separated list of seeds "
+            f"--seeds takes a positive count (3) or a comma-separated list of seeds, no item empty "
             f"(11,12,13; one seed: 7,), got {text!r}"
         ) from None
     if not seeds or any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
@@ -76,6 +79,13 @@ def parse_seeds(text: str) -> list[int]:
             f"--seeds: seeds must be distinct non-negative integers, got {text!r}"
         )
     return seeds
+
+
+def _folder(text: str) -> Path:
+    # Path("") is the working folder: an empty --out would scatter the results there.
+    if not text:
+        raise argparse.ArgumentTypeError("must name a folder, got ''")
+    return Path(text)
 
 
 def run_one(
@@ -146,7 +156,10 @@ def _parser() -> argparse.ArgumentParser:
         "seeds. Default: 0,1,2",
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("runs/repro"), help="output folder (default: runs/repro)"
+        "--out",
+        type=_folder,
+        default=Path("runs/repro"),
+        help="output folder (default: runs/repro)",
     )
     parser.add_argument(
         "--scale",
