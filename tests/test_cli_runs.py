@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import os
 import re
 import shlex
 import sqlite3
@@ -114,6 +115,30 @@ def test_an_empty_path_is_refused_naming_the_option(db, capsys, argv):
     assert re.fullmatch(
         r"normdrop runs.*: error: argument --(db|output/-o): must name a file, got ''", err
     )
+
+
+def _read_only_folder(db, tmp_path):
+    """A copy of the run database (WAL mode) in a folder nobody may write (as a read-only mount)."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    copy = folder / "normdrop.db"
+    copy.write_bytes(db.read_bytes())  # the lab closed it: everything is in the main file
+    assert copy.read_bytes()[18:20] == b"\x02\x02"  # the header's WAL-mode versions
+    folder.chmod(0o555)
+    return copy
+
+
+def test_a_database_in_a_read_only_folder_names_the_folder(db, tmp_path, capsys):
+    copy = _read_only_folder(db, tmp_path)
+    try:
+        if os.access(copy.parent, os.W_OK):
+            pytest.skip("this user may write into any folder (root)")
+        assert main(["runs", "--db", str(copy), "list"]) == 2
+        err = capsys.readouterr().err
+        assert f"the folder {copy.parent} must be writable" in err
+        assert "not a normdrop run database" not in err
+    finally:
+        copy.parent.chmod(0o755)
 
 
 def test_reading_never_writes(db):

@@ -62,6 +62,24 @@ def test_someone_elses_database_is_refused_and_left_alone(tmp_path):
         RunStore(path, readonly=True)
 
 
+def test_a_read_only_folder_is_named_not_called_another_database(tmp_path, monkeypatch):
+    path = tmp_path / "runs" / "normdrop.db"
+    RunStore(path).close()
+    # What SQLite raised, not as root, for a WAL database whose folder it may not write
+    # (tests/test_cli_runs.py has the real thing where the tests do not run as root).
+    refused = sqlite3.OperationalError("attempt to write a readonly database")
+    refused.sqlite_errorcode, refused.sqlite_errorname = 1544, "SQLITE_READONLY_DIRECTORY"
+
+    def configure(self, readonly):
+        raise refused
+
+    monkeypatch.setattr(RunStore, "_configure", configure)
+    monkeypatch.setattr(os, "access", lambda target, mode: target != path.parent)
+    for readonly in (True, False):
+        with pytest.raises(StoreError, match=f"the folder {path.parent} must be writable"):
+            RunStore(path, readonly=readonly)
+
+
 def test_newer_schema_is_refused(tmp_path):
     path = tmp_path / "n.db"
     RunStore(path).close()

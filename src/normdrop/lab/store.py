@@ -161,13 +161,34 @@ class RunStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         mode = "?mode=ro" if readonly else ""
         uri = f"file:{urllib.parse.quote(str(self.path.resolve()))}{mode}"
-        self.connection = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=60)
+        try:
+            self.connection = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=60)
+        except sqlite3.OperationalError as error:
+            raise self._open_error(error, readonly) from None
         self.connection.row_factory = sqlite3.Row
         try:
             self._configure(readonly)
         except sqlite3.DatabaseError as error:
             self.connection.close()
-            raise StoreError(f"{self.path}: not a normdrop run database ({error})") from None
+            raise self._open_error(error, readonly) from None
+
+    def _open_error(self, error: sqlite3.Error, readonly: bool) -> StoreError:
+        """Why the database could not be opened. SQLite says "readonly" or "unable to open"
+        for a folder or file it may not write; only other errors mean the file is not ours."""
+        code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+        if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
+            folder = self.path.resolve().parent
+            if not os.access(folder, os.W_OK):
+                # WAL mode keeps NAME-wal and NAME-shm beside the database, even for readers.
+                return StoreError(
+                    f"{self.path}: the folder {folder} must be writable (SQLite's WAL mode "
+                    f"keeps {self.path.name}-wal and {self.path.name}-shm beside the database, "
+                    "even to read it)"
+                )
+            if not readonly and self.path.exists() and not os.access(self.path, os.W_OK):
+                return StoreError(f"{self.path}: the file must be writable ({error})")
+            return StoreError(f"{self.path}: cannot open the run database ({error})")
+        return StoreError(f"{self.path}: not a normdrop run database ({error})")
 
     def close(self) -> None:
         self.connection.close()
