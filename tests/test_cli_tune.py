@@ -176,3 +176,41 @@ def test_bad_tune_options(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exited:
         main(["tune", "--lr-range", "fast"])
     assert exited.value.code == 2
+
+
+INTERRUPTED_TUNE = """
+import sys
+from normdrop.cli import main
+from normdrop.lab import tune
+
+real, started = tune.train_run, []
+
+def interrupt_second(spec, splits, **kwargs):
+    started.append(spec)
+    if len(started) == 2:
+        raise KeyboardInterrupt  # as Ctrl-C inside a trial's training
+    return real(spec, splits, **kwargs)
+
+tune.train_run = interrupt_second
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_in_a_trial_exits_130_without_optunas_trace(tmp_path):
+    argv = shlex.split(
+        "tune --data wine --model mlp:1x8 --epochs 2 --trials 4 --backend reference"
+        f" --no-progress --out {tmp_path}"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED_TUNE, *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.startswith("normdrop: interrupted"), done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr  # no "Trial 1 failed", no traceback
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]  # a rerun replaces it

@@ -19,7 +19,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,10 +166,46 @@ def _fail_abandoned(study) -> None:
             study.tell(trial.number, state=TrialState.FAIL)
 
 
-def _objective(config: TuneConfig, splits, tick):
+class _QuietAfterInterrupt(logging.Filter):
+    """Drops optuna's log records once a trial has seen Ctrl-C.
+
+    Optuna marks the interrupted trial failed (right: it did not finish; a rerun replaces it)
+    and logs that as a warning with the KeyboardInterrupt's traceback before re-raising it.
+    The command line then says in one line that it was interrupted, so those lines are noise.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.interrupted
+
+
+@contextmanager
+def _quiet_after_interrupt() -> Iterator[_QuietAfterInterrupt]:
+    quiet = _QuietAfterInterrupt()
+    # The logger of optuna.study._optimize, which logs failed trials; a filter on a logger
+    # sees only the records logged there, so it goes on that one.
+    logger = logging.getLogger("optuna.study._optimize")
+    logger.addFilter(quiet)
+    try:
+        yield quiet
+    finally:
+        logger.removeFilter(quiet)
+
+
+def _objective(config: TuneConfig, splits, tick, quiet: _QuietAfterInterrupt):
     import optuna
 
     def objective(trial) -> float:
+        try:
+            return run_trial(trial)
+        except KeyboardInterrupt:
+            quiet.interrupted = True
+            raise
+
+    def run_trial(trial) -> float:
         trial.set_user_attr("owner", owner_id())
         settings = config.settings.replace(**_suggest(trial, config.searched()))
         spec = RunSpec(settings, config.variant, config.tune_seed, splits.fingerprint)
@@ -258,10 +297,10 @@ def run_tune(config: TuneConfig, *, progress: bool = True) -> TuneResult:
         finished_now = len(study.get_trials(deepcopy=False, states=finished))
         bar.update(task, completed=min(finished_now, config.trials) * epochs)
 
-    with bar:
+    with bar, _quiet_after_interrupt() as quiet:
         if done < config.trials:
             study.optimize(
-                _objective(config, splits, lambda: bar.advance(task)),
+                _objective(config, splits, lambda: bar.advance(task), quiet),
                 n_trials=config.trials - done,
                 callbacks=[trial_done],
             )
