@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+
+import pytest
 
 from normdrop.cli import main
 
@@ -27,6 +30,50 @@ def test_lint_through_the_main_cli(tmp_path, capsys):
     findings = json.loads(capsys.readouterr().out)
     assert [f["rule"] for f in findings] == ["dropout-before-batchnorm"]
     assert main(["lint", f"{module}:make", "--fail-on", "warning"]) != 0
+
+
+FAILING_MODELS = """
+import torch
+
+def raises():
+    raise ValueError("weights not found")
+
+def small():
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+
+NOT_CALLABLE = 3
+"""
+
+
+@pytest.mark.parametrize(
+    ("source", "argv", "message"),
+    [
+        (
+            FAILING_MODELS,
+            [":raises"],
+            r"the factory .*models\.py:raises raised ValueError: weights not found",
+        ),
+        (FAILING_MODELS, [":NOT_CALLABLE"], "is of type int, not a callable returning a model"),
+        (
+            'raise RuntimeError("no GPU here")',
+            [":make"],
+            r"importing .*models\.py raised RuntimeError",
+        ),
+        (
+            FAILING_MODELS,
+            [":small", "--input-shape", "100000,100000,100000"],
+            r"--input-shape 100000,100000,100000: cannot allocate an example input of that size "
+            r"\(4e\+15 bytes\)",
+        ),
+    ],
+)
+def test_lint_reports_the_users_failures_in_one_line(tmp_path, capsys, source, argv, message):
+    module = tmp_path / "models.py"
+    module.write_text(source)
+    assert main(["lint", f"{module}{argv[0]}", *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("normdrop lint: error:"), err
+    assert re.search(message, err), err
 
 
 def test_repro_list_through_the_main_cli(capsys):

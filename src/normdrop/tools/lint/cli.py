@@ -14,6 +14,7 @@ import functools
 import importlib
 import importlib.util
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -42,15 +43,38 @@ def _load_factory(spec: str) -> Callable[[], Any] | torch.nn.Module:
             raise InputError(f"no such file: {module_name}")
         loader_spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(loader_spec)
-        loader_spec.loader.exec_module(module)
+        _user_code(f"importing {module_name}", loader_spec.loader.exec_module, module)
     else:
         if "" not in sys.path:
             sys.path.insert(0, "")  # like `python -m`: modules in the working directory
-        module = importlib.import_module(module_name)
+        module = _user_code(f"importing {module_name}", importlib.import_module, module_name)
     try:
         return functools.reduce(getattr, attribute.split("."), module)
     except AttributeError:
         raise InputError(f"{module_name} has no attribute {attribute!r}") from None
+
+
+def _user_code(what: str, function: Callable, *args: Any) -> Any:
+    """``function(*args)``, running the user's code: whatever it raises is their model's
+    problem, reported in one line (with the exit status of any unusable input) rather than
+    as a traceback through the linter. ImportError and SyntaxError keep their own message."""
+    try:
+        return function(*args)
+    except (ImportError, SyntaxError):
+        raise
+    except Exception as error:
+        raise InputError(f"{what} raised {type(error).__name__}: {error}") from None
+
+
+def _example_input(shape: tuple[int, ...]) -> torch.Tensor:
+    """Standard normal noise of ``shape``; a shape too large to allocate is the user's input."""
+    try:
+        return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    except (RuntimeError, MemoryError, OverflowError):
+        raise InputError(
+            f"--input-shape {','.join(map(str, shape))}: cannot allocate an example input of "
+            f"that size ({4 * math.prod(shape):.3g} bytes); give a small batch, e.g. 8,3,32,32"
+        ) from None
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -127,7 +151,14 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         made = _load_factory(args.factory)
-        model = made if isinstance(made, torch.nn.Module) else made()
+        if isinstance(made, torch.nn.Module):
+            model = made
+        elif callable(made):
+            model = _user_code(f"the factory {args.factory}", made)
+        else:
+            raise InputError(
+                f"{args.factory} is of type {type(made).__name__}, not a callable returning a model"
+            )
         if not isinstance(model, torch.nn.Module):
             raise InputError(
                 f"{args.factory} returned {type(model).__name__}, not a torch.nn.Module"
@@ -135,7 +166,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         if args.eval:
             model.eval()
         shape = args.input_shape or _guess_input_shape(model)
-        example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        example = _example_input(shape)
         findings = lint(model, example, deployment=not args.train_only)
     except (InputError, ImportError, OSError, SyntaxError, TypeError) as error:
         print(f"normdrop lint: error: {error}", file=sys.stderr)
