@@ -31,11 +31,6 @@ BN = {1: normdrop.nn.BatchNorm1d, 2: normdrop.nn.BatchNorm2d, 3: normdrop.nn.Bat
 TORCH_BN = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
 
 
-def _bn_kind(input_rank: int) -> int:
-    """1, 2 or 3: the BatchNorm{k}d that takes an input of this rank."""
-    return max(1, input_rank - 2)
-
-
 def _forward_backward(module, x, grad):
     """``(output, input gradient)`` of ``module`` on a fresh leaf copy of ``x`` (strides kept)."""
     leaf = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
@@ -113,6 +108,60 @@ def test_batchnorm_nhwc_cpu(shape, dtype_case, backend):
         (ours.bias.grad, theirs.bias.grad),
     ]:
         torch.testing.assert_close(actual, expected.to(actual.dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batchnorm_non_contig_cpu(backend):
+    """TestNN.test_batchnorm_non_contig_cpu: a permuted (1, 2, 3, 1) input, channels_last in
+    memory though its strides suggest the contiguous format (size-1 dims), gives a
+    channels_last output in eval, with the values of torch.nn on a contiguous copy."""
+    x = torch.arange(6, dtype=torch.float).reshape(1, 3, 2, 1).permute(0, 2, 1, 3)
+    ours = normdrop.nn.BatchNorm2d(2).eval()
+    with torch.no_grad():
+        ours.weight.uniform_()
+        ours.bias.uniform_()
+    theirs = torch.nn.BatchNorm2d(2).eval()
+    theirs.load_state_dict(ours.state_dict())
+    with normdrop.use_backend(backend):
+        output = ours(x)
+    assert output.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(output, theirs(x.contiguous()))
+
+
+def _layout(tensor):
+    """A tensor's strides, but those of its size-1 dims (which no memory layout depends on)."""
+    return tuple(s if n > 1 else None for s, n in zip(tensor.stride(), tensor.shape, strict=True))
+
+
+# Shapes whose size-1 dims make ATen's memory-format choices differ from the suggested format.
+AMBIGUOUS_SHAPES = [(1, 2, 3, 1), (1, 2, 1, 3), (2, 3, 1, 1), (1, 3, 2, 2), (1, 2, 1, 3, 1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", AMBIGUOUS_SHAPES, ids=str)
+def test_batchnorm_output_and_input_gradient_layouts_are_atens(shape, training, backend):
+    """The rule behind test_batchnorm_non_contig_cpu, over dense dim orders of shapes with size-1
+    dims: the output and the input gradient are laid out as torch.nn lays them out. ATen
+    writes the output channels_last when the input is channels_last-contiguous, and the input
+    gradient so only when the gradient of the output suggests the input's format too; else
+    both follow the input's suggested format."""
+    rank = len(shape)
+    orders = list(itertools.permutations(range(rank)))
+    for order in orders[:: len(orders) // 24]:  # 5-D: every fifth of the 120, for time
+        x = torch.randn([shape[d] for d in order]).permute([order.index(d) for d in range(rank)])
+        layouts = []
+        for cls in (BN[rank - 2], TORCH_BN[rank - 2]):
+            module = cls(shape[1]).train(training)
+            leaf = x.detach().requires_grad_()
+            with normdrop.use_backend(backend):
+                output = module(leaf)
+                grads = [
+                    torch.autograd.grad(output, leaf, torch.ones_like(like), retain_graph=True)[0]
+                    for like in (output, x, x.contiguous())
+                ]
+            layouts.append([_layout(output)] + [_layout(grad) for grad in grads])
+        assert layouts[0] == layouts[1], (order, x.stride())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -94,17 +94,93 @@ def suggest_memory_format(input: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _dense_format(input: Tensor) -> torch.memory_format | None:
+    """The memory format ``input`` is contiguous in, contiguous first (ATen's
+    ``suggest_memory_format_contig``), or None. Unlike :func:`suggest_memory_format` it ignores
+    the strides of size-1 dims: a permuted ``(1, C, H, 1)`` can be channels_last here and
+    contiguous there."""
+    if input.is_contiguous():
+        return torch.contiguous_format
+    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return None
+
+
+def _output_format(input: Tensor) -> torch.memory_format:
+    """The memory format of BatchNorm's output in ATen: the one the input is contiguous in, if
+    any (channels_last for channels_last images), else the input's suggested one (a transposed
+    ``(N, L, C)`` sequence fed as ``(N, C, L)`` comes back contiguous, so ``.view`` works on it
+    as after ``torch.nn``)."""
+    return _dense_format(input) or suggest_memory_format(input)
+
+
+def _format_strides(shape: torch.Size, memory_format: torch.memory_format) -> tuple[int, ...]:
+    """The strides ATen gives a new tensor of ``shape`` in ``memory_format`` (contiguous,
+    channels_last or channels_last_3d), those of size-1 dims included."""
+    rank = len(shape)
+    if memory_format == torch.contiguous_format:
+        order = range(rank - 1, -1, -1)
+    else:
+        order = (1, *range(rank - 1, 1, -1), 0)
+    strides, step = [0] * rank, 1
+    for d in order:
+        strides[d] = step
+        step *= max(int(shape[d]), 1)
+    return tuple(strides)
+
+
+def _wrapped(tensor: Tensor) -> bool:
+    """A tensor of a ``torch.func`` transform, whose memory format cannot be asked for (and does
+    not show); not asked under torch.compile, which cannot trace the question."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(
+        tensor
+    )
+
+
+def _in_format(result: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """``result`` with the strides ATen gives a new tensor in ``memory_format``: a copy only when
+    they differ, size-1 dims included (later choices of memory format read those too)."""
+    if _wrapped(result):
+        return result.contiguous() if memory_format == torch.contiguous_format else result
+    if result.stride() == _format_strides(result.shape, memory_format):
+        return result
+    return result.clone(memory_format=memory_format)
+
+
 def _in_layout_of(result: Tensor, input: Tensor) -> Tensor:
-    """``result`` in the memory format ATen gives BatchNorm's output and input gradient: the
-    input's suggested one (channels_last for channels_last images, else contiguous), not the
-    input's own strides: a transposed ``(N, L, C)`` sequence fed as ``(N, C, L)`` comes back
-    contiguous, so ``.view`` works on it as after ``torch.nn``. A copy only in that case."""
-    return result.contiguous(memory_format=suggest_memory_format(input))
+    """``result`` in the memory format of BatchNorm's output for ``input``."""
+    return _in_format(result, _output_format(input))
 
 
 def _in_layout(input: Tensor) -> bool:
     """True when ``input`` is already in the memory format of :func:`_in_layout_of`."""
-    return input.is_contiguous(memory_format=suggest_memory_format(input))
+    return input.is_contiguous(memory_format=_output_format(input))
+
+
+def _input_grad_format(input: Tensor, grad_output: Tensor) -> torch.memory_format:
+    """The memory format of BatchNorm's input gradient in ATen: the one the input is contiguous
+    in when the input and ``grad_output`` are both contiguous in some format and suggest the
+    same one (its contiguous kernels), else the input's suggested format. The two differ only
+    where size-1 dims make :func:`suggest_memory_format` read a channels_last input as
+    contiguous, or a contiguous one as channels_last."""
+    input_format = _dense_format(input)
+    suggested = suggest_memory_format(input)
+    if (
+        input_format is None
+        or _dense_format(grad_output) is None
+        or suggest_memory_format(grad_output) != suggested
+    ):
+        return suggested
+    return input_format
+
+
+def _in_input_grad_layout(grad_input: Tensor, input: Tensor, grad_output: Tensor) -> Tensor:
+    """``grad_input`` in the memory format of :func:`_input_grad_format`."""
+    if _wrapped(grad_output) or _wrapped(grad_input):
+        return grad_input  # inside torch.func transforms memory formats do not show
+    return _in_format(grad_input, _input_grad_format(input, grad_output))
 
 
 def _values_per_channel(input: Tensor) -> int:
@@ -338,7 +414,7 @@ class _BatchNormFunction(torch.autograd.Function):
                 )
             else:
                 grad_input = grad * _per_channel(scale, ndim)
-            grad_input = _in_layout_of(grad_input.to(input.dtype), input)
+            grad_input = _in_input_grad_layout(grad_input.to(input.dtype), input, grad_output)
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = sum_grad_xhat.to(weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:

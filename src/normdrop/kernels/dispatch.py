@@ -75,13 +75,13 @@ def _in_torchs_layout(input: Tensor) -> Tensor:
     ``(N, L, C)`` sequence fed as ``(N, C, L)``), as a contiguous copy; any other input as is.
 
     The kernels write the output (and the input's gradient) in the input's memory order, ATen in
-    the input's suggested format (:func:`normdrop.functional._in_layout_of`). Through the copy,
-    both come out contiguous, as from ATen, still on the kernels."""
+    the format of :func:`normdrop.functional._in_layout_of`. Through the copy, both come out
+    contiguous, as from ATen, still on the kernels."""
     if (
         ops is not None
         and isinstance(input, Tensor)
         and input.dim() >= 2
-        and not input.is_contiguous()  # contiguous is always in its suggested format
+        and not input.is_contiguous()  # contiguous is always in ATen's output format
         and ops.layout_of(input) == ops.ROWS
         and not F._in_layout(input)
     ):

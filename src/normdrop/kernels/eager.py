@@ -70,8 +70,10 @@ class _Entry:
         "dtype",
         "eps",
         "forward",
+        "grad_layout",
         "layout",
         "numel",
+        "output_strides",
         "params",
         "plane",
         "running_mean",
@@ -106,6 +108,11 @@ def remember(
     entry.numel = input.numel()
     entry.count = entry.numel // entry.channels
     entry.layout = layout
+    # ATen's output strides (the kernels write the input's memory order, the same order); and
+    # whether its input gradient's format depends on the output gradient: not for an input with
+    # a new contiguous tensor's strides, whose input gradient is always contiguous too
+    entry.output_strides = F._format_strides(input.shape, F._output_format(input))
+    entry.grad_layout = input.stride() != F._format_strides(input.shape, torch.contiguous_format)
     entry.dtype = _NUMPY[dtype]
     entry.forward = cpu.forward_kernel(layout)
     entry.backward = cpu.backward_kernel(layout)
@@ -154,7 +161,7 @@ def _lookup(cache, input, running_mean, running_var, weight, bias, training, eps
 
 def _forward(entry: _Entry, input: Tensor, momentum: float):
     """Statistics, running averages and output in one kernel call: ``(output, stats)``."""
-    output = torch.empty_like(input)
+    output = torch.empty_strided(input.shape, entry.output_strides, dtype=input.dtype)
     stats = np.empty((3, entry.channels), entry.dtype)
     ops._launching()
     finite = entry.forward(
@@ -188,6 +195,7 @@ def _forward(entry: _Entry, input: Tensor, momentum: float):
 def _backward(entry: _Entry, grad_output: Tensor, input: Tensor, stats: np.ndarray, needs):
     """``(grad_input, grad_weight, grad_bias)`` in one kernel call; None for what ``needs``
     (``ctx.needs_input_grad``) does not ask for."""
+    given = grad_output
     grad_output = ops._same_layout(grad_output, input)
     channels, dtype = entry.channels, input.dtype
     grad_input = torch.empty_like(input) if needs[0] else None
@@ -218,6 +226,8 @@ def _backward(entry: _Entry, grad_output: Tensor, input: Tensor, stats: np.ndarr
         0 if grad_weight is None else grad_weight.data_ptr(),
         0 if grad_bias is None else grad_bias.data_ptr(),
     )
+    if entry.grad_layout and grad_input is not None:
+        grad_input = F._in_input_grad_layout(grad_input, input, given)
     return grad_input, grad_weight, grad_bias
 
 

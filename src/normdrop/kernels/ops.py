@@ -709,7 +709,9 @@ def _eager_forward(
     plan = _plan(input, activation, negative_slope, p, seed, 0)
     if backward_follows:
         compile_ahead.start(plan.layout, plan.params.dtype)
-    output = torch.empty_like(input)
+    # ATen's output strides; the same memory order as the input's, which the kernels write
+    strides = F._format_strides(input.shape, F._output_format(input))
+    output = torch.empty_strided(input.shape, strides, dtype=input.dtype)
     stats = np.empty((3, plan.channels), plan.params.dtype)
     what = cpu.STATS_APPLY if training else cpu.APPLY_RUNNING
     _run_forward(
@@ -784,6 +786,8 @@ class _BatchNormActFunction(torch.autograd.Function):
                 needs[1] or needs[2],
                 ctx.plan,
             )
+            # the kernels wrote the input's memory order; ATen's format may differ
+            grads = (F._in_input_grad_layout(grads[0], input, grad_output), *grads[1:])
         return (*_needed(ctx, weight, bias, grads), *([None] * 9))
 
 
