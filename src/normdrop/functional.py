@@ -132,9 +132,13 @@ def _format_strides(shape: torch.Size, memory_format: torch.memory_format) -> tu
 
 
 def _wrapped(tensor: Tensor) -> bool:
-    """A tensor of a ``torch.func`` transform, whose memory format cannot be asked for (and does
-    not show); not asked under torch.compile, which cannot trace the question."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(
+    """A tensor of a ``torch.func`` transform or of the legacy vmap (gradcheck's batched
+    gradients), whose memory format cannot be asked for (and does not show); not asked under
+    torch.compile, which cannot trace the question."""
+    if torch.compiler.is_compiling():
+        return False
+    functorch = torch._C._functorch
+    return functorch.is_functorch_wrapped_tensor(tensor) or functorch.is_legacy_batchedtensor(
         tensor
     )
 

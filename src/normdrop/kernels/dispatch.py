@@ -5,7 +5,8 @@ The fast path runs when every condition holds, and the reference otherwise, sile
 * ``normdrop.get_backend() == "fast"``, numba imported, and not in a process forked after its
   parent ran the (OpenMP) kernels;
 * a CPU tensor of dtype float32 or float64, not empty, outside ``torch.func`` transforms and
-  not wrapped by one;
+  not wrapped by one (nor batched by the legacy vmap of gradcheck's batched gradients; their
+  backwards, too, take the reference formulas);
 * BatchNorm: parameters and buffers of the input's dtype and device, and an input whose memory
   the kernels read as it is (contiguous, or channels_last / channels_last_3d);
 * Dropout: element-wise dropout in training with ``0 < p <= 1 - 2^-10``

@@ -248,9 +248,13 @@ class _BatchNormFunction(torch.autograd.Function):
         input, weight, bias = ctx.saved_tensors
         entry, stats = ctx.entry, ctx.stats
         needs = ctx.needs_input_grad
-        if torch.is_grad_enabled() or type(grad_output) not in _PLAIN:
-            # A double backward (autograd over the reference formulas), or a tensor subclass
-            # the kernels cannot read: the general path of ops.
+        if (
+            torch.is_grad_enabled()
+            or type(grad_output) not in _PLAIN
+            or ops.under_transform(grad_output)
+        ):
+            # A double backward (autograd over the reference formulas), a tensor subclass or a
+            # vmap's batched gradient that the kernels cannot read: the general path of ops.
             mean, invstd = torch.from_numpy(stats[0]), torch.from_numpy(stats[1])
             saved = (input, weight, bias, mean, invstd, None)
             ctx.config = (entry.training, entry.eps, "identity", 0.0, 0.0, 0)

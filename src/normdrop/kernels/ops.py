@@ -127,13 +127,15 @@ def direct_apply(function: type[torch.autograd.Function]) -> Callable[..., Any]:
 
 def under_transform(tensor: Tensor) -> bool:
     """True inside a ``torch.func`` transform (vmap, grad, jvp...), for a tensor one wrapped (a
-    parameter under ``grad``, a dead wrapper), or inside ``torch.autograd.forward_ad``'s
+    parameter under ``grad``, a dead wrapper) or batched by the legacy vmap (gradcheck's
+    batched-gradient check runs the backward under it), or inside ``torch.autograd.forward_ad``'s
     ``dual_level()``: the kernels have no functorch or forward-mode rules and read plain memory
     (inside a transform even plain tensors come back wrapped: ``detach()``, the gradients
     reaching backward), so such calls take the reference, whose formulas have them."""
     return (
         torch._C._are_functorch_transforms_active()
         or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+        or torch._C._functorch.is_legacy_batchedtensor(tensor)
         or _forward_ad._current_level >= 0
     )
 
@@ -627,7 +629,9 @@ def _grads(ctx, grad_output, saved) -> tuple[Tensor | None, Tensor | None, Tenso
     ``ctx.config`` = (training, eps, activation, slope, p, offset)."""
     input, weight, bias, mean, invstd, seed = saved
     training, _, activation, slope, p, offset = ctx.config
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or under_transform(grad_output):
+        # a double backward, or a backward under vmap (batched gradients): the kernels read
+        # plain memory, the reference formulas have every rule
         return _needed(ctx, weight, bias, _differentiable_grads(grad_output, saved, ctx.config))
     needs = ctx.needs_input_grad
     backward = _bn_act_dropout_backward if _eager(grad_output) else _bn_act_dropout_backward_op
@@ -769,7 +773,7 @@ class _BatchNormActFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         input, weight, bias = ctx.saved_tensors
         stats = ctx.stats
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or under_transform(grad_output):  # see _grads
             mean, invstd = torch.from_numpy(stats[0]), torch.from_numpy(stats[1])
             saved = (input, weight, bias, mean, invstd, ctx.seed)
             grads = _differentiable_grads(grad_output, saved, ctx.config)
@@ -884,6 +888,12 @@ def _setup_dropout(ctx, inputs, output) -> None:
 
 def _dropout_grad(ctx, grad_output, seed):
     p, offset, shape, strides = ctx.config
+    if under_transform(grad_output):
+        # a backward under vmap (batched gradients): the kernels read plain memory, so the
+        # factor is drawn on a plain tensor laid out as the output was (the mask follows memory
+        # order) and applied by a multiplication, which has every rule
+        like = torch.empty_strided(shape, strides, dtype=grad_output.dtype)
+        return grad_output * _dropout(like.fill_(1), p, seed, offset)
     if tuple(grad_output.stride()) != strides:
         # The mask follows memory order: the gradient must be laid out as the output was.
         grad_output = torch.empty_strided(
