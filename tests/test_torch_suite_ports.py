@@ -653,14 +653,15 @@ def _check_whole_channels(dropout, input):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_Dropout1d(backend):
-    """TestDropoutNNDeviceType.test_Dropout1d, but the error texts (see
-    test_dropout_messages_carry_torchs_texts)."""
+    """TestDropoutNNDeviceType.test_Dropout1d: statistics and layout, the RuntimeError (with
+    torch's text) for 4-D and 1-D input, no-batch-dim input, whole channels dropped."""
     random.seed(0)
     with normdrop.use_backend(backend):
         n, c, length = (random.randint(10, 15) for _ in range(3))
         _check_dropout(normdrop.nn.Dropout1d, torch.empty(n, c, length, dtype=torch.float64))
         for shape in [(1, 2, 2, 2), (2,)]:
-            with pytest.raises(RuntimeError):
+            expected = f"Expected 2D or 3D input, but received a {len(shape)}D input"
+            with pytest.raises(RuntimeError, match=expected):
                 normdrop.nn.Dropout1d(p=0.5)(torch.rand(shape))
         for inplace in (False, True):
             _check_no_batch_dim(normdrop.nn.Dropout1d(p=0.5, inplace=inplace), torch.rand(50, 2))
@@ -669,17 +670,21 @@ def test_Dropout1d(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_Dropout2d(backend):
-    """TestDropoutNNDeviceType.test_Dropout2d, but the warning texts (see
-    test_dropout_messages_carry_torchs_texts) and the non-dense layouts (see
-    test_dropout_keeps_the_memory_format_of_an_input_that_is_not_dense)."""
+    """TestDropoutNNDeviceType.test_Dropout2d: statistics and layouts, the warnings (with
+    torch's texts) for 5-D, 2-D and 3-D input, whole channels dropped; without the non-dense
+    layouts (see test_dropout_keeps_the_memory_format_of_an_input_that_is_not_dense)."""
     random.seed(0)
     with normdrop.use_backend(backend):
         b, w, h = (random.randint(1, 5) for _ in range(3))
         x = torch.empty(1000, b, w, h)
         _check_dropout(normdrop.nn.Dropout2d, x)
         _check_dropout(normdrop.nn.Dropout2d, x, memory_format=torch.channels_last)
-        for shape in [(1, 2, 2, 2, 2), (1, 2), (1, 2, 2)]:
-            with pytest.warns(UserWarning, match="dropout2d"):
+        for shape, expected in [
+            ((1, 2, 2, 2, 2), "Received a 5-D input to dropout2d"),
+            ((1, 2), "Received a 2-D input to dropout2d"),
+            ((1, 2, 2), "assuming that channel-wise 1D dropout behavior is desired"),
+        ]:
+            with pytest.warns(UserWarning, match=expected):
                 normdrop.nn.Dropout2d(p=0.5)(torch.rand(shape))
         for inplace in (False, True):
             _check_whole_channels(normdrop.nn.Dropout2d(0.5, inplace), torch.ones(10, 4, 2, 2))
@@ -687,14 +692,16 @@ def test_Dropout2d(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_Dropout3d(backend):
-    """TestDropoutNNDeviceType.test_Dropout3d, but the warning texts and the non-dense layouts
+    """TestDropoutNNDeviceType.test_Dropout3d: statistics, the warnings (with torch's texts) for
+    6-D and 3-D input, no-batch-dim input, whole channels dropped; without the non-dense layouts
     (as for test_Dropout2d)."""
     random.seed(0)
     with normdrop.use_backend(backend):
         b, w, h, d = (*(random.randint(1, 5) for _ in range(3)), random.randint(1, 2))
         _check_dropout(normdrop.nn.Dropout3d, torch.empty(1000, b, d, w, h))
         for shape in [(1, 2, 2, 2, 2, 2), (1, 2, 2)]:
-            with pytest.warns(UserWarning, match="dropout3d"):
+            expected = f"Received a {len(shape)}-D input to dropout3d"
+            with pytest.warns(UserWarning, match=expected):
                 normdrop.nn.Dropout3d(p=0.5)(torch.rand(shape))
         for inplace in (False, True):
             dropout = normdrop.nn.Dropout3d(p=0.5, inplace=inplace)

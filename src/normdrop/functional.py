@@ -710,8 +710,9 @@ def dropout1d(
     _check_dropout_args("dropout1d", input, p, training)
     if input.dim() not in (2, 3):
         raise InputError(
-            f"dropout1d: input must have shape (N, C, L) or (C, L), got {input.dim()}-D input "
-            f"of shape {tuple(input.shape)}; use dropout for element-wise dropout"
+            f"dropout1d: Expected 2D or 3D input, but received a {input.dim()}D input (shape "
+            f"{tuple(input.shape)}): it takes (N, C, L) or (C, L); use dropout for element-wise "
+            "dropout"
         )
     return _channelwise_dropout("dropout1d", input, p, training, inplace, generator, 3)
 
@@ -732,15 +733,16 @@ def dropout2d(
     _check_dropout_args("dropout2d", input, p, training)
     if input.dim() not in (3, 4):
         warnings.warn(
-            f"dropout2d: received a {input.dim()}-D input; dropout2d expects (N, C, H, W). "
-            "Use dropout for element-wise dropout.",
+            f"dropout2d: Received a {input.dim()}-D input to dropout2d, which is deprecated; it "
+            "expects (N, C, H, W). Use dropout for element-wise dropout.",
             UserWarning,
             stacklevel=2,
         )
     if input.dim() == 3:
         warnings.warn(
-            "dropout2d: received a 3-D input and read it as (N, C, L), dropping whole channels "
-            "as dropout1d does (PyTorch's behaviour); use dropout1d to say so",
+            "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise 1D "
+            "dropout behavior is desired: read it as (N, C, L), dropping whole channels as "
+            "dropout1d does (PyTorch's behaviour); use dropout1d to say so",
             UserWarning,
             stacklevel=2,
         )
@@ -760,8 +762,8 @@ def dropout3d(
     _check_dropout_args("dropout3d", input, p, training)
     if input.dim() not in (4, 5):
         warnings.warn(
-            f"dropout3d: received a {input.dim()}-D input; dropout3d expects (N, C, D, H, W) or "
-            "(C, D, H, W). Use dropout for element-wise dropout.",
+            f"dropout3d: Received a {input.dim()}-D input to dropout3d, which is deprecated; it "
+            "expects (N, C, D, H, W) or (C, D, H, W). Use dropout for element-wise dropout.",
             UserWarning,
             stacklevel=2,
         )
