@@ -623,11 +623,44 @@ def _check_dropout_stride_mean_preserve(cls):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_Dropout(backend):
-    """TestDropoutNNDeviceType.test_Dropout, without the non-dense layouts (see
-    test_dropout_keeps_the_memory_format_of_an_input_that_is_not_dense)."""
+    """TestDropoutNNDeviceType.test_Dropout, in float32 and bfloat16; the non-dense layouts in
+    test_dropout_keeps_the_memory_format_of_an_input_that_is_not_dense."""
     with normdrop.use_backend(backend):
         _check_dropout(normdrop.nn.Dropout, torch.empty(1000))
         _check_dropout(normdrop.nn.Dropout, torch.empty(1000).bfloat16())
+
+
+def _check_dropout_discontiguous(cls, memory_format):
+    """TestDropoutNNDeviceType._test_dropout_discontiguous: on a sliced (not dense) input, p = 0
+    and p = 1e-10 change no value, and with p > 0 the output is dense in the input's format."""
+    for p in [0, 1e-10]:
+        x = torch.empty(2, 3, 3, 6, memory_format=memory_format)[..., ::2]
+        x.copy_(torch.ones(2, 3, 3, 3))
+        output = cls(p=p)(x)
+        if p != 0:  # p = 0 returns the input itself
+            assert output.is_contiguous(memory_format=memory_format)
+        assert torch.equal(x, output)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "cls",
+    [normdrop.nn.Dropout, normdrop.nn.Dropout2d, normdrop.nn.Dropout3d],
+    ids=lambda cls: cls.__name__,
+)
+def test_dropout_keeps_the_memory_format_of_an_input_that_is_not_dense(cls, backend):
+    """The rest of TestDropoutNNDeviceType.test_Dropout, test_Dropout2d and test_Dropout3d:
+    _test_dropout_discontiguous in the contiguous and channels_last formats, and for Dropout
+    _test_dropout_stride_mean_preserve; each output laid out as torch.nn's."""
+    with normdrop.use_backend(backend):
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            _check_dropout_discontiguous(cls, memory_format)
+        if cls is normdrop.nn.Dropout:
+            _check_dropout_stride_mean_preserve(cls)
+        x = torch.randn(2, 3, 4, 6).contiguous(memory_format=torch.channels_last)[..., ::2]
+        for input in (x, x.transpose(0, 2)[1:]):
+            torchs = getattr(torch.nn, cls.__name__)(0.5)
+            assert _layout(cls(0.5)(input)) == _layout(torchs(input))
 
 
 def _check_no_batch_dim(dropout, input):

@@ -864,9 +864,10 @@ def _dropout_into(source: Tensor, target: Tensor, p: float, seed: Tensor, offset
 
 def _dropout(input: Tensor, p: float, seed: Tensor, offset: int) -> Tensor:
     """``input * factor``: element ``i`` (memory order) kept iff Philox says so, scaled by
-    ``1 / (1 - p)``."""
+    ``1 / (1 - p)``. The output is laid out as ATen's ``empty_like`` lays it out: the input's
+    strides, or for an input that is not dense (sliced), dense strides in its dim order."""
     if not input.is_contiguous() and _dense_order(input) is None:
-        input = input.contiguous()
+        input = torch.empty_like(input).copy_(input)
     output = torch.empty_like(input)
     _dropout_into(input, output, p, seed, offset)
     return output
