@@ -915,3 +915,21 @@ def test_dropout_grad_and_gradgrad_with_batched_gradients(name, backend):
     with normdrop.use_backend(backend):
         assert gradcheck(forward, (x,))
         assert gradgradcheck(forward, (x,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_native_dropout_corner_case(p, training, backend):
+    """TestDropoutNN.test_native_dropout_corner_case (CUDA-only in PyTorch), on CPU: with p 0
+    or 1, in training and eval, output and input gradient are those of torch's dropout."""
+    x = torch.randn(5)
+    results = []
+    for dropout in (normdrop.nn.Dropout(p), torch.nn.Dropout(p)):
+        dropout.train(training)
+        leaf = x.clone().requires_grad_()
+        with normdrop.use_backend(backend):
+            output = dropout(leaf)
+        output.sum().backward()
+        results.append((output, leaf.grad))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
