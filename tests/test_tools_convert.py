@@ -244,3 +244,63 @@ def test_a_layer_shared_by_two_parents_stays_one_layer():
     back = convert(ours, "torch")
     assert type(back.bn) is torch.nn.BatchNorm2d
     assert back.bn is back.alias is back.block[0] and back.block is back.block_again
+
+
+class _StateDictExtra:
+    """A state_dict post-hook adding a key (picklable, so a deep copy has its own)."""
+
+    def __call__(self, module, state_dict, prefix, local_metadata):
+        state_dict[prefix + "extra"] = torch.zeros(1)
+
+
+class _Record(list):
+    """A load_state_dict pre- or post-hook recording the class of the module it ran on."""
+
+    def __call__(self, module, *args):
+        self.append(type(module))
+        if len(args) > 1:  # pre-hook: (state_dict, prefix, ...)
+            args[0].pop(args[1] + "extra", None)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_instance_attributes_and_state_dict_hooks_travel(inplace):
+    """Only the forward/backward hook tables and the registered tensors travelled: a user's
+    attributes, transformers' ``_is_hf_initialized``, state_dict and load_state_dict hooks were
+    lost (and a load pre-hook holds its module: it must be the twin, not the dead layer)."""
+    bn = torch.nn.BatchNorm2d(3)
+    bn.tag, bn._is_hf_initialized = "keep", True
+    bn.register_state_dict_post_hook(_StateDictExtra())
+    bn.register_load_state_dict_pre_hook(_Record())
+    bn.register_load_state_dict_post_hook(_Record())
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), bn)
+    ours = convert(model, inplace=inplace)
+    del model, bn
+    twin = ours[1]
+    assert isinstance(twin, ndnn.BatchNorm2d)
+    assert twin.tag == "keep" and twin._is_hf_initialized is True
+    assert "1.extra" in ours.state_dict()
+    ours.load_state_dict(ours.state_dict())
+    (pre,) = twin._load_state_dict_pre_hooks.values()
+    (post,) = twin._load_state_dict_post_hooks.values()
+    assert pre.hook == post == [ndnn.BatchNorm2d]
+
+
+def test_a_pruned_batchnorm_converts_with_its_mask():
+    """torch.nn.utils.prune (network slimming prunes BatchNorm weights) turns ``weight`` into a
+    plain attribute recomputed by a pre-hook from ``weight_orig`` and a ``weight_mask`` buffer.
+    The mask became a plain attribute and the twin got a fresh ``weight`` parameter: different
+    state_dict keys, and the pre-hook raised when it set ``weight``."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    prune.l1_unstructured(model[1], "weight", amount=0.5)
+    x = torch.randn(2, 3, 6, 6)
+    expected, keys = model(x), list(model.state_dict())
+    ours = convert(model, inplace=True)  # deepcopy of a pruned module is torch's limitation
+    assert isinstance(ours[1], ndnn.BatchNorm2d) and list(ours.state_dict()) == keys
+    torch.testing.assert_close(ours(x), expected)
+    back = convert(ours, "torch", inplace=True)
+    assert list(back.state_dict()) == keys
+    prune.remove(back[1], "weight")
+    torch.testing.assert_close(back(x), expected)

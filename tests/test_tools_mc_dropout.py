@@ -136,3 +136,37 @@ def test_dropout_fused_with_batchnorm_is_named_not_silently_skipped():
         warnings.simplefilter("error")  # p = 0: nothing is lost, nothing to say
         plain = torch.nn.Sequential(ndnn.BatchNormAct1d(5), torch.nn.Dropout(0.2))
         mc_predict(plain, torch.randn(3, 5), samples=3, seed=0)
+
+
+class _Output(dict):
+    """What transformers' classifiers return: an ImageClassifierOutput with ``.logits``."""
+
+    def __getattr__(self, name):
+        return self[name]
+
+
+def test_a_model_output_with_logits_is_read_and_anything_else_named():
+    class HubClassifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _classifier()
+
+        def forward(self, pixel_values):
+            return _Output(logits=self.body(pixel_values), loss=None)
+
+    model, x = HubClassifier(), torch.randn(6, 5)
+    prediction = mc_predict(model, x, samples=5, seed=3)
+    expected = mc_predict(model.body, x, samples=5, seed=3)
+    for got, want in zip(prediction, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _classifier()
+
+        def forward(self, x):
+            return self.body(x), x
+
+    with pytest.raises(InputError, match=r"must return a tensor .* got tuple"):
+        mc_predict(Pair(), x, samples=2)

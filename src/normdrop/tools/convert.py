@@ -2,8 +2,9 @@
 
 ``convert(model, to="normdrop")`` puts normdrop's implementation behind an existing model (a
 torchvision or timm network, a checkpoint) without touching its code; ``to="torch"`` takes it
-back out. Each layer keeps its parameters and buffers (the very tensors), its mode, device,
-dtype, hyperparameters and hooks (the same hook tables: handles still remove them), so
+back out. Each layer keeps its parameters and buffers (the very tensors, same names and order),
+its mode, device, dtype, hyperparameters, other instance attributes and hooks (forward,
+backward and state_dict ones, in the same hook tables: handles still remove them), so
 ``state_dict`` is unchanged and a round trip is the identity; a layer shared by two parents
 stays one layer. Only exact classes are swapped: a user's subclass of ``torch.nn.BatchNorm2d`` has
 its own reasons and stays.
@@ -49,6 +50,10 @@ _HOOK_DICTS = (
     "_forward_hooks_always_called",
     "_backward_pre_hooks",
     "_backward_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
 )
 
 
@@ -70,7 +75,22 @@ def _rebuild(module: torch.nn.Module, cls: type[torch.nn.Module]) -> torch.nn.Mo
     # Which kind of backward hook the table holds (full, or the deprecated one): without it,
     # torch never calls them.
     new._is_full_backward_hook = getattr(module, "_is_full_backward_hook", None)
-    return _move_state(module, new)
+    # A load_state_dict pre-hook holds its module (by weak reference): point it at the new one.
+    table = new._load_state_dict_pre_hooks
+    for key, hook in table.items():
+        if getattr(hook, "with_module", False) and hook.module() is module:
+            table[key] = type(hook)(hook.hook, new)
+    new = _move_state(module, new)
+    # The very parameters and buffers, under the same names in the same order
+    # (torch.nn.utils.prune makes ``weight`` a plain attribute beside ``weight_orig`` and a
+    # ``weight_mask`` buffer), and whatever else the instance holds: a user's or a
+    # framework's attributes (transformers' ``_is_hf_initialized``).
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    for name, value in vars(module).items():
+        vars(new).setdefault(name, value)
+    return new
 
 
 def _swap(

@@ -15,16 +15,19 @@ and is cast back once.
 Folding ``conv -> bn`` is exact only if the conv's output goes nowhere but the BatchNorm and
 the conv is applied nowhere else: otherwise the other use would see the folded weights
 (pytorch/pytorch#104593: ``torch.fx.experimental.optimization.fuse`` checks only the first).
-:func:`fold_batchnorm` finds the pairs with ``torch.fx`` and checks both, and falls back to
-consecutive pairs inside ``nn.Sequential`` containers when the model cannot be traced.
+:func:`fold_batchnorm` finds the pairs with ``torch.fx`` and checks both, and falls back to the
+submodules it can trace and to consecutive pairs inside ``nn.Sequential`` containers when the
+model cannot be traced. A BatchNorm fed by a Linear/Conv that it leaves is named in a warning.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import warnings
 from collections import Counter
+from typing import Any
 
 import torch
 from torch import Tensor, fx
@@ -71,50 +74,113 @@ def _out_channels(layer: torch.nn.Module) -> int:
     return layer.out_features if isinstance(layer, torch.nn.Linear) else layer.out_channels
 
 
+def _refusal(layer: torch.nn.Module, bn: torch.nn.Module) -> str | None:
+    """Why ``bn`` cannot be folded into ``layer`` as modules, or None if it can."""
+    if type(layer) not in _LAYERS:
+        return f"{type(layer).__name__} is a subclass, whose forward may differ"
+    if type(bn) not in _BATCHNORMS:
+        return f"{type(bn).__name__} is not a plain BatchNorm"
+    if bn.running_mean is None:
+        return "it has no running statistics"
+    if _has_hooks(layer) or _has_hooks(bn):
+        return "one of the two has a forward hook"
+    if _out_channels(layer) != bn.num_features:
+        return "it normalizes another dim than the layer's features"
+    return None
+
+
 def _can_fold(layer: torch.nn.Module, bn: torch.nn.Module) -> bool:
-    return (
-        type(layer) in _LAYERS
-        and type(bn) in _BATCHNORMS
-        and bn.running_mean is not None
-        and not _has_hooks(layer)
-        and not _has_hooks(bn)
-        and _out_channels(layer) == bn.num_features
-    )
+    return _refusal(layer, bn) is None
+
+
+def _is_batchnorm(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.modules.batchnorm._BatchNorm) or type(module) in _BATCHNORMS
 
 
 class _Tracer(fx.Tracer):
-    """Keeps BatchNorms and normdrop's layers whole: their forwards check shapes in Python."""
+    """Keeps BatchNorms, normdrop's layers and Linear/Conv subclasses whole: their forwards
+    check shapes in Python, or may not trace."""
 
     def is_leaf_module(self, module: torch.nn.Module, qualname: str) -> bool:
         return (
-            isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
-            or type(module) in _BATCHNORMS
+            _is_batchnorm(module)
             or type(module).__module__.startswith("normdrop.nn.")
+            # subclasses too (never folded, but reported): their forward may not trace
+            or isinstance(module, torch.nn.Linear | torch.nn.modules.conv._ConvNd)
             or super().is_leaf_module(module, qualname)
         )
 
 
-def _pairs_from_graph(model: torch.nn.Module) -> list[tuple[str, str]]:
+def _optional_arguments(model: torch.nn.Module) -> dict[str, Any]:
+    """forward's parameters that have a default, with it."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in parameters if p.default is not p.empty and p.kind in kinds}
+
+
+def _pairs_from_graph(
+    model: torch.nn.Module, refused: dict[str, str], prefix: str = ""
+) -> list[tuple[str, str]]:
     """``(layer, bn)`` paths where bn's only input is layer's output and nothing else uses
-    either module or that output. Raises whatever tracing raises."""
-    graph = _Tracer().trace(model)
+    either module or that output; a BatchNorm fed by a Linear/Conv that cannot be folded goes
+    into ``refused`` with the reason. Paths start with ``prefix``. Raises whatever tracing
+    raises.
+
+    torch.fx evaluates ``if skip is None`` on a symbolic argument as False, so the graph of
+    a forward with optional arguments shows the path they take when given, which may differ
+    from the one a call without them takes. Such a forward is traced a second time with them
+    at their defaults, and a pair folds only if both graphs allow it.
+    """
+    optional = _optional_arguments(model)
+    graphs = [_Tracer().trace(model)]
+    if optional:
+        graphs.append(_Tracer().trace(model, concrete_args=optional))
+    pairs = [_pairs_in_graph(model, graph, refused, prefix) for graph in graphs]
+    return [pair for pair in pairs[0] if all(pair in other for other in pairs[1:])]
+
+
+def _pairs_in_graph(
+    model: torch.nn.Module, graph: fx.Graph, refused: dict[str, str], prefix: str
+) -> list[tuple[str, str]]:
     modules = dict(model.named_modules())
-    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    # A leaf calls its submodules unseen (DropConnect its layer): count them as called too.
+    calls = Counter(
+        path
+        for node in graph.nodes
+        if node.op == "call_module"
+        for path, _ in modules[node.target].named_modules(prefix=node.target)
+    )
     # A module whose tensors forward reads directly (F.conv2d(x, self.conv.weight)) would see
     # the folded ones there too.
     read = {node.target for node in graph.nodes if node.op == "get_attr"}
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        if node.op != "call_module" or not _is_batchnorm(modules[node.target]) or not node.args:
             continue
         source = node.args[0]
         if not isinstance(source, fx.Node) or source.op != "call_module":
             continue
         layer, bn = modules[source.target], modules[node.target]
-        alone = len(source.users) == 1 and calls[source.target] == 1 and calls[node.target] == 1
-        untouched = not any(_within(target, (source.target, node.target)) for target in read)
-        if alone and untouched and _can_fold(layer, bn):
-            pairs.append((source.target, node.target))
+        if not isinstance(layer, torch.nn.Linear | torch.nn.modules.conv._ConvNd):
+            continue
+        reason = _refusal(layer, bn)
+        if reason is None and (len(node.args) != 1 or node.kwargs):
+            reason = "it is called with more arguments"
+        elif reason is None and calls[node.target] != 1:
+            reason = "it is applied more than once"
+        elif reason is None and calls[source.target] != 1:
+            reason = f"{source.target!r} is applied more than once"
+        elif reason is None and len(source.users) != 1:
+            reason = f"the output of {source.target!r} is used elsewhere too"
+        elif reason is None and any(_within(t, (source.target, node.target)) for t in read):
+            reason = "forward reads the tensors of one of the two directly"
+        if reason is None:
+            pairs.append((prefix + source.target, prefix + node.target))
+        else:
+            refused.setdefault(prefix + node.target, reason)
     return pairs
 
 
@@ -123,21 +189,43 @@ def _within(target: str, paths: tuple[str, ...]) -> bool:
     return any(target == path or target.startswith(path + ".") for path in paths)
 
 
-def _pairs_in_sequentials(model: torch.nn.Module) -> list[tuple[str, str]]:
-    """Consecutive ``(layer, bn)`` inside plain ``nn.Sequential`` containers, each module
-    registered once in the model."""
+def _pairs_in_parts(model: torch.nn.Module, refused: dict[str, str]) -> list[tuple[str, str]]:
+    """For a model that torch.fx cannot trace: the pairs of each largest submodule it can
+    trace (checked in that submodule's graph), and consecutive ``(layer, bn)`` inside plain
+    ``nn.Sequential`` containers it cannot; each module registered once in the model."""
     registered = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    pairs = []
-    for path, container in model.named_modules():
-        if type(container) is not torch.nn.Sequential:
-            continue
-        names = list(container._modules)
-        for first, second in itertools.pairwise(names):
-            layer, bn = container._modules[first], container._modules[second]
-            once = registered[id(layer)] == 1 and registered[id(bn)] == 1
-            if once and _can_fold(layer, bn):
-                prefix = f"{path}." if path else ""
-                pairs.append((prefix + first, prefix + second))
+    pairs: list[tuple[str, str]] = []
+
+    def visit(path: str, module: torch.nn.Module) -> None:
+        if not any(_is_batchnorm(m) for m in module.modules()):
+            return
+        prefix = f"{path}." if path else ""
+        if path:  # the whole model has failed already
+            found: dict[str, str] = {}
+            try:
+                part = _pairs_from_graph(module, found, prefix)
+            except Exception:  # any tracing failure: look inside
+                pass
+            else:
+                for pair in part:
+                    if all(registered[id(model.get_submodule(p))] == 1 for p in pair):
+                        pairs.append(pair)
+                    else:
+                        found.setdefault(pair[1], "the pair is registered in the model twice")
+                refused.update(found)
+                return
+        if type(module) is torch.nn.Sequential:
+            names = list(module._modules)
+            for first, second in itertools.pairwise(names):
+                layer, bn = module._modules[first], module._modules[second]
+                once = registered[id(layer)] == 1 and registered[id(bn)] == 1
+                if once and _can_fold(layer, bn):
+                    pairs.append((prefix + first, prefix + second))
+        for name, child in module._modules.items():
+            if child is not None:
+                visit(prefix + name, child)
+
+    visit("", model)
     return pairs
 
 
@@ -181,7 +269,9 @@ class FoldedBatchNorm(torch.nn.Identity):
     applied to ``(N, L, F)`` gives ``(N, L, C)``, where the BatchNorm normalized dim 1 (``L``)
     and the fold scaled the last dim; an unbatched ``Conv1d`` output ``(C, L)`` is misread the
     same way. Both run without error when ``L == C``, so the folded model would be silently
-    wrong: this layer refuses any other rank instead.
+    wrong: this layer refuses any other rank instead. It refuses training mode too, where the
+    BatchNorm it replaces would have normalized with the batch's statistics. The forward is
+    TorchScript-compatible, so a folded model scripts as the original does.
     """
 
     def __init__(self, rank: int, layer: str) -> None:
@@ -192,22 +282,22 @@ class FoldedBatchNorm(torch.nn.Identity):
         return f"rank={self.rank}, folded_into={self.layer!r}"
 
     def forward(self, input: Tensor) -> Tensor:
-        if input.dim() != self.rank:
+        if self.training:
             raise InputError(
-                f"fold_batchnorm: the BatchNorm folded into {self.layer!r} expected that layer's "
-                f"output to be {self.rank}-D with channels in dim 1, got shape "
-                f"{tuple(input.shape)}; the fold does not hold for this input: run the "
+                "this model was made by fold_batchnorm and is eval-only: its BatchNorms are "
+                "gone, so training mode would not normalize; call .eval(), or train the "
                 "original model"
             )
+        # len(shape), not dim(): TorchScript's shape analysis assumes a batched conv output
+        # and would fold input.dim() != rank to False.
+        if len(input.shape) != self.rank:
+            shape = ", ".join([str(size) for size in input.shape])
+            raise InputError(
+                f"fold_batchnorm: the BatchNorm folded into '{self.layer}' expected that "
+                f"layer's output to be {self.rank}-D with channels in dim 1, got shape "
+                f"({shape}); the fold does not hold for this input: run the original model"
+            )
         return input
-
-
-def _refuse_training(module: torch.nn.Module, args: tuple) -> None:
-    if module.training:
-        raise InputError(
-            "this model was made by fold_batchnorm and is eval-only: its BatchNorms are gone, "
-            "so training mode would not normalize; call .eval(), or train the original model"
-        )
 
 
 def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
@@ -216,35 +306,50 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     A BatchNorm is folded into the ``Linear``, ``Conv1d/2d/3d`` or ``ConvTranspose1d/2d/3d``
     that feeds it when that layer's output is used by the BatchNorm alone and neither module
     is applied anywhere else; the BatchNorm becomes a :class:`FoldedBatchNorm` (an
-    ``nn.Identity``). Only exact types fold (a Conv subclass may standardize its weights) and
-    modules with hooks are left alone. In eval mode the result computes the same function up
-    to rounding; it refuses to run in training mode, and on a layer output that is not batched
-    ``(N, C, *)`` (a Linear on ``(N, L, F)``), where the fold would not hold. The original
-    model is not modified. Models that ``torch.fx`` cannot trace fold only inside ``nn.Sequential``
-    containers, with a warning.
+    ``nn.Identity``), under every name it is registered by. Only exact types fold (a Conv
+    subclass may standardize its weights) and modules with hooks are left alone; a BatchNorm
+    fed by a Linear/Conv that stays is named in a warning, with the reason. In eval mode the
+    result computes the same function up to rounding; it refuses to run in training mode, and
+    on a layer output that is not batched ``(N, C, *)`` (a Linear on ``(N, L, F)``), where the
+    fold would not hold. The original model is not modified. When ``torch.fx`` cannot trace
+    the model, the pairs inside its submodules that it can trace fold, and consecutive pairs
+    inside ``nn.Sequential`` containers, with a warning.
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"fold_batchnorm: model must be a torch.nn.Module, got {type(model)}")
     folded = copy.deepcopy(model).eval()
+    if not any(_is_batchnorm(m) for m in folded.modules()):
+        return folded  # nothing to fold, nothing to trace
+    refused: dict[str, str] = {}
     try:
-        pairs = _pairs_from_graph(folded)
+        pairs = _pairs_from_graph(folded, refused)
     except Exception as error:  # any tracing failure: fall back to what is safe without a graph
         warnings.warn(
             f"fold_batchnorm: torch.fx could not trace {type(model).__name__} "
-            f"({type(error).__name__}: {error}); folded only consecutive (layer, BatchNorm) "
-            "pairs inside nn.Sequential containers. Without a graph it cannot check that "
-            "forward applies such a layer nowhere else and uses its output nowhere else: if "
-            "it does, the result is wrong there. Compare the folded model's outputs with the "
-            "original's",
+            f"({type(error).__name__}: {error}); folded only the pairs inside the submodules "
+            "it could trace and consecutive (layer, BatchNorm) pairs inside nn.Sequential "
+            "containers. Without a graph of the whole forward it cannot check that it "
+            "applies such a layer nowhere else and uses its output nowhere else: if it does, "
+            "the result is wrong there. Compare the folded model's outputs with the original's",
             UserWarning,
             stacklevel=2,
         )
-        pairs = _pairs_in_sequentials(folded)
+        pairs = _pairs_in_parts(folded, refused)
+    replacements = {}
     for layer_path, bn_path in pairs:
-        layer = folded.get_submodule(layer_path)
-        _fold(layer, folded.get_submodule(bn_path))
-        parent, _, name = bn_path.rpartition(".")
-        replacement = FoldedBatchNorm(_batched_rank(layer), layer_path)
-        folded.get_submodule(parent).add_module(name, replacement)
-    folded.register_forward_pre_hook(_refuse_training)
+        layer, bn = folded.get_submodule(layer_path), folded.get_submodule(bn_path)
+        _fold(layer, bn)
+        replacements[id(bn)] = FoldedBatchNorm(_batched_rank(layer), layer_path).eval()
+    # Every name the BatchNorm is registered by: forward may call it by any of them.
+    for module in list(folded.modules()):
+        for name, child in module._modules.items():
+            if child is not None and id(child) in replacements:
+                module._modules[name] = replacements[id(child)]
+    if refused:
+        warnings.warn(
+            f"fold_batchnorm: left {len(refused)} BatchNorm(s) after a Linear/Conv unfolded: "
+            + "; ".join(f"{path!r} ({reason})" for path, reason in refused.items()),
+            UserWarning,
+            stacklevel=2,
+        )
     return folded

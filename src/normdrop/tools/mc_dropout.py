@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -97,7 +97,17 @@ def _fused_dropouts(model: torch.nn.Module) -> list[str]:
     ]
 
 
-def _probabilities(output: Tensor, activation: str | None) -> Tensor:
+def _probabilities(output: Any, activation: str | None) -> Tensor:
+    if not isinstance(output, Tensor):
+        # transformers' models return a ModelOutput whose logits are the prediction
+        logits = getattr(output, "logits", None)
+        if not isinstance(logits, Tensor):
+            raise InputError(
+                "mc_predict: the model must return a tensor (or an output with a tensor "
+                f".logits, as transformers' models), got {type(output).__name__}; wrap it in a "
+                "Module whose forward returns the prediction tensor"
+            )
+        output = logits
     if activation == "softmax":
         if output.dim() < 2:
             raise InputError(
@@ -122,7 +132,8 @@ def mc_predict(
     """Mean, variance and entropies of ``samples`` dropout-perturbed predictions of ``x``.
 
     Args:
-        model: a model with dropout layers; its modes are restored afterwards.
+        model: a model with dropout layers; its modes are restored afterwards. It returns
+            the prediction tensor, or an output with a tensor ``.logits`` (transformers').
         x: the input batch.
         samples: T, the number of stochastic passes, at least 2.
         activation: ``"softmax"`` (logits with classes in dim 1), ``"sigmoid"`` (binary or

@@ -37,6 +37,7 @@ fails, the old statistics are put back too.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -120,7 +121,9 @@ def _saved_state(model: torch.nn.Module, bns: list) -> dict:
     }
 
 
-def _restore(state: dict, *, buffers: bool) -> None:
+def _restore(state: dict, *, buffers: bool | list) -> None:
+    """Modes, momenta, renorm and dropout settings; the statistics of ``buffers`` (a list
+    of BatchNorms, or True for all)."""
     for module, training in state["modes"].items():
         module.training = training
     for bn, momentum in state["momenta"].items():
@@ -130,10 +133,9 @@ def _restore(state: dict, *, buffers: bool) -> None:
         bn.num_batches_tracked.copy_(steps)
     for bn, p in state["dropout"].items():
         bn.p = p
-    if buffers:
-        for bn, saved in state["buffers"].items():
-            for buffer, value in zip(bn.buffers(recurse=False), saved, strict=True):
-                buffer.copy_(value)
+    for bn in state["buffers"] if buffers is True else buffers or ():
+        for buffer, value in zip(bn.buffers(recurse=False), state["buffers"][bn], strict=True):
+            buffer.copy_(value)
 
 
 @torch.no_grad()
@@ -156,7 +158,9 @@ def recalibrate_batchnorm(
         num_batches: use at most this many batches.
         device: move each input there first.
 
-    BatchNorms with ``track_running_stats=False`` have nothing to recalibrate and are skipped.
+    BatchNorms with ``track_running_stats=False`` have nothing to recalibrate and are skipped;
+    one that the eval-mode forward never reaches (a training-only auxiliary head) keeps its
+    statistics, with a warning.
     ``num_batches_tracked`` ends as the number of batches seen, as with ``update_bn``.
     """
     if mode not in _MODES:
@@ -172,19 +176,34 @@ def recalibrate_batchnorm(
     state = _saved_state(model, bns)
     pooled = {bn: _Pooled() for bn in bns} if mode == "precise" else {}
     handles = [bn.register_forward_pre_hook(hook) for bn, hook in pooled.items()]
+    called: set[torch.nn.Module] = set()
+    handles += [bn.register_forward_pre_hook(lambda m, _: called.add(m)) for bn in bns]
     try:
         seen = _run(model, data, bns, num_batches, device)
         if seen == 0:
             raise InputError("recalibrate_batchnorm: data yielded no batch")
         for bn, collected in pooled.items():
-            collected.write_to(bn)
+            if bn in called:
+                collected.write_to(bn)
     except BaseException:
         _restore(state, buffers=True)
         raise
     finally:
         for handle in handles:
             handle.remove()
-    _restore(state, buffers=False)
+    # A BatchNorm the eval-mode forward never reaches (an auxiliary head that runs in training
+    # only) has no new statistics: it keeps its old ones instead of the reset (0, 1).
+    unused = [bn for bn in bns if bn not in called]
+    _restore(state, buffers=unused)
+    if unused:
+        paths = {m: path for path, m in model.named_modules()}
+        warnings.warn(
+            f"recalibrate_batchnorm: {len(unused)} BatchNorm(s) received no input in the "
+            "eval-mode forward and keep their old statistics: "
+            + ", ".join(repr(paths[bn]) for bn in unused),
+            UserWarning,
+            stacklevel=3,  # past torch.no_grad's wrapper
+        )
     return model
 
 

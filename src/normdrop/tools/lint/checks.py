@@ -15,7 +15,7 @@ batch-of-one                error    a BatchNorm in training mode got 1 value pe
 redundant-bias              info     BatchNorm right after a Linear/Conv that has a bias
 batchnorm-momentum          warning  momentum 1.0, or above 0.5 (a Keras momentum?)
 dropout2d-3d-input          warning  Dropout2d got 3-D input (read as (N, C, L))
-dropout-p                   info /   p = 0 (does nothing) /
+dropout-p                   info /   p = 0 (does nothing; not DropPath/DropBlock) /
                             warning  p >= 0.9 (almost everything dropped)
 no-running-stats            warning  BatchNorm with track_running_stats=False in a model
                                      meant for deployment
@@ -144,8 +144,12 @@ def _batchnorm_config(
 
 
 def _dropout_rate(path: str, module: torch.nn.Module) -> Iterator[Finding]:
+    from normdrop.nn.drop import DropBlock2d, DropPath
+
     p, name = module.p, type(module).__name__
-    if p == 0:
+    # Stochastic depth rates grow with depth from 0 (torchvision's EfficientNet/ConvNeXt
+    # schedule): a DropPath(0) or DropBlock2d(0) in the first block is by design.
+    if p == 0 and not isinstance(module, DropPath | DropBlock2d):
         yield Finding(
             "info",
             "dropout-p",
