@@ -132,3 +132,36 @@ def test_synchronized_path_refuses_eps_that_is_not_positive():
         ndnn.SyncBatchNorm(3, eps=eps)
         with pytest.raises(InputError, match="eps must be positive during training"):
             _sync_batch_norm(torch.randn(4, 3), None, None, None, None, 0.1, eps, None)
+
+
+def test_convert_and_revert_keep_a_pruned_batchnorm_and_its_hooks():
+    """A BatchNorm pruned with torch.nn.utils.prune (``weight`` recomputed by a pre-hook from
+    ``weight_orig`` and the ``weight_mask`` buffer) converts and reverts with the same output,
+    state_dict keys and a working mask (it lost the pre-hook and gained a fresh ``weight = 1``:
+    the output changed silently); a user's forward hook and attributes travel too."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 2)
+    prune.l1_unstructured(model[1], "weight", amount=0.5)
+    calls = []
+    model[1].register_forward_hook(lambda *_: calls.append(1))
+    model[1].note = "kept"
+    x = torch.randn(2, 3, 6, 6)
+    expected, keys = model(x), list(model.state_dict())
+    converted = ndnn.convert_sync_batchnorm(model)
+    assert isinstance(converted[1], ndnn.SyncBatchNorm)
+    torch.testing.assert_close(converted(x), expected)
+    assert list(converted.state_dict()) == keys and converted[1].note == "kept"
+    with torch.no_grad():  # the mask still applies to a changed weight_orig
+        converted[1].weight_orig.fill_(3.0)
+    converted(x)
+    assert torch.equal(converted[1].weight, 3.0 * converted[1].weight_mask)
+    reverted = ndnn.revert_sync_batchnorm(converted)
+    assert type(reverted[1]) is torch.nn.BatchNorm2d
+    assert not hasattr(reverted[1], "process_group")
+    assert list(reverted.state_dict()) == keys
+    reverted(x)
+    assert len(calls) == 4

@@ -303,18 +303,54 @@ _PLAIN_BATCHNORMS = (
 )
 
 
-def _move_state(source: torch.nn.Module, target: torch.nn.Module) -> torch.nn.Module:
-    """Hand ``source``'s parameters and buffers (the same tensors, not copies) to ``target``.
+# Module's per-instance hook tables (the *_with_kwargs / always_called ones are flags keyed by
+# hook id and must travel with their hooks).
+_HOOK_TABLES = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+# What a SyncBatchNorm holds that a single-process layer made from it must not.
+_SYNC_ONLY = frozenset({"process_group", "_unsynced_class"})
 
-    Sharing keeps every optimizer that already holds the parameters valid.
+
+def _move_state(source: torch.nn.Module, target: torch.nn.Module) -> torch.nn.Module:
+    """Hand ``source``'s parameters, buffers, hooks, mode and other attributes to ``target``:
+    the same objects, not copies.
+
+    Sharing keeps every optimizer that already holds the parameters valid, and the hook tables
+    themselves travel so that the handles a user holds still remove their hooks. The parameter
+    and buffer tables are taken whole, so what ``torch.nn.utils.prune`` leaves (``weight`` a
+    plain attribute beside the parameter ``weight_orig``, a ``weight_mask`` buffer, the
+    pre-hook that recomputes ``weight``) works as before, under the same state_dict keys.
     """
-    for name, param in source.named_parameters(recurse=False):
-        setattr(target, name, param)
-    for name, buffer in source.named_buffers(recurse=False):
-        setattr(target, name, buffer)
+    for hooks in _HOOK_TABLES:
+        if hasattr(source, hooks):
+            setattr(target, hooks, getattr(source, hooks))
+    # Which kind of backward hook the table holds (full, or the deprecated one): without it,
+    # torch never calls them.
+    target._is_full_backward_hook = getattr(source, "_is_full_backward_hook", None)
+    # A load_state_dict pre-hook holds its module (by weak reference): point it at the target.
+    table = target._load_state_dict_pre_hooks
+    for key, hook in table.items():
+        if getattr(hook, "with_module", False) and hook.module() is source:
+            table[key] = type(hook)(hook.hook, target)
+    target._parameters = dict(source._parameters)
+    target._buffers = dict(source._buffers)
+    target._non_persistent_buffers_set = set(source._non_persistent_buffers_set)
+    sync_only = () if isinstance(target, SyncBatchNorm | torch.nn.SyncBatchNorm) else _SYNC_ONLY
+    for name, value in vars(source).items():
+        if name not in sync_only:
+            vars(target).setdefault(name, value)  # a user's or a framework's attributes
     target.train(source.training)
-    if hasattr(source, "qconfig"):
-        target.qconfig = source.qconfig
     return target
 
 

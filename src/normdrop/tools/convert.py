@@ -40,22 +40,6 @@ _TARGETS = {
     "torch": {ours: theirs for theirs, ours in _COUNTERPARTS.items()},
 }
 
-# Module's per-instance hook tables (the *_with_kwargs / always_called ones are flags keyed by
-# hook id and must travel with their hooks).
-_HOOK_DICTS = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_backward_pre_hooks",
-    "_backward_hooks",
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
-
 
 def _rebuild(module: torch.nn.Module, cls: type[torch.nn.Module]) -> torch.nn.Module:
     """A ``cls`` with ``module``'s configuration, tensors, mode and hooks."""
@@ -68,28 +52,8 @@ def _rebuild(module: torch.nn.Module, cls: type[torch.nn.Module]) -> torch.nn.Mo
         if issubclass(cls, torch.nn.SyncBatchNorm | ndnn.SyncBatchNorm):
             args.append(module.process_group)
         new = cls(*args, **extra)
-    # The very tables, not copies: the handles a user holds (handle.remove()) point at them.
-    for hooks in _HOOK_DICTS:
-        if hasattr(module, hooks):
-            setattr(new, hooks, getattr(module, hooks))
-    # Which kind of backward hook the table holds (full, or the deprecated one): without it,
-    # torch never calls them.
-    new._is_full_backward_hook = getattr(module, "_is_full_backward_hook", None)
-    # A load_state_dict pre-hook holds its module (by weak reference): point it at the new one.
-    table = new._load_state_dict_pre_hooks
-    for key, hook in table.items():
-        if getattr(hook, "with_module", False) and hook.module() is module:
-            table[key] = type(hook)(hook.hook, new)
+    # The very parameters, buffers and hook tables, and the instance's other attributes.
     new = _move_state(module, new)
-    # The very parameters and buffers, under the same names in the same order
-    # (torch.nn.utils.prune makes ``weight`` a plain attribute beside ``weight_orig`` and a
-    # ``weight_mask`` buffer), and whatever else the instance holds: a user's or a
-    # framework's attributes (transformers' ``_is_hf_initialized``).
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-    for name, value in vars(module).items():
-        vars(new).setdefault(name, value)
     return new
 
 
