@@ -169,6 +169,43 @@ def test_batchnorm_output_and_input_gradient_layouts_are_atens(shape, training, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(1, 2, 3, 1), (2, 3, 1, 1), (2, 3, 4, 5), (3, 4, 5)], ids=str)
+def test_batchnorm_act_layouts_and_values_are_the_torch_chains(shape, training, backend):
+    """The same rule for the fused BatchNormAct (BN -> ReLU, p = 0) against torch.nn's
+    BatchNorm -> ReLU, over dense dim orders: the output's values and layout, the input
+    gradient's values for an output gradient laid out like the output and for a contiguous one,
+    and its layout for the first. (For the second, the chain's BatchNorm receives ReLU's
+    gradient, whose layout TensorIterator picks from both operands; the fused op follows the
+    BatchNorm rule for the gradient it is given. The two differ only for size-1 dims.)"""
+    rank = len(shape)
+    orders = list(itertools.permutations(range(rank)))
+    fused_class = normdrop.nn.BatchNormAct2d if rank == 4 else normdrop.nn.BatchNormAct1d
+    for order in orders[:: max(len(orders) // 8, 1)]:
+        x = torch.randn([shape[d] for d in order]).permute([order.index(d) for d in range(rank)])
+        results = []
+        for module in (
+            fused_class(shape[1], "relu", p=0.0),
+            torch.nn.Sequential(TORCH_BN[rank - 2](shape[1]), torch.nn.ReLU()),
+        ):
+            module.train(training)
+            leaf = x.detach().requires_grad_()
+            with normdrop.use_backend(backend):
+                output = module(leaf)
+                grads = [
+                    torch.autograd.grad(output, leaf, like, retain_graph=True)[0]
+                    for like in (torch.ones_like(output), torch.ones(output.shape))
+                ]
+            results.append((output, grads))
+        (ours, our_grads), (theirs, their_grads) = results
+        assert _layout(ours) == _layout(theirs), (order, x.stride())
+        torch.testing.assert_close(ours, theirs)
+        assert _layout(our_grads[0]) == _layout(their_grads[0]), (order, x.stride())
+        for a, b in zip(our_grads, their_grads, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_batchnorm_nhwc_cuda(dtype, backend):
     """TestNN.test_batchnorm_nhwc_cuda (CUDA-only in PyTorch), on CPU: in eval mode a

@@ -73,7 +73,7 @@ class _Entry:
         "grad_layout",
         "layout",
         "numel",
-        "output_strides",
+        "output_format",
         "params",
         "plane",
         "running_mean",
@@ -111,7 +111,10 @@ def remember(
     # ATen's output strides (the kernels write the input's memory order, the same order); and
     # whether its input gradient's format depends on the output gradient: not for an input with
     # a new contiguous tensor's strides, whose input gradient is always contiguous too
-    entry.output_strides = F._format_strides(input.shape, F._output_format(input))
+    output_format = F._output_format(input)
+    # None where empty_like gives those strides already (it keeps the input's; the cheaper call)
+    strided_like_output = input.stride() == F._format_strides(input.shape, output_format)
+    entry.output_format = None if strided_like_output else output_format
     entry.grad_layout = input.stride() != F._format_strides(input.shape, torch.contiguous_format)
     entry.dtype = _NUMPY[dtype]
     entry.forward = cpu.forward_kernel(layout)
@@ -161,7 +164,10 @@ def _lookup(cache, input, running_mean, running_var, weight, bias, training, eps
 
 def _forward(entry: _Entry, input: Tensor, momentum: float):
     """Statistics, running averages and output in one kernel call: ``(output, stats)``."""
-    output = torch.empty_strided(input.shape, entry.output_strides, dtype=input.dtype)
+    if entry.output_format is None:
+        output = torch.empty_like(input)
+    else:
+        output = torch.empty(input.shape, dtype=input.dtype, memory_format=entry.output_format)
     stats = np.empty((3, entry.channels), entry.dtype)
     ops._launching()
     finite = entry.forward(

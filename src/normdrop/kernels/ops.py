@@ -691,6 +691,17 @@ def bn_act_dropout(
     )
 
 
+def _new_output(input: Tensor) -> Tensor:
+    """BatchNorm's output for ``input`` as ATen allocates it: a new tensor in the input's output
+    format (:func:`normdrop.functional._output_format`), whose memory order, the one the kernels
+    write, is the input's. ``empty_like`` where it gives the same strides: an input contiguous
+    in that format without size-1 dims (whose strides could be anything)."""
+    output_format = F._output_format(input)
+    if 1 not in input.shape and input.is_contiguous(memory_format=output_format):
+        return torch.empty_like(input)
+    return torch.empty(input.shape, dtype=input.dtype, memory_format=output_format)
+
+
 def _eager_forward(
     input,
     weight,
@@ -713,9 +724,7 @@ def _eager_forward(
     plan = _plan(input, activation, negative_slope, p, seed, 0)
     if backward_follows:
         compile_ahead.start(plan.layout, plan.params.dtype)
-    # ATen's output strides; the same memory order as the input's, which the kernels write
-    strides = F._format_strides(input.shape, F._output_format(input))
-    output = torch.empty_strided(input.shape, strides, dtype=input.dtype)
+    output = _new_output(input)
     stats = np.empty((3, plan.channels), plan.params.dtype)
     what = cpu.STATS_APPLY if training else cpu.APPLY_RUNNING
     _run_forward(
@@ -767,6 +776,9 @@ class _BatchNormActFunction(torch.autograd.Function):
         ctx.save_for_backward(input, weight, bias)
         ctx.stats, ctx.plan, ctx.seed = stats, plan, seed
         ctx.config = (training, eps, activation, negative_slope, p, 0)
+        # The input gradient's format can differ from the input's memory order (which the
+        # kernels write) only for an input without a new contiguous tensor's strides.
+        ctx.grad_layout = not (input.is_contiguous() and input.stride() == output.stride())
         return output
 
     @staticmethod
@@ -790,8 +802,8 @@ class _BatchNormActFunction(torch.autograd.Function):
                 needs[1] or needs[2],
                 ctx.plan,
             )
-            # the kernels wrote the input's memory order; ATen's format may differ
-            grads = (F._in_input_grad_layout(grads[0], input, grad_output), *grads[1:])
+            if ctx.grad_layout and grads[0] is not None:
+                grads = (F._in_input_grad_layout(grads[0], input, grad_output), *grads[1:])
         return (*_needed(ctx, weight, bias, grads), *([None] * 9))
 
 
