@@ -195,3 +195,30 @@ def test_batchnormact_dropout_is_off_and_num_batches_fetches_no_extra_batch():
     net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4))
     recalibrate_batchnorm(net, batches, num_batches=2)
     assert net[1].num_batches_tracked.item() == 2 and len(list(batches)) == 3
+
+
+class _KeywordModel(torch.nn.Module):
+    """Takes its input by keyword, as Hugging Face models do (``model(**batch)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _model()
+
+    def forward(self, pixel_values, labels=None):
+        assert labels is None or labels.shape[0] == pixel_values.shape[0]
+        return self.body(pixel_values)
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "precise"])
+def test_dict_batches_are_keyword_inputs(mode):
+    """A batch that is a dict (a Hugging Face dataset's) is passed as ``model(**batch)``,
+    tensors moved to ``device``; the statistics equal those from the same inputs as tensors."""
+    data = _data()
+    ours, reference = _KeywordModel(), _KeywordModel()
+    dicts = [{"pixel_values": x, "labels": y} for x, y in data]
+    recalibrate_batchnorm(ours, dicts, mode=mode, device="cpu")
+    recalibrate_batchnorm(reference.body, [x for x, _ in data], mode=mode)
+    for key, value in _buffers(reference.body).items():
+        assert torch.equal(_buffers(ours.body)[key], value)
+    with pytest.raises(InputError, match="keys must be strings"):
+        recalibrate_batchnorm(_KeywordModel(), [{0: data[0][0]}])

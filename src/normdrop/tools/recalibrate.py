@@ -38,7 +38,7 @@ fails, the old statistics are put back too.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -63,16 +63,31 @@ def _batchnorms(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._Batc
     ]
 
 
-def _first_tensor(batch: Any) -> Tensor:
-    """A batch is a tensor, or a list/tuple whose first item is the input (as update_bn)."""
+def _model_inputs(
+    batch: Any, device: torch.device | str | None
+) -> tuple[tuple[Tensor, ...], dict[str, Any]]:
+    """``(args, kwargs)`` of the model call for one batch: a tensor, a list/tuple whose first
+    item is the input (as ``update_bn``), or a mapping of keyword inputs (a Hugging Face batch:
+    ``model(**batch)``); tensors moved to ``device`` if given."""
+    if isinstance(batch, Mapping) and batch:
+        if not all(isinstance(key, str) for key in batch):
+            raise InputError(
+                "recalibrate_batchnorm: a dict batch is passed as keyword arguments, so its "
+                f"keys must be strings, got {sorted(map(repr, batch))}"
+            )
+        return (), {key: _to(value, device) for key, value in batch.items()}
     if isinstance(batch, list | tuple) and batch:
         batch = batch[0]
     if not isinstance(batch, Tensor):
         raise InputError(
-            "recalibrate_batchnorm: each batch must be a tensor or a (input, ...) tuple/list "
-            f"with a tensor first, got {type(batch).__name__}"
+            "recalibrate_batchnorm: each batch must be a tensor, an (input, ...) tuple/list "
+            f"with a tensor first, or a dict of keyword inputs, got {type(batch).__name__}"
         )
-    return batch
+    return (_to(batch, device),), {}
+
+
+def _to(value: Any, device: torch.device | str | None) -> Any:
+    return value.to(device) if device is not None and isinstance(value, Tensor) else value
 
 
 class _Pooled:
@@ -151,8 +166,9 @@ def recalibrate_batchnorm(
 
     Args:
         model: modified in place (buffers only) and returned.
-        data: an iterable of batches (a DataLoader): tensors, or tuples/lists whose first
-            item is the model's input.
+        data: an iterable of batches (a DataLoader): tensors, tuples/lists whose first
+            item is the model's input, or dicts of keyword inputs (``model(**batch)``, as a
+            Hugging Face dataset yields them).
         mode: ``"cumulative"`` (mean of per-batch statistics, as ``update_bn``) or
             ``"precise"`` (statistics of all values pooled); see the module docstring.
         num_batches: use at most this many batches.
@@ -226,8 +242,8 @@ def _run(
             bn.p = 0.0  # its fused dropout stays off, as every other dropout
     seen = 0
     for batch in data:
-        x = _first_tensor(batch)
-        model(x if device is None else x.to(device))
+        args, kwargs = _model_inputs(batch, device)
+        model(*args, **kwargs)
         seen += 1
         if seen == num_batches:  # before fetching another: an iterator keeps the rest
             break
