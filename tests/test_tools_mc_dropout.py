@@ -170,3 +170,37 @@ def test_a_model_output_with_logits_is_read_and_anything_else_named():
 
     with pytest.raises(InputError, match=r"must return a tensor .* got tuple"):
         mc_predict(Pair(), x, samples=2)
+
+
+class StochasticDepth(torch.nn.Module):
+    """torchvision.ops.StochasticDepth's behaviour ("row" mode): drops whole samples, in
+    training only (torchvision cannot be imported beside this torch build)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.empty(x.shape[0], 1).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class ConvNextDropPath(StochasticDepth):
+    """A Hugging Face-style per-model DropPath (``transformers``' ``<Model>DropPath``)."""
+
+
+@pytest.mark.parametrize("layer", [StochasticDepth, ConvNextDropPath])
+def test_other_libraries_stochastic_depth_is_sampled(layer):
+    """Stochastic depth from torchvision or transformers (known by class name) is turned on
+    like dropout: the samples differ, BatchNorm stays in eval, modes are restored."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), layer(0.5), torch.nn.Linear(8, 3)
+    ).eval()
+    with mc_dropout(model):
+        assert model[2].training and not model[1].training and not model.training
+    assert not model[2].training
+    prediction = mc_predict(model, torch.randn(16, 5), samples=20)
+    assert (prediction.variance > 0).any()

@@ -39,7 +39,20 @@ DROPOUT_LAYERS = (
     DropConnect,
     GaussianDropout,
 )
+# Other libraries' stochastic-depth and drop-block layers, known by class name (importing
+# them would make those libraries dependencies): torchvision's StochasticDepth, timm's DropPath
+# and DropBlock2d, Hugging Face's <Model>DropPath. Each drops only in training mode.
+_THIRD_PARTY_NAMES = ("StochasticDepth", "DropBlock2d")
+_THIRD_PARTY_SUFFIX = "DropPath"
 _ACTIVATIONS = ("softmax", "sigmoid", None)
+
+
+def _is_sampled(module: torch.nn.Module) -> bool:
+    """A layer :func:`mc_dropout` puts in training mode."""
+    if isinstance(module, DROPOUT_LAYERS):
+        return True
+    name = type(module).__name__
+    return name in _THIRD_PARTY_NAMES or name.endswith(_THIRD_PARTY_SUFFIX)
 
 
 class MCPrediction(NamedTuple):
@@ -57,9 +70,11 @@ def mc_dropout(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Within the block, dropout layers are in training mode and everything else in eval.
 
     Dropout layers are ``torch.nn``'s and normdrop's dropout family, DropPath, DropBlock2d,
-    DropConnect and GaussianDropout. Every module's mode is restored on exit.
+    DropConnect and GaussianDropout, and other libraries' stochastic depth and drop-block
+    layers, known by class name (torchvision's ``StochasticDepth``, timm's ``DropPath`` and
+    ``DropBlock2d``, Hugging Face's ``...DropPath``). Every module's mode is restored on exit.
     """
-    dropouts = [m for m in model.modules() if isinstance(m, DROPOUT_LAYERS)]
+    dropouts = [m for m in model.modules() if _is_sampled(m)]
     fused = _fused_dropouts(model)
     if not dropouts:
         also = f" (the dropout fused into {', '.join(fused)} cannot be sampled)" if fused else ""
