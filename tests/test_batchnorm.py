@@ -274,6 +274,16 @@ def test_empty_batch_like_torch():
     assert x.grad.shape == (0, 3)
 
 
+def test_empty_batch_with_other_channels_is_refused_where_torch_answers():
+    """Stricter than torch.nn on purpose (docs/math.md): a module's channel count is checked
+    even on an empty batch; the functional form answers as ATen does."""
+    x = torch.randn(0, 4)
+    assert torch.nn.BatchNorm1d(3)(x).shape == (0, 4)
+    with pytest.raises(InputError, match=r"got input with 4 channels \(dim 1\)"):
+        normdrop.nn.BatchNorm1d(3)(x)
+    assert NF.batch_norm(x, torch.zeros(3), torch.ones(3), training=True).shape == (0, 4)
+
+
 # ---------------------------------------------------------------------------------- ecosystem
 
 
