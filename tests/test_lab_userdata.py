@@ -199,6 +199,38 @@ def test_encode_labels_mixed_numbers_and_names_are_names():
     assert classes == ("10", "9", "x") and labels.tolist() == [0, 2, 1]
 
 
+BIG = 2**53  # float64 cannot tell BIG + 1 from BIG
+
+
+def test_integer_labels_beyond_2_to_the_53_stay_distinct_classes(tmp_path):
+    ids = [BIG + 1, BIG, 2**63 - 1, BIG]
+
+    def check(path, target):
+        _, labels, classes = read_user_file(path, target)
+        assert classes == (str(BIG), str(BIG + 1), str(2**63 - 1)), path
+        assert labels.tolist() == [1, 0, 2, 0], path
+
+    text = "x,y\n" + "".join(f"{i},{y}\n" for i, y in enumerate(ids))
+    check(_write(tmp_path, "d.csv", text), "y")
+    np.savez(tmp_path / "d.npz", X=np.zeros((4, 2)), y=np.array(ids, np.int64))
+    check(tmp_path / "d.npz", None)
+    pa = pytest.importorskip("pyarrow", reason="parquet is an optional extra (pyarrow)")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x": [0.0] * 4, "y": pa.array(ids, pa.int64())}), tmp_path / "d.pq")
+    check(tmp_path / "d.pq", "y")
+
+
+def test_whole_numbers_in_any_spelling_are_one_class_and_read_exactly():
+    labels, classes = encode_labels(["1", "1.0", "2e0", " 3 ", f"{BIG + 1}.0", str(BIG)], "w")
+    assert classes == ("1", "2", "3", str(BIG), str(BIG + 1))
+    assert labels.tolist() == [0, 0, 1, 2, 4, 3]
+    labels, classes = encode_labels(np.array([2.0, 1.0, 2.0], np.float32), "w")
+    assert classes == ("1", "2") and labels.tolist() == [1, 0, 1]
+    with pytest.raises(InputError, match=f"w: holds non-integer numbers \\(e.g. '{BIG}.5'\\)"):
+        encode_labels([f"{BIG}.5", "1"], "w")  # float64 would read it as whole
+
+
 @pytest.mark.parametrize(
     ("arrays", "message"),
     [

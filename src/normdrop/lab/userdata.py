@@ -11,6 +11,7 @@ import csv
 import math
 import zipfile
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +52,16 @@ def encode_labels(values: Sequence | np.ndarray, where: str) -> tuple[np.ndarray
     """Class indices (int64) and class names for labels given as integers or strings.
 
     Integer-valued labels are ordered numerically, strings alphabetically. Non-integer numbers
-    (a regression target) and a single class are errors: the lab classifies.
+    (a regression target) and a single class are errors: the lab classifies. Numbers are read
+    exactly, so labels beyond 2^53 (ids) that float64 would merge stay distinct classes.
     """
-    texts = [str(value).strip() for value in np.asarray(values).tolist()]
-    numbers = [_as_float(text) for text in texts]
+    raw = np.asarray(values).tolist()
+    texts = [str(value).strip() for value in raw]
+    numbers = [_label_number(value, text) for value, text in zip(raw, texts, strict=True)]
     if all(number is not None for number in numbers):
-        fractional = next((t for t, n in zip(texts, numbers, strict=True) if n != int(n)), None)
+        fractional = next(
+            (t for t, n in zip(texts, numbers, strict=True) if n.denominator != 1), None
+        )
         if fractional is not None:
             raise InputError(
                 f"{where}: holds non-integer numbers (e.g. {fractional!r}); the lab classifies, "
@@ -74,6 +79,26 @@ def encode_labels(values: Sequence | np.ndarray, where: str) -> tuple[np.ndarray
     index = {key: i for i, key in enumerate(ordered)}
     labels = np.fromiter((index[key] for key in keys), np.int64, len(keys))
     return labels, tuple(str(key) for key in ordered)
+
+
+def _label_number(value: object, text: str) -> int | Fraction | None:
+    """A numeric label's exact value (``denominator`` 1 if whole), or None for a name."""
+    if isinstance(value, bool):  # numpy's bools arrive as Python bools: names, as ever
+        return None
+    if isinstance(value, int):  # NPZ and Parquet integers: exact, never through float64
+        return value
+    if isinstance(value, float):
+        return Fraction(value) if math.isfinite(value) else None
+    try:  # float() rounds beyond 2^53: "9007199254740993" would be "9007199254740992"
+        return int(text)
+    except ValueError:
+        pass
+    if _as_float(text) is None:  # also keeps "1e999" a name, not a 1000-digit integer
+        return None
+    try:  # "1.0", "2e3", and whole numbers written so beyond 2^53, read exactly too
+        return Fraction(text)
+    except ValueError:  # a spelling float() reads and Fraction does not
+        return Fraction(float(text))
 
 
 def _as_float(text: str) -> float | None:
