@@ -179,7 +179,7 @@ def test_bad_tune_options(tmp_path, capsys, argv, message):
 
 
 INTERRUPTED_TUNE = """
-import sys
+import os, signal, sys, time
 from normdrop.cli import main
 from normdrop.lab import tune
 
@@ -188,29 +188,54 @@ real, started = tune.train_run, []
 def interrupt_second(spec, splits, **kwargs):
     started.append(spec)
     if len(started) == 2:
+        if sys.argv[1] == "sigterm":  # as `kill PID` during a trial's training
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)
         raise KeyboardInterrupt  # as Ctrl-C inside a trial's training
     return real(spec, splits, **kwargs)
 
-tune.train_run = interrupt_second
-sys.exit(main(sys.argv[1:]))
+if sys.argv[1] != "none":
+    tune.train_run = interrupt_second
+sys.exit(main(sys.argv[2:]))
 """
 
 
-def test_ctrl_c_in_a_trial_exits_130_without_optunas_trace(tmp_path):
+def _tune_process(out, interrupt: str) -> subprocess.CompletedProcess:
     argv = shlex.split(
         "tune --data wine --model mlp:1x8 --epochs 2 --trials 4 --backend reference"
-        f" --no-progress --out {tmp_path}"
+        f" --no-progress --out {out}"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", INTERRUPTED_TUNE, *argv],
+    return subprocess.run(
+        [sys.executable, "-c", INTERRUPTED_TUNE, interrupt, *argv],
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert done.returncode == 130, done.stderr
-    assert done.stderr.startswith("normdrop: interrupted"), done.stderr
-    assert len(done.stderr.splitlines()) == 1, done.stderr  # no "Trial 1 failed", no traceback
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+
+def _trial_states(out) -> list[str]:
+    storage = f"sqlite:///{out / 'optuna.db'}"
     (summary,) = optuna.get_all_study_summaries(storage)
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]  # a rerun replaces it
+    return [t.state.name for t in study.trials]
+
+
+@pytest.mark.parametrize("interrupt", ["ctrl-c", "sigterm"])
+def test_interrupting_a_trial_exits_130_without_optunas_trace(tmp_path, interrupt):
+    done = _tune_process(tmp_path, interrupt)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == (
+        f"normdrop: interrupted; every finished trial is in the study ({tmp_path / 'optuna.db'})"
+        f" and every completed epoch of the retraining in {tmp_path / 'normdrop.db'}: rerun the"
+        " same command to resume\n"
+    )  # one line: no "Trial 1 failed", no traceback
+    assert _trial_states(tmp_path) == ["COMPLETE", "FAIL"]  # a rerun replaces it
+
+
+def test_a_rerun_after_sigterm_keeps_the_finished_trials_and_completes_the_study(tmp_path):
+    assert _tune_process(tmp_path, "sigterm").returncode == 130
+    done = _tune_process(tmp_path, "none")
+    assert done.returncode == 0, done.stderr
+    states = _trial_states(tmp_path)
+    assert states[:2] == ["COMPLETE", "FAIL"] and len(states) == 5  # 3 trials more, not 4
+    assert "FAIL" not in states[2:] and "RUNNING" not in states

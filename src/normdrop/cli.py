@@ -10,7 +10,7 @@
 Adding a command: a function ``_name(args) -> int`` and one ``_add_name`` parser entry in
 :func:`build_parser`; or, for a command that parses its own argv, one line in ``_PASSTHROUGH``.
 Errors in the user's input print one line naming the option and exit with status 2; Ctrl-C
-or SIGTERM exits with 130 after saving every completed epoch.
+or SIGTERM exits with 130 after saving every completed epoch (``tune``: every finished trial).
 """
 
 from __future__ import annotations
@@ -414,6 +414,19 @@ _PASSTHROUGH: dict[str, tuple[Callable[[list[str]], int], str]] = {
 _LAB_EXTRA = {"sklearn", "scipy", "matplotlib", "optuna", "rich"}
 
 
+def _kept(args: argparse.Namespace) -> str:
+    """What an interrupted command has stored for its rerun to continue from."""
+    from pathlib import Path
+
+    if args.command == "tune":  # a trial cut short is failed in the study; a rerun replaces it
+        out = Path(args.out)
+        return (
+            f"every finished trial is in the study ({out / 'optuna.db'}) and every completed "
+            f"epoch of the retraining in {out / 'normdrop.db'}"
+        )
+    return "every completed epoch is in the database"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normdrop",
@@ -440,8 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         print(
-            "normdrop: interrupted; every completed epoch is in the database: rerun the same "
-            "command to resume",
+            f"normdrop: interrupted; {_kept(args)}: rerun the same command to resume",
             file=sys.stderr,
         )
         return 130

@@ -7,7 +7,8 @@ validation split, then measure the choice once on the test split.
   median of earlier trials at that epoch.
 - Each trial trains one seed (``--tune-seed``) and never touches the test split.
 - The study lives in SQLite (``<out>/optuna.db``): rerunning the command resumes it, counting
-  finished and pruned trials; trials left running by a dead process are marked failed.
+  finished and pruned trials; trials left running by a dead process are marked failed. Ctrl-C
+  or SIGTERM marks the trial in flight failed (a rerun replaces it).
 - The best configuration is then retrained over ``--seeds`` seeds as a lab experiment (stored in
   ``<out>/normdrop.db`` like any other) and scored on the test split, once per seed.
 - ``<out>/<study>/report.html`` shows the trials, parameter importance (fANOVA), the history and
@@ -39,6 +40,7 @@ from normdrop.lab.config import (
 from normdrop.lab.experiment import ExperimentResult, check_models, load_splits, run_lab
 from normdrop.lab.plots import importance_plot, tune_history_plot
 from normdrop.lab.report import Table, write_report
+from normdrop.lab.scheduler import interrupt_as_keyboard
 from normdrop.lab.store import owner_alive, owner_id
 from normdrop.lab.summary import ACCURACY_COLUMNS, accuracy_rows
 from normdrop.lab.train import train_run
@@ -297,7 +299,9 @@ def run_tune(config: TuneConfig, *, progress: bool = True) -> TuneResult:
         finished_now = len(study.get_trials(deepcopy=False, states=finished))
         bar.update(task, completed=min(finished_now, config.trials) * epochs)
 
-    with bar, _quiet_after_interrupt() as quiet:
+    # SIGTERM as Ctrl-C: optuna marks the trial in flight failed (a rerun replaces it) rather
+    # than the process dying with the trial left running.
+    with bar, _quiet_after_interrupt() as quiet, interrupt_as_keyboard():
         if done < config.trials:
             study.optimize(
                 _objective(config, splits, lambda: bar.advance(task), quiet),
