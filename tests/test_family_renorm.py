@@ -199,3 +199,40 @@ def test_a_non_finite_channel_keeps_its_running_statistics():
     assert layer.running_mean[1] == before[0][1] and layer.running_var[1] == before[1][1]
     assert not torch.equal(layer.running_mean[[0, 2]], before[0][[0, 2]])
     assert not torch.equal(layer.running_var[[0, 2]], before[1][[0, 2]])
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (4, 3, 0, 2)])
+def test_an_empty_batch_is_batchnorms_answer_with_zero_gradients(shape):
+    """torch.nn.BatchNorm answers a batch without values with zero parameter gradients and
+    unchanged statistics (counting the call); r and d of an empty batch are NaN, and must not
+    reach gamma's gradient (it was NaN)."""
+    layer = ndnn.BatchRenorm2d(3, dtype=torch.float64)
+    bn = torch.nn.BatchNorm2d(3, dtype=torch.float64)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    bn(y).sum().backward()
+    assert out.shape == shape
+    assert torch.equal(layer.weight.grad, bn.weight.grad)  # zeros
+    assert torch.equal(layer.bias.grad, bn.bias.grad)
+    for key, value in bn.state_dict().items():
+        assert torch.equal(layer.state_dict()[key], value), key  # incl. the counter: 1
+
+
+def test_cumulative_momentum_traces_into_one_graph():
+    """momentum=None makes the factor a tensor's value (1 / (t + 1)); the module checks
+    momentum itself, so the core's float check (math.isnan, which Dynamo cannot run on it)
+    must not see it: fullgraph=True failed with "torch.* op returned non-Tensor"."""
+    torch._dynamo.reset()
+    eager = ndnn.BatchRenorm1d(3, momentum=None, rmax=1.5, dmax=0.5, dtype=torch.float64)
+    compiled_layer = ndnn.BatchRenorm1d(3, momentum=None, rmax=1.5, dmax=0.5,
+                                        dtype=torch.float64)  # fmt: skip
+    compiled = torch.compile(compiled_layer, backend="eager", fullgraph=True)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(3):
+        x = torch.randn(6, 3, generator=generator, dtype=torch.float64) * (step + 1) + step
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(compiled_layer.running_mean, eager.running_mean)
+    torch.testing.assert_close(compiled_layer.running_var, eager.running_var)
+    assert int(compiled_layer.num_batches_tracked) == 3

@@ -54,6 +54,7 @@ from normdrop.functional import (
     _batch_norm_function,
     _check_batch_norm_args,
     _compute_dtype,
+    _empty_batch_norm,
     _store_finite,
     _values_per_channel,
     batch_statistics,
@@ -212,10 +213,15 @@ class _BatchRenorm(_BatchNorm):
         if not self.training:
             return super().forward(input)
         momentum = self._momentum_for_this_batch()
+        # momentum was checked by the constructor; with momentum=None it is a tensor's value,
+        # which the core's check (math.isnan) cannot read under torch.compile(fullgraph=True).
         _check_batch_norm_args(
-            input, self.running_mean, self.running_var, self.weight, self.bias, True, momentum,
+            input, self.running_mean, self.running_var, self.weight, self.bias, True, 0.0,
             self.eps,
         )  # fmt: skip
+        if input.numel() == 0:  # as BatchNorm: counted, nothing learned, zero gradients
+            self.num_batches_tracked.add_(1)
+            return _empty_batch_norm(input, self.weight, self.bias)
         with torch.no_grad():
             mean, var = batch_statistics(input)
             rmax, dmax = self.current_limits()
