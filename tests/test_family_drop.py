@@ -4,6 +4,7 @@ intervals (scipy's binomial and chi-square quantiles, 99.99%)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -240,6 +241,35 @@ def test_drop_connect_runs_the_layer_with_a_masked_weight(layer, shape, function
     wrapped.eval()
     torch.testing.assert_close(wrapped(x), layer(x))
     assert list(wrapped.state_dict()) == [f"module.{k}" for k in layer.state_dict()]
+
+
+@pytest.mark.parametrize("parametrization", ["weight_norm", "spectral_norm"])
+def test_drop_connect_masks_a_parametrized_weight_without_touching_its_parameters(
+    parametrization,
+):
+    """A weight_norm / spectral_norm layer: the mask applies to the effective weight, the
+    parametrization's parameters keep their values and get their gradients. functional_call
+    wrote the masked weight back through right_inverse: spectral_norm's parameter changed and
+    weight_norm's backward failed ("modified by an inplace operation")."""
+    wrap = getattr(torch.nn.utils.parametrizations, parametrization)
+    layer = wrap(torch.nn.Linear(6, 4)).double()
+    reference = copy.deepcopy(layer)  # same power-iteration state for spectral_norm
+    before = {name: p.detach().clone() for name, p in layer.named_parameters()}
+    x = torch.randn(5, 6, dtype=torch.float64)
+    wrapped = ndnn.DropConnect(layer, p=0.4, generator=_generator(3))
+    out = wrapped(x)
+    out.square().sum().backward()
+    expected = torch.nn.functional.linear(
+        x, _masked_weight(reference.weight, 0.4, 3), reference.bias
+    )
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for name, p in layer.named_parameters():
+        assert torch.equal(p.detach(), before[name]), name
+    for ours, theirs in zip(layer.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-12, atol=1e-12)
+    assert len(layer.parametrizations.weight) == 1  # the mask left the chain
+    assert layer.state_dict().keys() == reference.state_dict().keys()
 
 
 def test_drop_connect_errors():

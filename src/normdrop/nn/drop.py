@@ -48,6 +48,7 @@ import numbers
 import torch
 from torch import Tensor
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
 from normdrop import functional as F
 from normdrop.errors import InputError, InputTypeError
@@ -294,8 +295,29 @@ class DropConnect(torch.nn.Module):
     def forward(self, *args, **kwargs) -> Tensor:
         if not self.training or self.p == 0:
             return self.module(*args, **kwargs)
+        if parametrize.is_parametrized(self.module, "weight"):
+            # functional_call would restore a parametrized weight through right_inverse, which
+            # writes into the parameters (spectral_norm's changes) and breaks the backward; the
+            # mask joins the parametrization chain for this call instead.
+            chain = self.module.parametrizations["weight"]
+            chain.append(_DropWeight(self.p, self.generator))
+            try:
+                return self.module(*args, **kwargs)
+            finally:
+                del chain[-1]
         weight = F.dropout(self.module.weight, self.p, True, generator=self.generator)
         return functional_call(self.module, {"weight": weight}, args, kwargs)
+
+
+class _DropWeight(torch.nn.Module):
+    """DropConnect's mask as the last step of a parametrized weight (one call only)."""
+
+    def __init__(self, p: float, generator: torch.Generator | None) -> None:
+        super().__init__()
+        self.p, self.generator = p, generator
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return F.dropout(weight, self.p, True, generator=self.generator)
 
 
 # --------------------------------------------------------------------------------------------
