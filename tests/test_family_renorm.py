@@ -236,3 +236,26 @@ def test_cumulative_momentum_traces_into_one_graph():
     torch.testing.assert_close(compiled_layer.running_mean, eager.running_mean)
     torch.testing.assert_close(compiled_layer.running_var, eager.running_var)
     assert int(compiled_layer.num_batches_tracked) == 3
+
+
+def test_compiled_gradients_use_r_and_d_from_before_the_update():
+    """torch.compile's partitioner recomputes cheap values in the backward; r and d recomputed
+    there would read the running statistics after this step's update (pytorch/pytorch#197039),
+    and gamma's gradient r S(dy xhat) + d S(dy) came out with d scaled by 1 - momentum."""
+    torch._dynamo.reset()
+    eager = ndnn.BatchRenorm2d(3, rmax=1.5, dmax=0.5, dtype=torch.float64)
+    compiled_layer = ndnn.BatchRenorm2d(3, rmax=1.5, dmax=0.5, dtype=torch.float64)
+    compiled = torch.compile(compiled_layer, backend="aot_eager", fullgraph=True)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(2):
+        x = torch.randn(4, 3, 3, 3, generator=generator, dtype=torch.float64) + step
+        grad = torch.randn(4, 3, 3, 3, generator=generator, dtype=torch.float64)
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        eager(a).backward(grad)
+        compiled(b).backward(grad)
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(compiled_layer.weight.grad, eager.weight.grad,
+                                   rtol=1e-12, atol=1e-12)  # fmt: skip
+        torch.testing.assert_close(compiled_layer.bias.grad, eager.bias.grad,
+                                   rtol=1e-12, atol=1e-12)  # fmt: skip
+    torch.testing.assert_close(compiled_layer.running_var, eager.running_var)

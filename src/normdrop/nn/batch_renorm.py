@@ -228,6 +228,10 @@ class _BatchRenorm(_BatchNorm):
             r, d = renorm_correction(
                 mean, var, self.running_mean, self.running_var, self.eps, rmax, dmax
             )
+            # Through one cat, so that torch.compile's partitioner saves r and d for the
+            # backward: it would recompute them there from the running statistics, moved by then
+            # by the update below (pytorch/pytorch#197039); cat is not on its recompute list.
+            r, d = torch.cat([r, d]).split(self.num_features)
             # After r and d: they compare the batch with the statistics it has not yet moved.
             update_renorm_stats(
                 self.running_mean,
