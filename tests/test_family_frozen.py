@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -146,3 +148,33 @@ def test_eps_zero_freezes_like_torchs_eval_and_negative_eps_is_refused():
     torch.testing.assert_close(frozen(x), bn(x))
     with pytest.raises(InputError, match=r"eps must be non-negative, got -1\.0"):
         ndnn.FrozenBatchNorm2d(3, eps=-1.0)
+
+
+def test_a_subclass_that_keeps_batchnorms_forward_is_frozen():
+    """Only a subclass with its own forward is left unfrozen (documented); one that changes a
+    default or the initialization evaluates as BatchNorm and is frozen. It was left, with a
+    warning calling its forward "not plain BatchNorm"."""
+
+    class OtherEps(torch.nn.BatchNorm2d):
+        def __init__(self, channels, **options):
+            super().__init__(channels, eps=1e-3, **options)
+
+    class CheckedInput(ndnn.BatchNorm1d):
+        def _check_input_dim(self, input):
+            super()._check_input_dim(input)
+
+    model = torch.nn.Sequential(
+        _trained_batchnorm(OtherEps, 3, seed=4),
+        torch.nn.Flatten(),
+        _trained_batchnorm(CheckedInput, 12, seed=5),
+    ).eval()
+    x = torch.randn(5, 3, 2, 2, dtype=torch.float64)
+    expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left unfrozen
+        frozen = ndnn.freeze_batchnorm(model)
+    assert [type(m).__name__ for m in frozen] == [
+        "FrozenBatchNorm2d", "Flatten", "FrozenBatchNorm1d",
+    ]  # fmt: skip
+    assert frozen[0].eps == 1e-3
+    torch.testing.assert_close(frozen(x), expected)

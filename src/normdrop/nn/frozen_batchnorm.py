@@ -200,14 +200,22 @@ def _frozen_class_for(module: torch.nn.Module) -> type[_FrozenBatchNorm] | None:
 
 
 def _is_freezable(module: torch.nn.Module) -> bool:
-    """BatchNorms whose eval forward is exactly BatchNorm: torch's, normdrop's and variants."""
+    """BatchNorms whose eval forward is exactly BatchNorm: torch's, normdrop's and variants, and
+    their subclasses that keep that forward (another default, a custom init)."""
     from normdrop.nn.batch_renorm import _BatchRenorm
+    from normdrop.nn.batchnorm import _BatchNorm
     from normdrop.nn.ghost_batchnorm import _GhostBatchNorm
-    from normdrop.nn.sync_batchnorm import _PLAIN_BATCHNORMS, SyncBatchNorm
+    from normdrop.nn.sync_batchnorm import SyncBatchNorm
 
-    return type(module) in _PLAIN_BATCHNORMS or isinstance(
-        module, SyncBatchNorm | _GhostBatchNorm | _BatchRenorm
+    plain = (
+        torch.nn.modules.batchnorm._BatchNorm,
+        torch.nn.SyncBatchNorm,
+        _BatchNorm,
+        SyncBatchNorm,
+        _GhostBatchNorm,
+        _BatchRenorm,
     )
+    return any(type(module).forward is cls.forward for cls in plain)
 
 
 def freeze_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
