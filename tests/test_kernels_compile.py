@@ -61,6 +61,20 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_compile_with_dynamic_shapes_matches_eager(backend):
+    """torch.compile(dynamic=True) makes eps a symbolic float: the argument checks must not
+    call math.isnan on it (they did: every BatchNorm failed to compile). Two batch sizes,
+    one graph."""
+    eager = make_model()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True, dynamic=True)
+    with normdrop.use_backend(backend):
+        for step, batch in enumerate((5, 7)):
+            x = torch.randn(batch, 3, 6, 6)
+            assert_same_step(train_step(eager, x, step), train_step(compiled, x, step))
+
+
 def test_inductor_compiles_the_fused_module():
     import torch._inductor.config
 

@@ -217,7 +217,8 @@ def batch_statistics(input: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _check_eps(eps: float, training: bool) -> None:
-    if not isinstance(eps, numbers.Real) or math.isnan(eps):
+    # eps != eps, not math.isnan: under torch.compile(dynamic=True) eps is a symbolic float
+    if not isinstance(eps, numbers.Real) or eps != eps:
         raise InputTypeError(f"batch_norm: eps must be a real number, got {eps!r}")
     if training and eps <= 0:
         raise InputError(f"batch_norm: eps must be positive during training, got {eps}")
@@ -299,7 +300,7 @@ def _check_batch_norm_args(
         # Any real momentum is accepted, as in PyTorch (whose own test samples use -1.0); the
         # modules insist on [0, 1] and `normdrop lint` flags odd values.
         if running_mean is not None and (
-            not isinstance(momentum, numbers.Real) or math.isnan(momentum)
+            not isinstance(momentum, numbers.Real) or momentum != momentum
         ):
             raise InputTypeError(f"batch_norm: momentum must be a real number, got {momentum!r}")
     elif running_mean is None:
