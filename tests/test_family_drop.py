@@ -183,6 +183,9 @@ def test_drop_block_identity_cases_and_errors():
     assert drop_block2d(x, 0.0, 3) is x
     with pytest.raises(InputError, match="block_size=6 is larger than the 5x5 feature map"):
         ndnn.DropBlock2d(0.1, 6)(x)
+    # where nothing is dropped (eval, p = 0) any map size is fine: the layer is the identity
+    assert ndnn.DropBlock2d(0.1, 6).eval()(x) is x
+    assert drop_block2d(x, 0.0, 6) is x
     with pytest.raises(InputError, match=r"\(N, C, H, W\)"):
         ndnn.DropBlock2d(0.1, 3)(torch.randn(3, 5, 5))
     with pytest.raises(InputError, match="block_size must be a positive int"):

@@ -197,6 +197,8 @@ def drop_block2d(
             f"drop_block2d: input must have shape (N, C, H, W), got {input.dim()}-D input of "
             f"shape {tuple(input.shape)}"
         )
+    if not training or p == 0:
+        return input  # the identity for any map size: a model evaluated on smaller inputs
     n, c, height, width = input.shape
     if block_size > min(height, width):
         raise InputError(
@@ -204,8 +206,6 @@ def drop_block2d(
             f"feature map of input shape {tuple(input.shape)}; use block_size <= "
             f"{min(height, width)}"
         )
-    if not training or p == 0:
-        return input
     gamma = drop_block_gamma(p, block_size, height, width)
     grid = (n, c if per_channel else 1, height - block_size + 1, width - block_size + 1)
     seeds = input.new_empty(grid)  # not torch.empty: vmap batches new_empty's result
