@@ -198,3 +198,17 @@ def test_a_name_given_to_another_experiment_is_refused_and_its_report_kept(tmp_p
     assert main([*argv, "--data", "breast-cancer"]) == 2
     assert "already exists with other settings" in capsys.readouterr().err
     assert report.read_bytes() == before
+
+
+def test_an_interrupted_runs_command_says_the_database_is_unchanged(db, capsys, monkeypatch):
+    """Ctrl-C in `normdrop runs` exits 130 without the lab's "completed epochs ... resume"
+    line, which means nothing for a command that only reads."""
+    from normdrop.lab import runs
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "list_table", interrupted)
+    assert main(["runs", "--db", str(db), "list"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "normdrop: interrupted; the run database is unchanged"

@@ -422,9 +422,11 @@ def _kept(args: argparse.Namespace) -> str:
         out = Path(args.out)
         return (
             f"every finished trial is in the study ({out / 'optuna.db'}) and every completed "
-            f"epoch of the retraining in {out / 'normdrop.db'}"
+            f"epoch of the retraining in {out / 'normdrop.db'}: rerun the same command to resume"
         )
-    return "every completed epoch is in the database"
+    if args.command == "lab":
+        return "every completed epoch is in the database: rerun the same command to resume"
+    return "the run database is unchanged"  # runs only reads it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -453,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         print(
-            f"normdrop: interrupted; {_kept(args)}: rerun the same command to resume",
+            f"normdrop: interrupted; {_kept(args)}",
             file=sys.stderr,
         )
         return 130
