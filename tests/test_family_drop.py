@@ -171,10 +171,20 @@ def test_kept_fraction_matches_the_exact_expectation():
 
 def test_shared_mask_is_the_same_for_every_channel():
     x = torch.randn(4, 6, 8, 8)
-    out = ndnn.DropBlock2d(0.5, 3, generator=_generator(3))(x)
+    out = ndnn.DropBlock2d(0.5, 3, per_channel=False, generator=_generator(3))(x)
     dropped = out == 0
     assert dropped.any()
     assert torch.equal(dropped, dropped[:, :1].expand_as(dropped))
+
+
+def test_default_mask_is_per_channel_as_torchvisions():
+    """The default draws a mask per (sample, channel), as the paper, torchvision and timm: bit
+    for bit torchvision's mask for the same seed (odd block), and channels differ."""
+    x = torch.randn(4, 6, 9, 9)
+    ours = ndnn.DropBlock2d(0.3, 3, generator=_generator(5))(x)
+    assert torch.equal(ours, drop_block2d(x, 0.3, 3, per_channel=True, generator=_generator(5)))
+    dropped = ours == 0
+    assert not torch.equal(dropped, dropped[:, :1].expand_as(dropped))
 
 
 def test_drop_block_identity_cases_and_errors():

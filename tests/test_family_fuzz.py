@@ -181,7 +181,7 @@ def test_shared_mask_drops_the_expected_fraction():
     cover_j = [min(j, width - block) - max(0, j - block + 1) + 1 for j in range(width)]
     expected = sum((1 - gamma) ** (a * b) for a in cover_i for b in cover_j) / (height * width)
     x = torch.ones(3000, 2, height, width, dtype=torch.float64)
-    out = drop_block2d(x, p, block, generator=torch.Generator().manual_seed(0))
+    out = drop_block2d(x, p, block, per_channel=False, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out[:, 0], out[:, 1])
     kept = (out[:, 0] > 0).double().mean(dim=(1, 2))
     z = stats.norm.ppf(0.99995)

@@ -25,9 +25,10 @@ of the units is dropped::
     y     = x * M * numel(M) / sum(M)
 
 Each seed at ``(i, j)`` clears ``[i, i + b) x [j, j + b)``; padding by ``b - 1`` on every side
-makes this exact for odd and even block sizes alike. One mask per sample, shared by all
-channels (``per_channel=False``, the coupled-channel mask), or one per (sample, channel)
-(``per_channel=True``, as ``torchvision.ops.drop_block2d`` and the reference TF code).
+makes this exact for odd and even block sizes alike. One mask per (sample, channel) by default
+(``per_channel=True``: the paper samples a mask "on every feature map", as its reference TF
+code, ``torchvision.ops.drop_block2d`` and timm do), or one per sample, shared by all channels
+(``per_channel=False``, the coupled-channel mask).
 
 DropConnect (Wan et al. 2013) drops *weights* of a Linear or Conv layer instead of activations:
 ``W' = W * M / (1 - p)``, ``M ~ Bernoulli(1 - p)`` per weight, one mask per forward call
@@ -178,7 +179,7 @@ def drop_block2d(
     block_size: int = 7,
     training: bool = True,
     *,
-    per_channel: bool = False,
+    per_channel: bool = True,
     eps: float = 1e-6,
     generator: torch.Generator | None = None,
 ) -> Tensor:
@@ -187,7 +188,8 @@ def drop_block2d(
     Args:
         p: about the fraction of units dropped, in [0, 1].
         block_size: side b of the square blocks, ``1 <= b <= min(H, W)`` (odd or even).
-        per_channel: one mask per (sample, channel) as torchvision, instead of per sample.
+        per_channel: one mask per (sample, channel), as the paper and torchvision (default);
+            False: one per sample, shared by the channels.
         eps: keeps the rescaling finite when everything is dropped.
     """
     _check_dropout_args("drop_block2d", input, p)
@@ -225,7 +227,8 @@ class DropBlock2d(torch.nn.Module):
         p: about the fraction of units dropped, in [0, 1]. The paper raises it linearly from 0
             during training; set ``module.p`` from your schedule.
         block_size: side of the dropped squares, at most the feature map's smaller side.
-        per_channel: independent masks per channel (torchvision) instead of one per sample.
+        per_channel: independent masks per channel, as the paper and torchvision (default);
+            False: one per sample, shared by the channels.
         eps: keeps the rescaling finite when everything is dropped.
         generator: draws the masks; the global generator if ``None``.
     """
@@ -235,7 +238,7 @@ class DropBlock2d(torch.nn.Module):
         p: float = 0.1,
         block_size: int = 7,
         *,
-        per_channel: bool = False,
+        per_channel: bool = True,
         eps: float = 1e-6,
         generator: torch.Generator | None = None,
     ) -> None:
