@@ -131,15 +131,29 @@ def _format_strides(shape: torch.Size, memory_format: torch.memory_format) -> tu
     return tuple(strides)
 
 
-def _wrapped(tensor: Tensor) -> bool:
-    """A tensor of a ``torch.func`` transform or of the legacy vmap (gradcheck's batched
-    gradients), whose memory format cannot be asked for (and does not show); not asked under
-    torch.compile, which cannot trace the question."""
-    if torch.compiler.is_compiling():
-        return False
+def _is_wrapped_tensor(tensor: Tensor) -> bool:
+    """A tensor a ``torch.func`` transform wrapped, or one the legacy vmap batched (gradcheck's
+    batched gradients): its memory is not a plain tensor's."""
     functorch = torch._C._functorch
     return functorch.is_functorch_wrapped_tensor(tensor) or functorch.is_legacy_batchedtensor(
         tensor
+    )
+
+
+def _wrapped(tensor: Tensor) -> bool:
+    """:func:`_is_wrapped_tensor`, whose memory format cannot be asked for (and does not show);
+    not asked under torch.compile, which cannot trace the question."""
+    return not torch.compiler.is_compiling() and _is_wrapped_tensor(tensor)
+
+
+def _has_new_contiguous_strides(input: Tensor) -> bool:
+    """Whether ``input`` has the strides of a new contiguous tensor, size-1 dims included. Then
+    BatchNorm's input gradient is contiguous whatever the output gradient's layout; otherwise
+    :func:`_input_grad_format` decides."""
+    if not input.is_contiguous():
+        return False
+    return 1 not in input.shape or input.stride() == _format_strides(
+        input.shape, torch.contiguous_format
     )
 
 

@@ -72,8 +72,8 @@ class _Entry:
         "forward",
         "grad_layout",
         "layout",
+        "like_input",
         "numel",
-        "output_format",
         "params",
         "plane",
         "running_mean",
@@ -108,14 +108,9 @@ def remember(
     entry.numel = input.numel()
     entry.count = entry.numel // entry.channels
     entry.layout = layout
-    # ATen's output strides (the kernels write the input's memory order, the same order); and
-    # whether its input gradient's format depends on the output gradient: not for an input with
-    # a new contiguous tensor's strides, whose input gradient is always contiguous too
-    output_format = F._output_format(input)
-    # None where empty_like gives those strides already (it keeps the input's; the cheaper call)
-    strided_like_output = input.stride() == F._format_strides(input.shape, output_format)
-    entry.output_format = None if strided_like_output else output_format
-    entry.grad_layout = input.stride() != F._format_strides(input.shape, torch.contiguous_format)
+    # The layout questions of ops._eager_forward and _BatchNormActFunction, answered once.
+    entry.like_input = ops._empty_like_is_atens(input)
+    entry.grad_layout = not F._has_new_contiguous_strides(input)
     entry.dtype = _NUMPY[dtype]
     entry.forward = cpu.forward_kernel(layout)
     entry.backward = cpu.backward_kernel(layout)
@@ -164,10 +159,7 @@ def _lookup(cache, input, running_mean, running_var, weight, bias, training, eps
 
 def _forward(entry: _Entry, input: Tensor, momentum: float):
     """Statistics, running averages and output in one kernel call: ``(output, stats)``."""
-    if entry.output_format is None:
-        output = torch.empty_like(input)
-    else:
-        output = torch.empty(input.shape, dtype=input.dtype, memory_format=entry.output_format)
+    output = ops._new_output(input, entry.like_input)
     stats = np.empty((3, entry.channels), entry.dtype)
     ops._launching()
     finite = entry.forward(

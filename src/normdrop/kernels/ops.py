@@ -134,8 +134,7 @@ def under_transform(tensor: Tensor) -> bool:
     reaching backward), so such calls take the reference, whose formulas have them."""
     return (
         torch._C._are_functorch_transforms_active()
-        or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
-        or torch._C._functorch.is_legacy_batchedtensor(tensor)
+        or F._is_wrapped_tensor(tensor)
         or _forward_ad._current_level >= 0
     )
 
@@ -691,15 +690,23 @@ def bn_act_dropout(
     )
 
 
-def _new_output(input: Tensor) -> Tensor:
-    """BatchNorm's output for ``input`` as ATen allocates it: a new tensor in the input's output
-    format (:func:`normdrop.functional._output_format`), whose memory order, the one the kernels
-    write, is the input's. ``empty_like`` where it gives the same strides: an input contiguous
-    in that format without size-1 dims (whose strides could be anything)."""
+def _empty_like_is_atens(input: Tensor) -> bool:
+    """Whether ``empty_like(input)`` (which keeps the input's strides) has the strides ATen gives
+    BatchNorm's output: a new tensor in the input's output format
+    (:func:`normdrop.functional._output_format`), whose memory order, the one the kernels
+    write, is the input's. Size-1 dims can have any stride: only then are the strides compared."""
     output_format = F._output_format(input)
-    if 1 not in input.shape and input.is_contiguous(memory_format=output_format):
+    if 1 not in input.shape:
+        return input.is_contiguous(memory_format=output_format)
+    return input.stride() == F._format_strides(input.shape, output_format)
+
+
+def _new_output(input: Tensor, like_input: bool) -> Tensor:
+    """BatchNorm's output for ``input`` as ATen allocates it; ``like_input`` is
+    :func:`_empty_like_is_atens` (the cheaper call where it holds)."""
+    if like_input:
         return torch.empty_like(input)
-    return torch.empty(input.shape, dtype=input.dtype, memory_format=output_format)
+    return torch.empty(input.shape, dtype=input.dtype, memory_format=F._output_format(input))
 
 
 def _eager_forward(
@@ -724,7 +731,7 @@ def _eager_forward(
     plan = _plan(input, activation, negative_slope, p, seed, 0)
     if backward_follows:
         compile_ahead.start(plan.layout, plan.params.dtype)
-    output = _new_output(input)
+    output = _new_output(input, _empty_like_is_atens(input))
     stats = np.empty((3, plan.channels), plan.params.dtype)
     what = cpu.STATS_APPLY if training else cpu.APPLY_RUNNING
     _run_forward(
@@ -776,9 +783,8 @@ class _BatchNormActFunction(torch.autograd.Function):
         ctx.save_for_backward(input, weight, bias)
         ctx.stats, ctx.plan, ctx.seed = stats, plan, seed
         ctx.config = (training, eps, activation, negative_slope, p, 0)
-        # The input gradient's format can differ from the input's memory order (which the
-        # kernels write) only for an input without a new contiguous tensor's strides.
-        ctx.grad_layout = not (input.is_contiguous() and input.stride() == output.stride())
+        # the kernels write the input gradient in the input's memory order; ATen's may differ
+        ctx.grad_layout = not F._has_new_contiguous_strides(input)
         return output
 
     @staticmethod
