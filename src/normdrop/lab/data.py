@@ -346,22 +346,14 @@ def _stratified(features, labels, fraction: float, seed: int, name: str):
 
 
 def _standardize(train: np.ndarray, *others: np.ndarray) -> list[Tensor]:
-    """z = (x - mean_train) / std_train per feature; constant features keep std 1."""
+    """z = (x - mean_train) / std_train per feature; constant features keep std 1. Features are
+    float32 (the readers refuse values beyond its range), so float64 squares cannot overflow."""
     flat = train.reshape(len(train), -1).astype(np.float64)
-    # Features near 1e300 (finite, so accepted) overflow the squares: those are scaled by their
-    # largest magnitude first. The others keep the plain formula (and their exact numbers).
-    with np.errstate(over="ignore", invalid="ignore"):
-        scale = np.ones(flat.shape[1])
-        huge = ~np.isfinite(flat.std(axis=0))
-        if flat.size:
-            scale[huge] = np.abs(flat[:, huge]).max(axis=0)
-    mean = (flat / scale).mean(axis=0)
-    std = (flat / scale).std(axis=0)  # numpy's two-pass variance: exact for large offsets
+    mean = flat.mean(axis=0)
+    std = flat.std(axis=0)  # numpy's two-pass variance: exact for large offsets
     std[std < 1e-12] = 1.0
     return [
-        torch.from_numpy(
-            ((x.reshape(len(x), -1) / scale - mean) / std).astype(np.float32).reshape(x.shape)
-        )
+        torch.from_numpy(((x.reshape(len(x), -1) - mean) / std).astype(np.float32).reshape(x.shape))
         for x in (train, *others)
     ]
 
