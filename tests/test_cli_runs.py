@@ -154,6 +154,10 @@ def test_export_never_overwrites_the_database_or_an_existing_file(db, tmp_path, 
         assert main(["runs", "--db", str(db), "export", "1", "-o", str(target)]) == 2
         assert "that is the run database" in capsys.readouterr().err
     assert db.read_bytes() == before
+    beside = db.with_name(db.name + ".csv")  # beside the database, but not one of its files
+    assert main(["runs", "--db", str(db), "export", "1", "-o", str(beside)]) == 0
+    assert beside.read_text().startswith("run_id,")
+    beside.unlink()
     kept = tmp_path / "results.csv"
     kept.write_text("mine")
     assert main(["runs", "--db", str(db), "export", "1", "-o", str(kept)]) == 2

@@ -367,10 +367,12 @@ def _runs(args: argparse.Namespace) -> int:
 def _write_new(path, text: str, database, force: bool) -> None:
     """Write ``text`` to ``path``, which must not be the run database (or its WAL files) and,
     without ``force``, must not exist: nothing a user saved is overwritten by an export."""
-    target = path.resolve()
-    if target.parent.resolve() == database.resolve().parent and target.name.startswith(
-        database.name
-    ):
+    target, database = path.resolve(), database.resolve()
+    # the database and the files SQLite keeps beside it
+    kept = {
+        database.with_name(database.name + suffix) for suffix in ("", "-wal", "-shm", "-journal")
+    }
+    if target in kept:
         raise InputError(f"--output {path}: that is the run database; choose another file")
     if target.is_dir():
         raise InputError(f"--output {path}: is a directory; give a file name")
