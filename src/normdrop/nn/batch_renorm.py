@@ -214,7 +214,7 @@ class _BatchRenorm(_BatchNorm):
             return super().forward(input)
         momentum = self._momentum_for_this_batch()
         # momentum was checked by the constructor; with momentum=None it is a tensor's value,
-        # which the core's check (math.isnan) cannot read under torch.compile(fullgraph=True).
+        # which the core's NaN test cannot read under torch.compile(fullgraph=True).
         _check_batch_norm_args(
             input, self.running_mean, self.running_var, self.weight, self.bias, True, 0.0,
             self.eps,

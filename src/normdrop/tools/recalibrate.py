@@ -136,9 +136,9 @@ def _saved_state(model: torch.nn.Module, bns: list) -> dict:
     }
 
 
-def _restore(state: dict, *, buffers: bool | list) -> None:
-    """Modes, momenta, renorm and dropout settings; the statistics of ``buffers`` (a list
-    of BatchNorms, or True for all)."""
+def _restore(state: dict, *, buffers: Iterable[torch.nn.Module]) -> None:
+    """Modes, momenta, renorm and dropout settings; the statistics of the BatchNorms
+    ``buffers``."""
     for module, training in state["modes"].items():
         module.training = training
     for bn, momentum in state["momenta"].items():
@@ -148,7 +148,7 @@ def _restore(state: dict, *, buffers: bool | list) -> None:
         bn.num_batches_tracked.copy_(steps)
     for bn, p in state["dropout"].items():
         bn.p = p
-    for bn in state["buffers"] if buffers is True else buffers or ():
+    for bn in buffers:
         for buffer, value in zip(bn.buffers(recurse=False), state["buffers"][bn], strict=True):
             buffer.copy_(value)
 
@@ -202,7 +202,7 @@ def recalibrate_batchnorm(
             if bn in called:
                 collected.write_to(bn)
     except BaseException:
-        _restore(state, buffers=True)
+        _restore(state, buffers=bns)
         raise
     finally:
         for handle in handles:
