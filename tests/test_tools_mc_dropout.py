@@ -172,32 +172,28 @@ def test_a_model_output_with_logits_is_read_and_anything_else_named():
         mc_predict(Pair(), x, samples=2)
 
 
-class StochasticDepth(torch.nn.Module):
-    """torchvision.ops.StochasticDepth's behaviour ("row" mode): drops whole samples, in
-    training only (torchvision cannot be imported beside this torch build)."""
+class ConvNextDropPath(torch.nn.Module):
+    """A Hugging Face-style per-model DropPath (``transformers``' ``<Model>DropPath``): whole
+    samples dropped, in training only. torchvision's StochasticDepth is covered in
+    tests/test_tools_models.py."""
 
     def __init__(self, p):
         super().__init__()
         self.p = p
 
     def forward(self, x):
-        if not self.training or self.p == 0:
+        if not self.training:
             return x
         keep = torch.empty(x.shape[0], 1).bernoulli_(1 - self.p)
         return x * keep / (1 - self.p)
 
 
-class ConvNextDropPath(StochasticDepth):
-    """A Hugging Face-style per-model DropPath (``transformers``' ``<Model>DropPath``)."""
-
-
-@pytest.mark.parametrize("layer", [StochasticDepth, ConvNextDropPath])
-def test_other_libraries_stochastic_depth_is_sampled(layer):
-    """Stochastic depth from torchvision or transformers (known by class name) is turned on
-    like dropout: the samples differ, BatchNorm stays in eval, modes are restored."""
+def test_hugging_face_style_drop_path_is_sampled():
+    """Stochastic depth known by its class name (``...DropPath``) is turned on like dropout:
+    the samples differ, BatchNorm stays in eval, modes are restored."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), layer(0.5), torch.nn.Linear(8, 3)
+        torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), ConvNextDropPath(0.5), torch.nn.Linear(8, 3)
     ).eval()
     with mc_dropout(model):
         assert model[2].training and not model[1].training and not model.training

@@ -895,8 +895,12 @@ def test_lint_finds_only_the_real_pitfalls(name, training):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_droppath", "vgg_bn"])
+@pytest.mark.parametrize(
+    "name", ["mobilenet_v2", "efficientnet", "efficientnet_droppath", "vgg_bn"]
+)
 def test_mc_dropout_samples_dropout_only(name):
+    """Dropout and stochastic depth (normdrop's DropPath, torchvision's StochasticDepth, known
+    by class name) sample; BatchNorm and everything else stay in eval."""
     model, x = build(name)
     model.train()
     next(model.children()).eval()  # mixed modes must come back
@@ -904,7 +908,9 @@ def test_mc_dropout_samples_dropout_only(name):
     state = copy.deepcopy(model.state_dict())
     with mc_dropout(model):
         for module in model.modules():
-            is_dropout = isinstance(module, nn.modules.dropout._DropoutNd | ndnn.DropPath)
+            is_dropout = isinstance(
+                module, nn.modules.dropout._DropoutNd | ndnn.DropPath | StochasticDepth
+            )
             assert module.training == is_dropout
         assert not torch.equal(model(x), model(x))
     prediction = mc_predict(model, x, samples=8, seed=0)
