@@ -139,7 +139,15 @@ def test_modules_match_reference(case, kernel_calls):
 
 @pytest.mark.parametrize(
     ("shape", "channels_last_input"),
-    [((3, 5, 67, 71), False), ((2, 37, 29, 31), True), ((4100, 6), False), ((9, 3, 5000), False)],
+    [
+        ((3, 5, 67, 71), False),
+        ((2, 37, 29, 31), True),
+        ((4100, 6), False),
+        ((9, 3, 5000), False),
+        ((4, 64, 32, 32), True),  # rows grouped 32 to a wide row
+        ((1, 3, 257, 263), True),  # 263 rows to a wide row (the only divisor that fits)
+        ((65537, 2), False),  # a prime number of rows: one row per wide row
+    ],
 )
 def test_many_blocks_match_reference(shape, channels_last_input, kernel_calls):
     case = {

@@ -85,9 +85,22 @@ def oracle(module, x, factor):
     torch_seed=st.integers(0, 100),
 )
 def test_module_matches_unfused_chain(case, batch, channels, size, two_d, momentum, torch_seed):
-    activation, p, last, dtype = case
-    cls = normdrop.nn.BatchNormAct2d if two_d else normdrop.nn.BatchNormAct1d
     shape = (batch, channels, size, size + 2) if two_d else (batch, channels, size + 1)
+    check_against_unfused_chain(case, shape, momentum, torch_seed)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]])
+@pytest.mark.parametrize("shape", [(4, 24, 30, 30), (3, 5, 101, 103)])
+def test_many_blocks_of_wide_rows_match_unfused_chain(case, shape):
+    """channels_last inputs large enough for parallel blocks, their rows grouped into wide rows
+    (24 channels: 80 rows per wide row; 5 channels over 101 * 103 prime-sized maps: 103)."""
+    check_against_unfused_chain(case, shape, 0.1, 7)
+
+
+def check_against_unfused_chain(case, shape, momentum, torch_seed):
+    activation, p, last, dtype = case
+    channels = shape[1]
+    cls = normdrop.nn.BatchNormAct2d if len(shape) == 4 else normdrop.nn.BatchNormAct1d
     module = make_module(cls, channels, activation, p, dtype, momentum=momentum)
     reference = copy.deepcopy(module)
     generator = torch.Generator().manual_seed(torch_seed)
@@ -98,7 +111,10 @@ def test_module_matches_unfused_chain(case, batch, channels, size, two_d, moment
         x = torch.randn(shape, dtype=dtype, generator=generator) * 3 + 1
         x = channels_last(x) if last else x
         grad = torch.randn(shape, dtype=dtype, generator=generator)
-        factor = philox_factor(x, p if module.training else 0.0, torch_seed + step)
+        # A channel-fastest (N, C, L) runs as a contiguous copy (docs/kernels.md): its mask
+        # follows the copy's memory order, and its output is contiguous, as torch's is.
+        kernel_input = x if len(shape) == 4 else x.contiguous()
+        factor = philox_factor(kernel_input, p if module.training else 0.0, torch_seed + step)
         x_fast, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
         torch.manual_seed(torch_seed + step)
         y = module(x_fast)
@@ -107,7 +123,7 @@ def test_module_matches_unfused_chain(case, batch, channels, size, two_d, moment
         expected.backward(grad)
         rtol = tolerance(dtype)
         assert_close_scaled(y, expected, rtol)
-        assert y.stride() == x.stride()
+        assert y.stride() == kernel_input.stride()
         assert_close_scaled(x_fast.grad, x_ref.grad, rtol)
         for got, want in zip(module.parameters(), reference.parameters(), strict=True):
             assert_close_scaled(got.grad, want.grad, rtol)

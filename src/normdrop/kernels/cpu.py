@@ -99,6 +99,10 @@ CENTER_ROWS = 16
 RECENTER = 2.0
 _ROWS_PER_STEP = 4  # rows layout: rows handled together (coefficients loaded once for four)
 _MIN_ROWS_PER_BLOCK = 32  # fewer blocks, smaller (C,)-per-block partial sums
+# Rows layout: consecutive rows are handled as one "wide row" of up to WIDE_ROW elements (the
+# (C,) coefficients repeated), so that a channels_last input with few channels still runs
+# long vector loops; a loop's set-up (slices, LLVM's overlap checks) then costs little.
+WIDE_ROW = 2048
 
 IDENTITY, RELU, LEAKY_RELU, GELU = 0, 1, 2, 3
 # Codes of normdrop.kernels.activations.ACTIVATION_NAMES; the formulas below follow torch's.
@@ -287,10 +291,46 @@ def _in_dtype(like, a, b, c):
 
 
 @njit(**_INLINE)
-def _rows_per_block(channels):
-    """Whole rows per block for the rows layout: >= BLOCK elements, >= _MIN_ROWS_PER_BLOCK
-    rows (so the per-block partial sums stay small next to the input)."""
-    return max(_MIN_ROWS_PER_BLOCK, (BLOCK + channels - 1) // channels)
+def _rows_tiles(channels, rows):
+    """Rows per wide row: the largest divisor of ``rows`` that keeps a wide row within
+    ``WIDE_ROW`` elements (1 for rows of more than ``WIDE_ROW // 2`` channels). A divisor, so that
+    every wide row is whole and each of its elements sits at the same channel in every one."""
+    tiles = min(max(1, WIDE_ROW // channels), rows)
+    while rows % tiles:
+        tiles -= 1
+    return tiles
+
+
+@njit(**_INLINE)
+def _rows_per_block(width):
+    """Whole (wide) rows per block for the rows layout: >= BLOCK elements, >=
+    _MIN_ROWS_PER_BLOCK rows (so the per-block partial sums, and the per-element sums a block
+    folds into them, stay small next to the block)."""
+    return max(_MIN_ROWS_PER_BLOCK, (BLOCK + width - 1) // width)
+
+
+@njit(**_INLINE)
+def _tile(values, tiles):
+    """``values`` repeated ``tiles`` times: per-channel coefficients for a wide row."""
+    tiled = np.empty(values.size * tiles, values.dtype)
+    for j in range(tiles):
+        row = tiled[j * values.size : (j + 1) * values.size]
+        for c in range(values.size):
+            row[c] = values[c]
+    return tiled
+
+
+@njit(**_INLINE)
+def _fold_tiles(lanes, out):
+    """``out[c] = sum_j lanes[j * C + c]`` (``C = out.size``), in ``j`` order: a wide row's
+    per-element sums back to per-channel sums."""
+    channels = out.size
+    for c in range(channels):
+        out[c] = lanes[c]
+    for j in range(1, lanes.size // channels):
+        row = lanes[j * channels : (j + 1) * channels]
+        for c in range(channels):
+            out[c] += row[c]
 
 
 # --------------------------------------------------------------------------------------------
@@ -644,14 +684,15 @@ def _rows_center(x, channels, rows):
 
 
 @njit(**_HELPER)
-def _rows_moments(xs, channels, center, sums, squares):
+def _rows_moments(xs, width, center, sums, squares):
     """``sums[c] = sum(d)``, ``squares[c] = sum(d * d)`` with ``d = x - center[c]`` over the
-    rows ``xs`` (one block): sums in the dtype over runs of ``RUN_ROWS`` rows, float64 across
-    runs."""
-    for c in range(channels):
-        sums[c] = 0.0
-        squares[c] = 0.0
-    _accumulate_moments(xs, channels, center, 0, xs.size // channels, sums, squares)
+    wide rows ``xs`` (one block; ``center`` tiled to the ``width``): sums in the dtype over runs
+    of ``RUN_ROWS`` wide rows, float64 across runs, then per channel."""
+    lane_sums = np.zeros(width)
+    lane_squares = np.zeros(width)
+    _accumulate_moments(xs, width, center, 0, xs.size // width, lane_sums, lane_squares)
+    _fold_tiles(lane_sums, sums)
+    _fold_tiles(lane_squares, squares)
 
 
 @njit(**_INLINE)
@@ -992,7 +1033,7 @@ def _forward_rows_task(
     y,
     start,
     stop,
-    channels,
+    width,
     center,
     block_sums,
     block_squares,
@@ -1007,12 +1048,13 @@ def _forward_rows_task(
     t,
     drop,
 ):
-    """One block of rows: its moments about ``center``, or its output."""
+    """One block of wide rows: its moments about ``center``, or its output (coefficients
+    tiled to the ``width``)."""
     if stats_phase:
-        _rows_moments(x[start:stop], channels, center, block_sums, block_squares)
+        _rows_moments(x[start:stop], width, center, block_sums, block_squares)
     else:
         _forward_rows_block(
-            x, y, start, stop, channels, mean, scale, shift, params, act, k0, k1, offset, t, drop
+            x, y, start, stop, width, mean, scale, shift, params, act, k0, k1, offset, t, drop
         )
 
 
@@ -1048,24 +1090,29 @@ def _forward_rows(
 ):
     x, y = _memory(x_at, numel, params), _memory(y_at, numel, params)
     rows = numel // channels
-    per_block = _rows_per_block(channels)
-    n_blocks = (rows + per_block - 1) // per_block
-    step = per_block * channels
+    tiles = _rows_tiles(channels, rows)
+    width = tiles * channels
+    per_block = _rows_per_block(width)
+    n_blocks = (rows // tiles + per_block - 1) // per_block
+    step = per_block * width
     finite = True
     recenter = False
     if phases == APPLY_RUNNING:
         _running_stats(running_mean, running_var, eps, stats)
     with_stats = phases <= STATS_APPLY
     center = _rows_center(x, channels, rows) if with_stats else np.empty(0, x.dtype)
-    width = channels if with_stats else 0
-    sums = np.empty((n_blocks, width))
-    squares = np.empty((n_blocks, width))
+    sums = np.empty((n_blocks, channels if with_stats else 0))
+    squares = np.empty((n_blocks, channels if with_stats else 0))
     k0, k1, t = _key(key0, key1, threshold)
     for task in _rows_passes(phases):
         if task == 1 and not recenter:
             continue
         stats_phase = task < 2
         scale, shift = _output_coefficients(stats_phase, stats[1], weight, bias)
+        # the statistics pass reads the center, the output pass the mean, scale and shift
+        center_w = _tile(center if stats_phase else center[:0], tiles)
+        mean_w = _tile(stats[0][: 0 if stats_phase else channels], tiles)
+        scale_w, shift_w = _tile(scale, tiles), _tile(shift, tiles)
         if x.size >= SERIAL_BELOW:
             for b in prange(n_blocks):
                 _forward_rows_task(
@@ -1074,13 +1121,13 @@ def _forward_rows(
                     y,
                     b * step,
                     min((b + 1) * step, x.size),
-                    channels,
-                    center,
+                    width,
+                    center_w,
                     sums[b],
                     squares[b],
-                    stats[0],
-                    scale,
-                    shift,
+                    mean_w,
+                    scale_w,
+                    shift_w,
                     params,
                     act,
                     k0,
@@ -1097,13 +1144,13 @@ def _forward_rows(
                     y,
                     b * step,
                     min((b + 1) * step, x.size),
-                    channels,
-                    center,
+                    width,
+                    center_w,
                     sums[b],
                     squares[b],
-                    stats[0],
-                    scale,
-                    shift,
+                    mean_w,
+                    scale_w,
+                    shift_w,
                     params,
                     act,
                     k0,
@@ -1366,7 +1413,7 @@ def _backward_rows_block(
     dx,
     start,
     stop,
-    channels,
+    width,
     mean,
     scale,
     shift,
@@ -1384,9 +1431,11 @@ def _backward_rows_block(
     acc_g,
     acc_h,
 ):
-    """One block of rows, ``_ROWS_PER_STEP`` rows at a time: per-channel sums into ``acc_g``,
-    ``acc_h`` (float64 totals of ``RUN_ROWS``-row sums in the dtype), or with ``apply``, its
-    ``dx``. Without activation and dropout ``g = dy`` is read in place."""
+    """One block of wide rows (coefficients tiled to the ``width``), ``_ROWS_PER_STEP`` at a
+    time: per-channel sums into ``acc_g``, ``acc_h`` (float64 totals of ``RUN_ROWS``-row sums
+    in the dtype), or with ``apply``, its ``dx``. Without activation and dropout ``g = dy`` is
+    read in place."""
+    channels = width
     cs = _unpack(params)
     plain = act == IDENTITY and not drop
     step = _ROWS_PER_STEP * channels
@@ -1395,10 +1444,8 @@ def _backward_rows_block(
     run_g = np.zeros(0 if apply else channels, dy.dtype)
     run_h = np.zeros(0 if apply else channels, dy.dtype)
     run_rows = 0
-    if not apply:
-        for c in range(channels):
-            acc_g[c] = 0.0
-            acc_h[c] = 0.0
+    lanes_g = np.zeros(0 if apply else channels)
+    lanes_h = np.zeros(0 if apply else channels)
     for lo in range(start, stop, step):
         hi = min(lo + step, stop)
         if plain:
@@ -1441,11 +1488,14 @@ def _backward_rows_block(
             run_rows += (hi - lo) // channels
             if run_rows >= RUN_ROWS or hi == stop:
                 for c in range(channels):
-                    acc_g[c] += run_g[c]
-                    acc_h[c] += run_h[c]
+                    lanes_g[c] += run_g[c]
+                    lanes_h[c] += run_h[c]
                     run_g[c] = 0.0
                     run_h[c] = 0.0
                 run_rows = 0
+    if not apply:
+        _fold_tiles(lanes_g, acc_g)
+        _fold_tiles(lanes_h, acc_h)
 
 
 @_kernel
@@ -1579,17 +1629,20 @@ def _backward_rows(
 ):
     dy, x, dx = _backward_arrays(dy_at, x_at, dx_at, numel, params)
     grad_weight, grad_bias = _outputs(grad_weight_at, grad_bias_at, channels, params)
-    per_block = _rows_per_block(channels) * channels
+    tiles = _rows_tiles(channels, numel // channels)
+    width = tiles * channels
+    per_block = _rows_per_block(width) * width
     n_blocks = (numel + per_block - 1) // per_block
     scale, shift = _scale_shift(invstd, weight, bias)
     k0, k1, t = _key(key0, key1, threshold)
     coefs = np.zeros((2, channels), params.dtype)
-    coef_g, coef_xhat = coefs[0], coefs[1]
+    mean_w, invstd_w = _tile(mean, tiles), _tile(invstd, tiles)
+    scale_w, shift_w = _tile(scale, tiles), _tile(shift, tiles)
     for apply_pass in _backward_passes(sums, dx_at):
         apply = apply_pass == 1
-        width = 0 if apply else channels
-        partial_g = np.empty((n_blocks, width))
-        partial_h = np.empty((n_blocks, width))
+        coef_g, coef_xhat = _tile(coefs[0], tiles), _tile(coefs[1], tiles)
+        partial_g = np.empty((n_blocks, 0 if apply else channels))
+        partial_h = np.empty((n_blocks, 0 if apply else channels))
         if x.size >= SERIAL_BELOW:
             for b in prange(n_blocks):
                 _backward_rows_block(
@@ -1599,11 +1652,11 @@ def _backward_rows(
                     dx,
                     b * per_block,
                     min((b + 1) * per_block, x.size),
-                    channels,
-                    mean,
-                    scale,
-                    shift,
-                    invstd,
+                    width,
+                    mean_w,
+                    scale_w,
+                    shift_w,
+                    invstd_w,
                     coef_g,
                     coef_xhat,
                     training,
@@ -1626,11 +1679,11 @@ def _backward_rows(
                     dx,
                     b * per_block,
                     min((b + 1) * per_block, x.size),
-                    channels,
-                    mean,
-                    scale,
-                    shift,
-                    invstd,
+                    width,
+                    mean_w,
+                    scale_w,
+                    shift_w,
+                    invstd_w,
                     coef_g,
                     coef_xhat,
                     training,
