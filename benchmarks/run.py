@@ -45,6 +45,8 @@ import normdrop
 from normdrop.kernels import dispatch
 
 SHAPES = [(256, 1024), (64, 4096), (32, 64, 56, 56), (8, 256, 28, 28)]
+# The image shapes again in channels_last (BatchNorm and the fused op; dropout does not care).
+CHANNELS_LAST_SHAPES = [(32, 64, 56, 56), (8, 256, 28, 28)]
 P = 0.5
 # Passes over the tensor (each reads or writes N elements) that any implementation must make:
 # dropout forward reads x, writes y; backward reads dy, writes dx (the mask is regenerated).
@@ -69,6 +71,7 @@ class Row:
     torch_ms: float
     ours_ms: float
     bound_ms: float
+    channels_last: bool = False
 
     @property
     def speedup(self) -> float:
@@ -175,35 +178,45 @@ def _chain_modules(channels: int, two_d: bool) -> tuple[nn.Module, nn.Module]:
     return nn.Sequential(bn(channels), nn.ReLU(), nn.Dropout(P)), fused(channels, "relu", P)
 
 
-def op_cases(shape: tuple[int, ...]):
-    """(case, torch forward, ours forward, differentiated inputs) for one shape."""
-    x = torch.randn(shape, requires_grad=True)
+def op_cases(shape: tuple[int, ...], channels_last: bool = False):
+    """(case, torch forward, ours forward, differentiated inputs) for one shape; in
+    channels_last, BatchNorm and the fused op only."""
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     channels, two_d = shape[1], len(shape) == 4
     torch_bn = (nn.BatchNorm2d if two_d else nn.BatchNorm1d)(channels)
     ours_bn = (normdrop.nn.BatchNorm2d if two_d else normdrop.nn.BatchNorm1d)(channels)
     chain, fused = _chain_modules(channels, two_d)
     params = [x, *torch_bn.parameters()], [x, *ours_bn.parameters()]
     chain_params = [x, *chain.parameters()], [x, *fused.parameters()]
+    dropout = ("dropout", lambda: TF.dropout(x, P), lambda: dispatch.dropout(x, P), ([x], [x]))
     return x, [
-        ("dropout", lambda: TF.dropout(x, P), lambda: dispatch.dropout(x, P), ([x], [x])),
+        *([] if channels_last else [dropout]),
         ("batchnorm", lambda: torch_bn(x), lambda: ours_bn(x), params),
         ("fused", lambda: chain(x), lambda: fused(x), chain_params),
     ]
 
 
-def run_ops(repeats: int, bandwidth: float, shapes, rounds: int, turns: bool) -> list[Row]:
-    """Every op case, ``rounds`` times over, each round on fresh tensors and modules; a row holds
+def run_ops(
+    repeats: int, bandwidth: float, shapes, rounds: int, turns: bool, channels_last_shapes=()
+) -> list[Row]:
+    """Every op case (on ``shapes``, then in channels_last on ``channels_last_shapes``),
+    ``rounds`` times over, each round on fresh tensors and modules; a row holds
     the median over rounds of each side's median time. The host's memory system is not steady
     (page faults when the C allocator re-maps a freed 1 MB block, input and output buffers
     4 KiB apart that alias in the cache): one round can catch a slow state for a whole case,
     and fresh tensors in another round land elsewhere."""
     measured: dict[tuple, list[tuple[float, float]]] = {}
     nbytes: dict[tuple[int, ...], int] = {}
+    layouts = [(shape, False) for shape in shapes]
+    layouts += [(shape, True) for shape in channels_last_shapes]
     for round_ in range(rounds):
-        for shape in shapes:
-            x, cases = op_cases(shape)
+        for shape, last in layouts:
+            x, cases = op_cases(shape, last)
             nbytes[shape] = x.numel() * x.element_size()
-            grad = torch.randn(shape)
+            grad = torch.randn(shape).contiguous(memory_format=_format(last))
             for case, torch_fn, ours_fn, (torch_inputs, ours_inputs) in cases:
                 for mode in ("fwd", "fwd+bwd"):
                     times = medians_ms(
@@ -215,17 +228,21 @@ def run_ops(repeats: int, bandwidth: float, shapes, rounds: int, turns: bool) ->
                         turns=turns,
                         reverse=round_ % 2 == 1,
                     )
-                    measured.setdefault((case, shape, mode), []).append(tuple(times))
-                    print(f"  round {round_ + 1} {case:9s} {shape!s:18s} {mode:8s} "
+                    measured.setdefault((case, shape, last, mode), []).append(tuple(times))
+                    print(f"  round {round_ + 1} {case:9s} {_shape(shape, last):30s} {mode:8s} "
                           f"torch {times[0]:8.2f} ms  normdrop {times[1]:8.2f} ms",
                           flush=True)  # fmt: skip
     rows = []
-    for (case, shape, mode), times in measured.items():
+    for (case, shape, last, mode), times in measured.items():
         torch_ms = statistics.median(t for t, _ in times)
         ours_ms = statistics.median(o for _, o in times)
         bound_ms = TRAFFIC[case, mode] * nbytes[shape] / bandwidth * 1e3
-        rows.append(Row(case, shape, mode, torch_ms, ours_ms, bound_ms))
+        rows.append(Row(case, shape, mode, torch_ms, ours_ms, bound_ms, last))
     return rows
+
+
+def _format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 SMALL_SHAPES = [(32, 50), (64, 512), (128, 256)]
@@ -436,8 +453,8 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
 
 
-def _shape(shape) -> str:
-    return "x".join(str(d) for d in shape)
+def _shape(shape, channels_last: bool = False) -> str:
+    return "x".join(str(d) for d in shape) + (" channels_last" if channels_last else "")
 
 
 TIMING_TEXT = {
@@ -485,7 +502,7 @@ def report(args, runs, saved, first_calls) -> str:
         ]
         for r in rows:
             lines.append(
-                f"| {r.case} | {_shape(r.shape)} | {r.mode} | {r.torch_ms:.3f} | "
+                f"| {r.case} | {_shape(r.shape, r.channels_last)} | {r.mode} | {r.torch_ms:.3f} | "
                 f"{r.ours_ms:.3f} | {r.speedup:.1f}x | {r.ours_ms / r.bound_ms:.1f} |"
             )
     lines += [
@@ -576,13 +593,16 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats, args.rounds = 3, 1
     args.allocator_done = steady_allocator() if args.allocator == "steady" else "default (glibc's)"
     shapes = SHAPES[:1] + SHAPES[2:3] if args.quick else SHAPES
+    last_shapes = CHANNELS_LAST_SHAPES[1:] if args.quick else CHANNELS_LAST_SHAPES
     runs = []
     for threads in args.threads:
         torch.set_num_threads(threads)
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         print(f"threads {threads}: copy bandwidth, op cases", flush=True)
         bandwidth = copy_bandwidth(args.repeats)
-        rows = run_ops(args.repeats, bandwidth, shapes, args.rounds, args.timing == "turns")
+        rows = run_ops(
+            args.repeats, bandwidth, shapes, args.rounds, args.timing == "turns", last_shapes
+        )
         print("small batches", flush=True)
         small = run_small_batchnorm(args.repeats)
         print("training steps", flush=True)
