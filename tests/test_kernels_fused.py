@@ -90,10 +90,11 @@ def test_module_matches_unfused_chain(case, batch, channels, size, two_d, moment
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[3]])
-@pytest.mark.parametrize("shape", [(4, 24, 30, 30), (3, 5, 101, 103)])
+@pytest.mark.parametrize("shape", [(4, 24, 30, 30), (3, 5, 101, 103), (5000, 24)])
 def test_many_blocks_of_wide_rows_match_unfused_chain(case, shape):
-    """channels_last inputs large enough for parallel blocks, their rows grouped into wide rows
-    (24 channels: 80 rows per wide row; 5 channels over 101 * 103 prime-sized maps: 103)."""
+    """Channel-fastest inputs large enough for parallel blocks, their rows grouped into wide
+    rows (24 channels: 80 rows per wide row, or 50 of the 5000 rows of an (N, C) batch; 5
+    channels over 101 * 103 prime-sized maps: 103)."""
     check_against_unfused_chain(case, shape, 0.1, 7)
 
 
