@@ -107,16 +107,39 @@ def test_freeze_then_unfreeze_round_trips_and_keeps_eval_outputs():
     ]  # fmt: skip
     assert all(m.training for m in frozen)  # modes kept
     torch.testing.assert_close(frozen(x), expected)  # even in training mode
-    assert frozen.state_dict().keys() == state.keys() | {"4.weight", "4.bias"}
+    assert frozen.state_dict().keys() == state.keys()  # the affine=False layer's keys too
+    # checkpoints move both ways, the affine=False layer's included
+    ndnn.freeze_batchnorm(_model().train()).load_state_dict(state)
+    _model().load_state_dict(frozen.state_dict())
 
     thawed = ndnn.unfreeze_batchnorm(frozen)
-    assert type(thawed[1]) is ndnn.BatchNorm2d and type(thawed[4]) is ndnn.BatchNorm1d
+    # the layers that were frozen come back, classes and settings
+    assert type(thawed[1]) is torch.nn.BatchNorm2d and type(thawed[4]) is ndnn.BatchNorm1d
+    assert type(thawed[2]) is ndnn.GhostBatchNorm2d and thawed[2].virtual_batch_size == 2
+    assert type(thawed[6]) is torch.nn.BatchNorm3d
     assert thawed[4].momentum == 0.3 and not thawed[4].affine
     assert thawed.state_dict().keys() == state.keys()
     for key, value in state.items():
         assert torch.equal(thawed.state_dict()[key], value)
     torch.testing.assert_close(thawed.eval()(x), expected)
     assert all(p.requires_grad for p in thawed.parameters())
+
+
+def test_unfreeze_gives_back_the_frozen_layer_with_its_hooks_device_and_dtype():
+    bn = _trained_batchnorm(torch.nn.BatchNorm1d, 3)
+    seen = []
+    bn.register_forward_hook(lambda module, args, output: seen.append(type(module)))
+    frozen = ndnn.freeze_batchnorm(bn).float()  # converted after freezing
+    with torch.no_grad():
+        frozen.running_mean.add_(1.0)  # changed after freezing: the thawed layer has it
+    thawed = ndnn.unfreeze_batchnorm(frozen)
+    assert type(thawed) is torch.nn.BatchNorm1d and thawed.running_mean.dtype == torch.float32
+    torch.testing.assert_close(thawed.running_mean, frozen.running_mean)
+    thawed(torch.randn(4, 3))
+    assert seen == [torch.nn.BatchNorm1d]
+    assert ndnn.unfreeze_batchnorm(frozen) is not thawed  # a fresh layer each time
+    # a frozen layer built directly thaws to normdrop's BatchNorm of its rank
+    assert type(ndnn.unfreeze_batchnorm(ndnn.FrozenBatchNorm2d(3))) is ndnn.BatchNorm2d
 
 
 def test_freeze_refuses_what_it_cannot_freeze():

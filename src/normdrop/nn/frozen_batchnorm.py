@@ -21,6 +21,7 @@ layer, ``torch.optim.swa_utils.update_bn`` resets and recomputes their statistic
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -54,8 +55,11 @@ class _FrozenBatchNorm(torch.nn.Module):
         device, dtype: of the buffers, initialized as a fresh BatchNorm's (weight 1, bias 0,
             mean 0, variance 1).
 
-    Made by :func:`freeze_batchnorm` or :meth:`from_batchnorm`, it remembers ``momentum`` and
-    ``affine`` of the layer it came from, so that :meth:`to_batchnorm` gives it back.
+    Made by :func:`freeze_batchnorm` or :meth:`from_batchnorm`, it keeps a trainable copy of the
+    layer it came from (its class, settings and hooks; not a submodule, so not in
+    ``state_dict`` or ``modules()``), so that :meth:`to_batchnorm` gives that layer back. From an
+    ``affine=False`` layer, ``weight`` and ``bias`` (ones and zeros) stay out of ``state_dict``,
+    whose keys are then that layer's.
     """
 
     _input_ranks: tuple[int, ...] = ()
@@ -129,10 +133,20 @@ class _FrozenBatchNorm(torch.nn.Module):
             frozen.weight, frozen.bias = weight, bias
         frozen.momentum, frozen.affine = bn.momentum, bn.affine
         frozen.had_bias = bn.bias is not None
+        if not bn.affine:  # the keys of the layer it came from
+            frozen._non_persistent_buffers_set.update({"weight", "bias"})
+        frozen.__dict__["_unfrozen_template"] = _template_of(bn)
         return frozen
 
     def to_batchnorm(self) -> torch.nn.modules.batchnorm._BatchNorm:
-        """A trainable normdrop BatchNorm with these statistics and affine (tensors copied)."""
+        """A trainable BatchNorm with these statistics and affine (tensors copied): the class,
+        settings and hooks of the layer this one was frozen from, or, for a frozen layer built
+        directly, a normdrop BatchNorm of its rank."""
+        template = self.__dict__.get("_unfrozen_template")
+        if template is not None:
+            bn = copy.deepcopy(template).to(self.running_mean.device, self.running_mean.dtype)
+            _copy_frozen_values(self, bn)
+            return bn
         had_bias = getattr(self, "had_bias", True)
         extra = {} if not self.affine or had_bias else {"bias": False}
         bn = self._unfrozen_class(
@@ -145,15 +159,32 @@ class _FrozenBatchNorm(torch.nn.Module):
             dtype=self.running_mean.dtype,
             **extra,
         )
-        with torch.no_grad():
-            bn.running_mean.copy_(self.running_mean)
-            bn.running_var.copy_(self.running_var)
-            bn.num_batches_tracked.copy_(self.num_batches_tracked)
-            if bn.weight is not None:
-                bn.weight.copy_(self.weight)
-            if bn.bias is not None:
-                bn.bias.copy_(self.bias)
+        _copy_frozen_values(self, bn)
         return bn
+
+
+def _template_of(bn: torch.nn.Module) -> torch.nn.Module | None:
+    """A copy of ``bn`` to thaw later, without gradients; None when it cannot be copied (a
+    process group, say): the frozen layer then thaws to a normdrop BatchNorm of its rank."""
+    try:
+        template = copy.deepcopy(bn)
+    except Exception:  # whatever deepcopy refuses (a process group...) means no template
+        return None
+    for parameter in template.parameters():
+        parameter.grad = None
+    return template
+
+
+def _copy_frozen_values(frozen: _FrozenBatchNorm, bn: torch.nn.Module) -> None:
+    with torch.no_grad():
+        bn.running_mean.copy_(frozen.running_mean)
+        bn.running_var.copy_(frozen.running_var)
+        if getattr(bn, "num_batches_tracked", None) is not None:
+            bn.num_batches_tracked.copy_(frozen.num_batches_tracked)
+        if bn.weight is not None:
+            bn.weight.copy_(frozen.weight)
+        if bn.bias is not None:
+            bn.bias.copy_(frozen.bias)
 
 
 class FrozenBatchNorm1d(_FrozenBatchNorm):
@@ -255,11 +286,13 @@ def _freeze(module: torch.nn.Module, path: str, skipped: list[str]) -> torch.nn.
 
 
 def unfreeze_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every frozen BatchNorm in ``module`` by a trainable normdrop BatchNorm.
+    """Replace every frozen BatchNorm in ``module`` by a trainable BatchNorm.
 
-    The new layer has the frozen statistics and affine, and the ``momentum`` and ``affine`` of
-    the layer that was frozen (0.1 and True for a frozen layer built directly). In place;
-    returns ``module`` or the new layer.
+    The new layer is the layer that was frozen (its class, settings and hooks: a
+    ``torch.nn.BatchNorm2d`` comes back as one, a ``GhostBatchNorm2d`` with its virtual batch
+    size) with the frozen statistics and affine; a frozen layer built directly becomes a
+    normdrop BatchNorm of its rank (momentum 0.1, affine). In place; returns ``module`` or the
+    new layer.
     """
     if isinstance(module, _FrozenBatchNorm):
         bn = module.to_batchnorm()
