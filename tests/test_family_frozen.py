@@ -201,3 +201,29 @@ def test_a_subclass_that_keeps_batchnorms_forward_is_frozen():
     ]  # fmt: skip
     assert frozen[0].eps == 1e-3
     torch.testing.assert_close(frozen(x), expected)
+
+
+@pytest.mark.parametrize(
+    ("frozen_cls", "shape"),
+    [
+        (ndnn.FrozenBatchNorm1d, (5, 3)),
+        (ndnn.FrozenBatchNorm1d, (5, 3, 4)),
+        (ndnn.FrozenBatchNorm2d, (2, 3, 4, 5)),
+        (ndnn.FrozenBatchNorm3d, (2, 3, 2, 3, 2)),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_scripted_frozen_layer_computes_and_checks_what_the_eager_one_does(
+    frozen_cls, shape, dtype
+):
+    torch_cls = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
+    bn = _trained_batchnorm(torch_cls[frozen_cls._input_ranks[-1] - 2], 3, seed=4)
+    frozen = frozen_cls.from_batchnorm(bn).to(dtype if dtype != torch.float16 else torch.float32)
+    scripted = torch.jit.script(frozen)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 300).to(dtype)  # an offset: x - mean first
+    torch.testing.assert_close(scripted(x), frozen(x), rtol=0, atol=0)
+    with pytest.raises(torch.jit.Error, match=r"expects input of shape .*got 6-D"):
+        scripted(x.reshape(*x.shape, *[1] * (6 - x.dim())))
+    wrong = torch.randn(shape[0], 4, *shape[2:], dtype=dtype)
+    with pytest.raises(torch.jit.Error, match=r"\(num_features=3\) got input with 4 channels"):
+        scripted(wrong)

@@ -65,6 +65,8 @@ class _FrozenBatchNorm(torch.nn.Module):
     _input_ranks: tuple[int, ...] = ()
     _input_shapes: str = ""
     _unfrozen_class: type[torch.nn.Module]
+    # what the scripted forward reads of the class (TorchScript sees only declared ones)
+    __constants__ = ("_input_ranks", "_input_shapes")
 
     def __init__(
         self,
@@ -78,6 +80,7 @@ class _FrozenBatchNorm(torch.nn.Module):
             raise InputError(f"{type(self).__name__}: eps must be non-negative, got {eps}")
         super().__init__()
         self.num_features, self.eps = int(num_features), float(eps)
+        self._name = type(self).__name__  # for the scripted forward's messages
         self.momentum: float | None = 0.1
         self.affine = True
         factory = {"device": device, "dtype": dtype}
@@ -104,12 +107,42 @@ class _FrozenBatchNorm(torch.nn.Module):
         )
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input)
+        return self._forward(input)
+
+    @torch.jit.unused
+    def _forward(self, input: Tensor) -> Tensor:
         check_input(
             type(self).__name__, input, self.num_features, self._input_ranks, self._input_shapes
         )
         return F.batch_norm(
             input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
         )
+
+    def _scripted_forward(self, input: Tensor) -> Tensor:
+        """The forward under ``torch.jit.script`` (frozen layers are scripted in detection
+        models, as torchvision's are): the same checks and, written out, the inference formula
+        of :func:`normdrop.functional.batch_norm` (``(x - mean) * invstd * weight + bias``, in
+        float32 for half inputs), whose Python dispatch TorchScript cannot compile."""
+        rank = len(input.shape)
+        if rank not in self._input_ranks:
+            raise InputError(
+                self._name + " expects input of shape " + self._input_shapes + ", got "
+                + str(rank) + "-D input of shape " + str(input.shape)
+            )  # fmt: skip
+        if input.shape[1] != self.num_features:
+            raise InputError(
+                self._name + "(num_features=" + str(self.num_features) + ") got input with "
+                + str(input.shape[1]) + " channels (dim 1) in shape " + str(input.shape)
+            )  # fmt: skip
+        half = input.dtype == torch.float16 or input.dtype == torch.bfloat16
+        compute = torch.float32 if half else input.dtype
+        shape = [1, self.num_features] + [1] * (rank - 2)
+        invstd = torch.rsqrt(self.running_var.to(compute) + self.eps)
+        scale = (invstd * self.weight.to(compute)).view(shape)
+        centered = input.to(compute) - self.running_mean.to(compute).view(shape)
+        return (centered * scale + self.bias.to(compute).view(shape)).to(input.dtype)
 
     @classmethod
     def from_batchnorm(cls, bn: torch.nn.modules.batchnorm._BatchNorm) -> _FrozenBatchNorm:
