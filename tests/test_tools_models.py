@@ -982,3 +982,52 @@ def test_transformers_models(kind):
         recalibrate_batchnorm(model, [torch.randn(4, 3, 32, 32) for _ in range(2)])
         prediction = mc_predict(model, x, samples=4, seed=0)  # ImageClassifierOutput.logits
         assert prediction.mean.shape == (2, 3)
+
+
+def _frozen_batchnorm_2d_class(module: str) -> type[nn.Module]:
+    """A frozen BatchNorm as torchvision.ops.misc.FrozenBatchNorm2d defines it (buffers only, no
+    ``num_features``; the affine folded into one scale and shift), placed in ``module``."""
+
+    class FrozenBatchNorm2d(nn.Module):
+        def __init__(self, num_features: int, eps: float = 1e-5):
+            super().__init__()
+            self.eps = eps
+            self.register_buffer("weight", torch.ones(num_features))
+            self.register_buffer("bias", torch.zeros(num_features))
+            self.register_buffer("running_mean", torch.zeros(num_features))
+            self.register_buffer("running_var", torch.ones(num_features))
+
+        def forward(self, x):
+            scale = (
+                self.weight.reshape(1, -1, 1, 1)
+                * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+            )
+            return x * scale + (self.bias - self.running_mean * scale.flatten()).reshape(
+                1, -1, 1, 1
+            )
+
+    FrozenBatchNorm2d.__module__ = module
+    FrozenBatchNorm2d.__qualname__ = "FrozenBatchNorm2d"
+    return FrozenBatchNorm2d
+
+
+@pytest.mark.parametrize(
+    ("module", "folds"),
+    [("torchvision.ops.misc", True), ("detectron2.layers.batch_norm", True), ("mine", False)],
+)
+def test_fold_recognizes_torchvision_and_detectron2_frozen_batchnorms(module, folds):
+    """Detection backbones carry torchvision's FrozenBatchNorm2d; it is known by its qualified
+    name only (torchvision is not a dependency), so a look-alike elsewhere is left alone."""
+    frozen = _frozen_batchnorm_2d_class(module)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), frozen(4), nn.ReLU(), nn.Conv2d(4, 5, 1), frozen(5)
+    )
+    generator = torch.Generator().manual_seed(0)
+    for layer in (model[1], model[4]):
+        for buffer in layer.buffers():
+            buffer.copy_(torch.rand(buffer.shape, generator=generator) + 0.5)
+    x = torch.randn(2, 3, 6, 6, generator=generator)
+    folded = fold_batchnorm(model.eval())
+    replaced = [isinstance(folded[i], FoldedBatchNorm) for i in (1, 4)]
+    assert replaced == [folds, folds]
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)

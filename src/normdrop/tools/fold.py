@@ -63,6 +63,21 @@ _BATCHNORMS = (
     FrozenBatchNorm2d,
     FrozenBatchNorm3d,
 )
+# Other libraries' frozen BatchNorms, known by their qualified names only (neither library is a
+# dependency): buffers weight, bias, running_mean, running_var and an eps, and a forward that is
+# exactly eval-mode BatchNorm. torchvision's has no num_features.
+_FOREIGN_FROZEN = frozenset(
+    {
+        "torchvision.ops.misc.FrozenBatchNorm2d",
+        "detectron2.layers.batch_norm.FrozenBatchNorm2d",
+    }
+)
+
+
+def _is_plain_batchnorm(module: torch.nn.Module) -> bool:
+    """Exactly BatchNorm with running statistics in eval mode (see _BATCHNORMS)."""
+    kind = type(module)
+    return kind in _BATCHNORMS or f"{kind.__module__}.{kind.__qualname__}" in _FOREIGN_FROZEN
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
@@ -78,13 +93,13 @@ def _refusal(layer: torch.nn.Module, bn: torch.nn.Module) -> str | None:
     """Why ``bn`` cannot be folded into ``layer`` as modules, or None if it can."""
     if type(layer) not in _LAYERS:
         return f"{type(layer).__name__} is a subclass, whose forward may differ"
-    if type(bn) not in _BATCHNORMS:
+    if not _is_plain_batchnorm(bn):
         return f"{type(bn).__name__} is not a plain BatchNorm"
     if bn.running_mean is None:
         return "it has no running statistics"
     if _has_hooks(layer) or _has_hooks(bn):
         return "one of the two has a forward hook"
-    if _out_channels(layer) != bn.num_features:
+    if _out_channels(layer) != bn.running_mean.numel():
         return "it normalizes another dim than the layer's features"
     return None
 
@@ -94,7 +109,7 @@ def _can_fold(layer: torch.nn.Module, bn: torch.nn.Module) -> bool:
 
 
 def _is_batchnorm(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.modules.batchnorm._BatchNorm) or type(module) in _BATCHNORMS
+    return isinstance(module, torch.nn.modules.batchnorm._BatchNorm) or _is_plain_batchnorm(module)
 
 
 class _Tracer(fx.Tracer):
