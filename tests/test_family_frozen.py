@@ -132,8 +132,10 @@ def test_unfreeze_gives_back_the_frozen_layer_with_its_hooks_device_and_dtype():
     frozen = ndnn.freeze_batchnorm(bn).float()  # converted after freezing
     with torch.no_grad():
         frozen.running_mean.add_(1.0)  # changed after freezing: the thawed layer has it
+    frozen.eps = 1e-3
     thawed = ndnn.unfreeze_batchnorm(frozen)
     assert type(thawed) is torch.nn.BatchNorm1d and thawed.running_mean.dtype == torch.float32
+    assert thawed.eps == 1e-3
     torch.testing.assert_close(thawed.running_mean, frozen.running_mean)
     thawed(torch.randn(4, 3))
     assert seen == [torch.nn.BatchNorm1d]

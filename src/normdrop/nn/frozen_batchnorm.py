@@ -178,6 +178,7 @@ class _FrozenBatchNorm(torch.nn.Module):
         template = self.__dict__.get("_unfrozen_template")
         if template is not None:
             bn = copy.deepcopy(template).to(self.running_mean.device, self.running_mean.dtype)
+            bn.eps, bn.momentum = self.eps, self.momentum  # as set on the frozen layer
             _copy_frozen_values(self, bn)
             return bn
         had_bias = getattr(self, "had_bias", True)
