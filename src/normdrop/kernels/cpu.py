@@ -294,7 +294,11 @@ def _in_dtype(like, a, b, c):
 def _rows_tiles(channels, rows):
     """Rows per wide row: the largest divisor of ``rows`` that keeps a wide row within
     ``WIDE_ROW`` elements (1 for rows of more than ``WIDE_ROW // 2`` channels). A divisor, so that
-    every wide row is whole and each of its elements sits at the same channel in every one."""
+    every wide row is whole and each of its elements sits at the same channel in every one.
+    Inputs under ``SERIAL_BELOW`` elements keep plain rows: there the tiled coefficients and
+    the per-element sums cost more than the shorter loops save."""
+    if rows * channels < SERIAL_BELOW:
+        return 1
     tiles = min(max(1, WIDE_ROW // channels), rows)
     while rows % tiles:
         tiles -= 1
@@ -311,7 +315,10 @@ def _rows_per_block(width):
 
 @njit(**_INLINE)
 def _tile(values, tiles):
-    """``values`` repeated ``tiles`` times: per-channel coefficients for a wide row."""
+    """``values`` repeated ``tiles`` times: per-channel coefficients for a wide row (``values``
+    itself for one tile; callers only read it)."""
+    if tiles == 1:
+        return values
     tiled = np.empty(values.size * tiles, values.dtype)
     for j in range(tiles):
         row = tiled[j * values.size : (j + 1) * values.size]
@@ -688,11 +695,17 @@ def _rows_moments(xs, width, center, sums, squares):
     """``sums[c] = sum(d)``, ``squares[c] = sum(d * d)`` with ``d = x - center[c]`` over the
     wide rows ``xs`` (one block; ``center`` tiled to the ``width``): sums in the dtype over runs
     of ``RUN_ROWS`` wide rows, float64 across runs, then per channel."""
-    lane_sums = np.zeros(width)
-    lane_squares = np.zeros(width)
+    tiled = width != sums.size
+    lane_sums = np.zeros(width) if tiled else sums
+    lane_squares = np.zeros(width) if tiled else squares
+    if not tiled:
+        for c in range(width):
+            sums[c] = 0.0
+            squares[c] = 0.0
     _accumulate_moments(xs, width, center, 0, xs.size // width, lane_sums, lane_squares)
-    _fold_tiles(lane_sums, sums)
-    _fold_tiles(lane_squares, squares)
+    if tiled:
+        _fold_tiles(lane_sums, sums)
+        _fold_tiles(lane_squares, squares)
 
 
 @njit(**_INLINE)
@@ -1444,8 +1457,13 @@ def _backward_rows_block(
     run_g = np.zeros(0 if apply else channels, dy.dtype)
     run_h = np.zeros(0 if apply else channels, dy.dtype)
     run_rows = 0
-    lanes_g = np.zeros(0 if apply else channels)
-    lanes_h = np.zeros(0 if apply else channels)
+    tiled = not apply and width != acc_g.size
+    lanes_g = np.zeros(channels) if tiled else acc_g
+    lanes_h = np.zeros(channels) if tiled else acc_h
+    if not (apply or tiled):
+        for c in range(channels):
+            acc_g[c] = 0.0
+            acc_h[c] = 0.0
     for lo in range(start, stop, step):
         hi = min(lo + step, stop)
         if plain:
@@ -1493,7 +1511,7 @@ def _backward_rows_block(
                     run_g[c] = 0.0
                     run_h[c] = 0.0
                 run_rows = 0
-    if not apply:
+    if tiled:
         _fold_tiles(lanes_g, acc_g)
         _fold_tiles(lanes_h, acc_h)
 
