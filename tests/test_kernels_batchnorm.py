@@ -145,7 +145,7 @@ def test_modules_match_reference(case, kernel_calls):
         ((4100, 6), False),
         ((9, 3, 5000), False),
         ((4, 64, 32, 32), True),  # rows grouped 32 to a wide row
-        ((1, 3, 257, 263), True),  # 263 rows to a wide row (the only divisor that fits)
+        ((1, 3, 257, 263), True),  # 263 rows to a wide row (257 * 263 rows)
         ((65537, 2), False),  # a prime number of rows: one row per wide row
     ],
 )

@@ -94,7 +94,7 @@ def test_module_matches_unfused_chain(case, batch, channels, size, two_d, moment
 def test_many_blocks_of_wide_rows_match_unfused_chain(case, shape):
     """Channel-fastest inputs large enough for parallel blocks, their rows grouped into wide
     rows (24 channels: 80 rows per wide row, or 50 of the 5000 rows of an (N, C) batch; 5
-    channels over 101 * 103 prime-sized maps: 103)."""
+    channels over 3 maps of 101 * 103: 309 = 3 * 103)."""
     check_against_unfused_chain(case, shape, 0.1, 7)
 
 

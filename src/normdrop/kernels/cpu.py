@@ -306,11 +306,15 @@ def _rows_tiles(channels, rows):
 
 
 @njit(**_INLINE)
-def _rows_per_block(width):
-    """Whole (wide) rows per block for the rows layout: >= BLOCK elements, >=
-    _MIN_ROWS_PER_BLOCK rows (so the per-block partial sums, and the per-element sums a block
-    folds into them, stay small next to the block)."""
-    return max(_MIN_ROWS_PER_BLOCK, (BLOCK + width - 1) // width)
+def _rows_per_block(width, wide_rows, tiles):
+    """Whole (wide) rows per block for the rows layout, of ``wide_rows`` in all: >= BLOCK
+    elements and >= _MIN_ROWS_PER_BLOCK rows (so the per-block partial sums stay small next to
+    the block); for wide rows, up to _MIN_ROWS_PER_BLOCK of them while that still leaves 4
+    blocks (so the per-element sums a block folds are small next to it, and an input of 64K
+    elements still spreads over threads, as ATen's 32K-element grain does). A function of the
+    input's size, never of the thread count."""
+    least = _MIN_ROWS_PER_BLOCK if tiles == 1 else min(_MIN_ROWS_PER_BLOCK, (wide_rows + 3) // 4)
+    return max(least, (BLOCK + width - 1) // width)
 
 
 @njit(**_INLINE)
@@ -1105,7 +1109,7 @@ def _forward_rows(
     rows = numel // channels
     tiles = _rows_tiles(channels, rows)
     width = tiles * channels
-    per_block = _rows_per_block(width)
+    per_block = _rows_per_block(width, rows // tiles, tiles)
     n_blocks = (rows // tiles + per_block - 1) // per_block
     step = per_block * width
     finite = True
@@ -1649,7 +1653,7 @@ def _backward_rows(
     grad_weight, grad_bias = _outputs(grad_weight_at, grad_bias_at, channels, params)
     tiles = _rows_tiles(channels, numel // channels)
     width = tiles * channels
-    per_block = _rows_per_block(width) * width
+    per_block = _rows_per_block(width, numel // width, tiles) * width
     n_blocks = (numel + per_block - 1) // per_block
     scale, shift = _scale_shift(invstd, weight, bias)
     k0, k1, t = _key(key0, key1, threshold)
