@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
 
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import normdrop.nn as ndnn
-from normdrop.errors import InputError
+from normdrop.errors import InputError, InputTypeError
 
 
 def _trained_batchnorm(cls, channels, affine=True, seed=0):
@@ -125,7 +126,7 @@ def test_freeze_then_unfreeze_round_trips_and_keeps_eval_outputs():
     assert all(p.requires_grad for p in thawed.parameters())
 
 
-def test_unfreeze_gives_back_the_frozen_layer_with_its_hooks_device_and_dtype():
+def test_unfreeze_gives_back_the_frozen_layer_in_its_device_and_dtype_without_hooks():
     bn = _trained_batchnorm(torch.nn.BatchNorm1d, 3)
     seen = []
     bn.register_forward_hook(lambda module, args, output: seen.append(type(module)))
@@ -133,15 +134,38 @@ def test_unfreeze_gives_back_the_frozen_layer_with_its_hooks_device_and_dtype():
     with torch.no_grad():
         frozen.running_mean.add_(1.0)  # changed after freezing: the thawed layer has it
     frozen.eps = 1e-3
+    pickle.loads(pickle.dumps(frozen))  # the original's lambda hook does not travel with it
     thawed = ndnn.unfreeze_batchnorm(frozen)
     assert type(thawed) is torch.nn.BatchNorm1d and thawed.running_mean.dtype == torch.float32
-    assert thawed.eps == 1e-3
+    assert thawed.eps == 1e-3 and thawed.weight.requires_grad
     torch.testing.assert_close(thawed.running_mean, frozen.running_mean)
+    torch.testing.assert_close(thawed.weight, frozen.weight)
     thawed(torch.randn(4, 3))
-    assert seen == [torch.nn.BatchNorm1d]
+    assert seen == []  # hooks are not kept: the frozen layer never ran them either
     assert ndnn.unfreeze_batchnorm(frozen) is not thawed  # a fresh layer each time
     # a frozen layer built directly thaws to normdrop's BatchNorm of its rank
     assert type(ndnn.unfreeze_batchnorm(ndnn.FrozenBatchNorm2d(3))) is ndnn.BatchNorm2d
+
+
+def test_a_parametrized_batchnorm_thaws_to_normdrops_with_the_frozen_values():
+    bn = torch.nn.BatchNorm2d(3)
+    torch.nn.utils.parametrize.register_parametrization(bn, "weight", torch.nn.Identity())
+    frozen = ndnn.freeze_batchnorm(bn)
+    with torch.no_grad():
+        frozen.weight.fill_(7.0)
+    thawed = ndnn.unfreeze_batchnorm(frozen)
+    assert type(thawed) is ndnn.BatchNorm2d
+    assert torch.equal(thawed.weight, torch.full((3,), 7.0))
+
+
+def test_an_affine_false_frozen_checkpoint_with_weight_and_bias_still_loads():
+    """Before weight and bias left an affine=False frozen layer's state_dict, its checkpoints
+    held them (ones and zeros): they load; other values are refused as unexpected keys."""
+    frozen = ndnn.freeze_batchnorm(_trained_batchnorm(torch.nn.BatchNorm2d, 3, affine=False))
+    old = {**frozen.state_dict(), "weight": torch.ones(3), "bias": torch.zeros(3)}
+    ndnn.freeze_batchnorm(torch.nn.BatchNorm2d(3, affine=False)).load_state_dict(old)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        frozen.load_state_dict({**old, "weight": torch.full((3,), 2.0)})
 
 
 def test_freeze_refuses_what_it_cannot_freeze():
@@ -229,3 +253,9 @@ def test_scripted_frozen_layer_computes_and_checks_what_the_eager_one_does(
     wrong = torch.randn(shape[0], 4, *shape[2:], dtype=dtype)
     with pytest.raises(torch.jit.Error, match=r"\(num_features=3\) got input with 4 channels"):
         scripted(wrong)
+    other = torch.float64 if dtype != torch.float64 else torch.float32
+    for bad in (x.to(other), x.to(torch.uint8)):  # as the eager forward, which raises too
+        with pytest.raises(InputTypeError):
+            frozen(bad)
+        with pytest.raises(torch.jit.Error, match=r"InputTypeError.*dtype"):
+            scripted(bad)

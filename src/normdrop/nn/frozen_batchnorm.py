@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from normdrop import functional as F
-from normdrop.errors import InputError
+from normdrop.errors import InputError, InputTypeError
 from normdrop.nn.batchnorm import (
     BatchNorm1d,
     BatchNorm2d,
@@ -55,8 +55,8 @@ class _FrozenBatchNorm(torch.nn.Module):
         device, dtype: of the buffers, initialized as a fresh BatchNorm's (weight 1, bias 0,
             mean 0, variance 1).
 
-    Made by :func:`freeze_batchnorm` or :meth:`from_batchnorm`, it keeps a trainable copy of the
-    layer it came from (its class, settings and hooks; not a submodule, so not in
+    Made by :func:`freeze_batchnorm` or :meth:`from_batchnorm`, it keeps how to rebuild the
+    layer it came from (its class and settings, not its hooks; a plain attribute, not in
     ``state_dict`` or ``modules()``), so that :meth:`to_batchnorm` gives that layer back. From an
     ``affine=False`` layer, ``weight`` and ``bias`` (ones and zeros) stay out of ``state_dict``,
     whose keys are then that layer's.
@@ -102,6 +102,13 @@ class _FrozenBatchNorm(torch.nn.Module):
         key = prefix + "num_batches_tracked"
         if key not in state_dict:
             state_dict[key] = self.num_batches_tracked.clone()
+        # Checkpoints of affine=False frozen layers made before their weight and bias left
+        # state_dict hold the ones and zeros; anything else stays an unexpected key.
+        for name, fill in (("weight", 1.0), ("bias", 0.0)):
+            saved = state_dict.get(prefix + name)
+            old_filler = isinstance(saved, Tensor) and bool((saved == fill).all())
+            if name in self._non_persistent_buffers_set and old_filler:
+                del state_dict[prefix + name]
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
@@ -122,9 +129,10 @@ class _FrozenBatchNorm(torch.nn.Module):
 
     def _scripted_forward(self, input: Tensor) -> Tensor:
         """The forward under ``torch.jit.script`` (frozen layers are scripted in detection
-        models, as torchvision's are): the same checks and, written out, the inference formula
-        of :func:`normdrop.functional.batch_norm` (``(x - mean) * invstd * weight + bias``, in
-        float32 for half inputs), whose Python dispatch TorchScript cannot compile."""
+        models, as torchvision's are): the same rank, channel, dtype and device checks and,
+        written out, the inference formula of :func:`normdrop.functional.batch_norm`
+        (``(x - mean) * invstd * weight + bias``, in float32 for half inputs), whose Python
+        dispatch TorchScript cannot compile."""
         rank = len(input.shape)
         if rank not in self._input_ranks:
             raise InputError(
@@ -137,6 +145,22 @@ class _FrozenBatchNorm(torch.nn.Module):
                 + str(input.shape[1]) + " channels (dim 1) in shape " + str(input.shape)
             )  # fmt: skip
         half = input.dtype == torch.float16 or input.dtype == torch.bfloat16
+        stored = self.running_mean.dtype
+        if input.numel() > 0 and not input.is_floating_point():
+            raise InputTypeError(
+                "batch_norm: input must be a floating-point tensor (float16, bfloat16, float32 "
+                "or float64), got dtype " + str(input.dtype)
+            )
+        if input.numel() > 0 and stored != input.dtype and not (half and stored == torch.float32):
+            raise InputTypeError(
+                "batch_norm: running_mean has dtype " + str(stored) + " but input has dtype "
+                + str(input.dtype) + "; convert the layer or the input"
+            )  # fmt: skip
+        if self.running_mean.device != input.device:
+            raise InputError(
+                "batch_norm: running_mean is on " + str(self.running_mean.device) + " but input "
+                "is on " + str(input.device) + "; move them to the same device"
+            )  # fmt: skip
         compute = torch.float32 if half else input.dtype
         shape = [1, self.num_features] + [1] * (rank - 2)
         invstd = torch.rsqrt(self.running_var.to(compute) + self.eps)
@@ -168,18 +192,17 @@ class _FrozenBatchNorm(torch.nn.Module):
         frozen.had_bias = bn.bias is not None
         if not bn.affine:  # the keys of the layer it came from
             frozen._non_persistent_buffers_set.update({"weight", "bias"})
-        frozen.__dict__["_unfrozen_template"] = _template_of(bn)
+        frozen.__dict__["_unfrozen_recipe"] = _recipe_of(bn)
         return frozen
 
     def to_batchnorm(self) -> torch.nn.modules.batchnorm._BatchNorm:
         """A trainable BatchNorm with these statistics and affine (tensors copied): the class,
         settings and hooks of the layer this one was frozen from, or, for a frozen layer built
         directly, a normdrop BatchNorm of its rank."""
-        template = self.__dict__.get("_unfrozen_template")
-        if template is not None:
-            bn = copy.deepcopy(template).to(self.running_mean.device, self.running_mean.dtype)
+        recipe = self.__dict__.get("_unfrozen_recipe")
+        if recipe is not None:
+            bn = _rebuild(recipe, self)
             bn.eps, bn.momentum = self.eps, self.momentum  # as set on the frozen layer
-            _copy_frozen_values(self, bn)
             return bn
         had_bias = getattr(self, "had_bias", True)
         extra = {} if not self.affine or had_bias else {"bias": False}
@@ -197,16 +220,60 @@ class _FrozenBatchNorm(torch.nn.Module):
         return bn
 
 
-def _template_of(bn: torch.nn.Module) -> torch.nn.Module | None:
-    """A copy of ``bn`` to thaw later, without gradients; None when it cannot be copied (a
-    process group, say): the frozen layer then thaws to a normdrop BatchNorm of its rank."""
-    try:
-        template = copy.deepcopy(bn)
-    except Exception:  # whatever deepcopy refuses (a process group...) means no template
+_FROZEN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _recipe_of(bn: torch.nn.Module) -> tuple | None:
+    """How to rebuild ``bn`` when thawing: its class, its settings (the attributes that
+    ``torch.nn.Module.__init__`` does not make, copied), and which of its tensors are
+    parameters (with ``requires_grad``) and buffers; the values of the frozen ones come from
+    the frozen layer then, others are copied now. Hooks are not kept (they may hold anything;
+    the frozen layer never ran them). None when ``bn`` cannot be rebuilt this way
+    (parametrized weights, submodules, settings that do not copy such as a process group): the
+    frozen layer then thaws to a normdrop BatchNorm of its rank."""
+    if bn._modules or torch.nn.utils.parametrize.is_parametrized(bn):
         return None
-    for parameter in template.parameters():
-        parameter.grad = None
-    return template
+    internal = vars(torch.nn.Module()).keys()
+    try:
+        settings = copy.deepcopy({k: v for k, v in vars(bn).items() if k not in internal})
+    except Exception:  # whatever deepcopy refuses (a process group...) means no recipe
+        return None
+
+    def kept(name: str, tensor: Tensor | None) -> Tensor | None:
+        return None if tensor is None or name in _FROZEN_TENSORS else tensor.detach().clone()
+
+    parameters = {
+        name: None if p is None else (p.requires_grad, kept(name, p))
+        for name, p in bn._parameters.items()
+    }
+    buffers = {name: (b is None, kept(name, b)) for name, b in bn._buffers.items()}
+    return type(bn), settings, parameters, buffers, set(bn._non_persistent_buffers_set)
+
+
+def _rebuild(recipe: tuple, frozen: _FrozenBatchNorm) -> torch.nn.Module:
+    """The layer of :func:`_recipe_of`, with the frozen layer's statistics and affine, in its
+    device and floating dtype."""
+    kind, settings, parameters, buffers, non_persistent = recipe
+    device, dtype = frozen.running_mean.device, frozen.running_mean.dtype
+
+    def value(name: str, kept: Tensor | None) -> Tensor:
+        tensor = getattr(frozen, name) if kept is None else kept
+        tensor = tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)
+        return tensor.detach().clone()
+
+    bn = kind.__new__(kind)
+    torch.nn.Module.__init__(bn)
+    bn.__dict__.update(copy.deepcopy(settings))
+    for name, entry in parameters.items():
+        if entry is None:
+            bn.register_parameter(name, None)
+        else:
+            requires_grad, kept = entry
+            bn.register_parameter(name, torch.nn.Parameter(value(name, kept), requires_grad))
+    for name, (absent, kept) in buffers.items():
+        tensor = None if absent else value(name, kept)
+        bn.register_buffer(name, tensor, persistent=name not in non_persistent)
+    return bn
 
 
 def _copy_frozen_values(frozen: _FrozenBatchNorm, bn: torch.nn.Module) -> None:
