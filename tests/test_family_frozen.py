@@ -253,6 +253,12 @@ def test_scripted_frozen_layer_computes_and_checks_what_the_eager_one_does(
     wrong = torch.randn(shape[0], 4, *shape[2:], dtype=dtype)
     with pytest.raises(torch.jit.Error, match=r"\(num_features=3\) got input with 4 channels"):
         scripted(wrong)
+    # a layer pickled before the scripted forward's name attribute existed scripts too
+    old = frozen.__reduce_ex__(2)
+    state = {k: v for k, v in old[2].items() if k != "_name"}
+    revived = old[0](*old[1])
+    revived.__setstate__(state)
+    torch.testing.assert_close(torch.jit.script(revived)(x), frozen(x), rtol=0, atol=0)
     other = torch.float64 if dtype != torch.float64 else torch.float32
     for bad in (x.to(other), x.to(torch.uint8)):  # as the eager forward, which raises too
         with pytest.raises(InputTypeError):

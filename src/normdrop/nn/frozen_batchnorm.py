@@ -95,6 +95,11 @@ class _FrozenBatchNorm(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # pickled before the scripted forward, which reads the name, existed
+        self.__dict__.setdefault("_name", type(self).__name__)
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
     ):
