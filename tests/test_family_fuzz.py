@@ -22,6 +22,8 @@ from scipy import stats
 import normdrop.nn as ndnn
 from normdrop.nn.drop import drop_block2d
 
+from _helpers import TorchvisionFrozenBatchNorm2d
+
 F = torch.nn.functional
 
 
@@ -272,48 +274,17 @@ def test_batchnorm_act_keeps_a_binomial_share_per_element():
 # --------------------------------------------------------------------------------------------
 
 
-class _TorchvisionFrozenBatchNorm2d(torch.nn.Module):
-    """torchvision.ops.FrozenBatchNorm2d (torchvision 0.2x), copied out."""
-
-    def __init__(self, num_features: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
-    ):
-        num_batches_tracked_key = prefix + "num_batches_tracked"
-        if num_batches_tracked_key in state_dict:
-            del state_dict[num_batches_tracked_key]
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.reshape(1, -1, 1, 1)
-        b = self.bias.reshape(1, -1, 1, 1)
-        rv = self.running_var.reshape(1, -1, 1, 1)
-        rm = self.running_mean.reshape(1, -1, 1, 1)
-        scale = w * (rv + self.eps).rsqrt()
-        bias = b - rm * scale
-        return x * scale + bias
-
-
 @pytest.mark.parametrize("eps", [1e-5, 1e-3])
 def test_frozen_batchnorm_loads_from_and_into_torchvisions(eps):
     generator = torch.Generator().manual_seed(0)
-    theirs = _TorchvisionFrozenBatchNorm2d(4, eps).double()
+    theirs = TorchvisionFrozenBatchNorm2d(4, eps).double()
     for buffer in theirs.buffers():
         buffer.copy_(torch.rand(4, generator=generator, dtype=torch.float64) + 0.2)
     ours = ndnn.FrozenBatchNorm2d(4, eps, dtype=torch.float64)
     ours.load_state_dict(theirs.state_dict())  # strict: no num_batches_tracked there
     x = _layout(torch.randn(3, 4, 5, 6, generator=generator, dtype=torch.float64), "strided")
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)
-    back = _TorchvisionFrozenBatchNorm2d(4, eps).double()
+    back = TorchvisionFrozenBatchNorm2d(4, eps).double()
     back.load_state_dict(ours.state_dict())  # strict: ours has num_batches_tracked
     torch.testing.assert_close(back(x), ours(x), rtol=1e-12, atol=1e-12)
     # And to a trainable BatchNorm and back, counter included.

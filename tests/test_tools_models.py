@@ -34,6 +34,8 @@ from normdrop.tools import (
     recalibrate_batchnorm,
 )
 
+from _helpers import frozen_batchnorm_2d_in
+
 
 @pytest.fixture(autouse=True)
 def _reference_kernels():
@@ -984,33 +986,6 @@ def test_transformers_models(kind):
         assert prediction.mean.shape == (2, 3)
 
 
-def _frozen_batchnorm_2d_class(module: str) -> type[nn.Module]:
-    """A frozen BatchNorm as torchvision.ops.misc.FrozenBatchNorm2d defines it (buffers only, no
-    ``num_features``; the affine folded into one scale and shift), placed in ``module``."""
-
-    class FrozenBatchNorm2d(nn.Module):
-        def __init__(self, num_features: int, eps: float = 1e-5):
-            super().__init__()
-            self.eps = eps
-            self.register_buffer("weight", torch.ones(num_features))
-            self.register_buffer("bias", torch.zeros(num_features))
-            self.register_buffer("running_mean", torch.zeros(num_features))
-            self.register_buffer("running_var", torch.ones(num_features))
-
-        def forward(self, x):
-            scale = (
-                self.weight.reshape(1, -1, 1, 1)
-                * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
-            )
-            return x * scale + (self.bias - self.running_mean * scale.flatten()).reshape(
-                1, -1, 1, 1
-            )
-
-    FrozenBatchNorm2d.__module__ = module
-    FrozenBatchNorm2d.__qualname__ = "FrozenBatchNorm2d"
-    return FrozenBatchNorm2d
-
-
 @pytest.mark.parametrize(
     ("module", "folds"),
     [("torchvision.ops.misc", True), ("detectron2.layers.batch_norm", True), ("mine", False)],
@@ -1018,7 +993,7 @@ def _frozen_batchnorm_2d_class(module: str) -> type[nn.Module]:
 def test_fold_recognizes_torchvision_and_detectron2_frozen_batchnorms(module, folds):
     """Detection backbones carry torchvision's FrozenBatchNorm2d; it is known by its qualified
     name only (torchvision is not a dependency), so a look-alike elsewhere is left alone."""
-    frozen = _frozen_batchnorm_2d_class(module)
+    frozen = frozen_batchnorm_2d_in(module)
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, bias=False), frozen(4), nn.ReLU(), nn.Conv2d(4, 5, 1), frozen(5)
     )
