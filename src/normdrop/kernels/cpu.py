@@ -306,15 +306,32 @@ def _rows_tiles(channels, rows):
 
 
 @njit(**_INLINE)
-def _rows_per_block(width, wide_rows, tiles):
-    """Whole (wide) rows per block for the rows layout, of ``wide_rows`` in all: >= BLOCK
+def _rows_blocks(channels, numel):
+    """How the rows layout cuts ``numel`` elements of ``channels`` per row, forward and
+    backward alike: ``(tiles, width, step, n_blocks)``, rows per wide row (:func:`_rows_tiles`),
+    its elements, elements per block and blocks. A block is whole (wide) rows, >= BLOCK
     elements and >= _MIN_ROWS_PER_BLOCK rows (so the per-block partial sums stay small next to
-    the block); for wide rows, up to _MIN_ROWS_PER_BLOCK of them while that still leaves 4
-    blocks (so the per-element sums a block folds are small next to it, and an input of 64K
-    elements still spreads over threads, as ATen's 32K-element grain does). A function of the
-    input's size, never of the thread count."""
+    it); of wide rows, up to _MIN_ROWS_PER_BLOCK while that still leaves 4 blocks (so the
+    per-element sums a block folds are small next to it, and an input of 64K elements still
+    spreads over threads, as ATen's 32K-element grain does). A function of the input's size,
+    never of the thread count."""
+    tiles = _rows_tiles(channels, numel // channels)
+    width = tiles * channels
+    wide_rows = numel // width
     least = _MIN_ROWS_PER_BLOCK if tiles == 1 else min(_MIN_ROWS_PER_BLOCK, (wide_rows + 3) // 4)
-    return max(least, (BLOCK + width - 1) // width)
+    per_block = max(least, (BLOCK + width - 1) // width)
+    return tiles, width, per_block * width, (wide_rows + per_block - 1) // per_block
+
+
+@njit(**_INLINE)
+def _lanes(out, width):
+    """Zeroed float64 per-element sums of a wide row of ``width`` elements, for
+    :func:`_fold_tiles` into the per-channel ``out``: ``out`` itself when rows are plain."""
+    if width != out.size:
+        return np.zeros(width)
+    for c in range(width):
+        out[c] = 0.0
+    return out
 
 
 @njit(**_INLINE)
@@ -334,8 +351,10 @@ def _tile(values, tiles):
 @njit(**_INLINE)
 def _fold_tiles(lanes, out):
     """``out[c] = sum_j lanes[j * C + c]`` (``C = out.size``), in ``j`` order: a wide row's
-    per-element sums back to per-channel sums."""
+    per-element sums back to per-channel sums (nothing to do when ``lanes`` is ``out``)."""
     channels = out.size
+    if lanes.size == channels:
+        return
     for c in range(channels):
         out[c] = lanes[c]
     for j in range(1, lanes.size // channels):
@@ -699,17 +718,10 @@ def _rows_moments(xs, width, center, sums, squares):
     """``sums[c] = sum(d)``, ``squares[c] = sum(d * d)`` with ``d = x - center[c]`` over the
     wide rows ``xs`` (one block; ``center`` tiled to the ``width``): sums in the dtype over runs
     of ``RUN_ROWS`` wide rows, float64 across runs, then per channel."""
-    tiled = width != sums.size
-    lane_sums = np.zeros(width) if tiled else sums
-    lane_squares = np.zeros(width) if tiled else squares
-    if not tiled:
-        for c in range(width):
-            sums[c] = 0.0
-            squares[c] = 0.0
+    lane_sums, lane_squares = _lanes(sums, width), _lanes(squares, width)
     _accumulate_moments(xs, width, center, 0, xs.size // width, lane_sums, lane_squares)
-    if tiled:
-        _fold_tiles(lane_sums, sums)
-        _fold_tiles(lane_squares, squares)
+    _fold_tiles(lane_sums, sums)
+    _fold_tiles(lane_squares, squares)
 
 
 @njit(**_INLINE)
@@ -1107,11 +1119,7 @@ def _forward_rows(
 ):
     x, y = _memory(x_at, numel, params), _memory(y_at, numel, params)
     rows = numel // channels
-    tiles = _rows_tiles(channels, rows)
-    width = tiles * channels
-    per_block = _rows_per_block(width, rows // tiles, tiles)
-    n_blocks = (rows // tiles + per_block - 1) // per_block
-    step = per_block * width
+    tiles, width, step, n_blocks = _rows_blocks(channels, numel)
     finite = True
     recenter = False
     if phases == APPLY_RUNNING:
@@ -1452,34 +1460,28 @@ def _backward_rows_block(
     time: per-channel sums into ``acc_g``, ``acc_h`` (float64 totals of ``RUN_ROWS``-row sums
     in the dtype), or with ``apply``, its ``dx``. Without activation and dropout ``g = dy`` is
     read in place."""
-    channels = width
     cs = _unpack(params)
     plain = act == IDENTITY and not drop
-    step = _ROWS_PER_STEP * channels
-    words = _word_buffer(0 if plain else _row_words(step, channels, drop), drop)
+    step = _ROWS_PER_STEP * width
+    words = _word_buffer(0 if plain else _row_words(step, width, drop), drop)
     gs = np.empty(0 if plain else step, dy.dtype)
-    run_g = np.zeros(0 if apply else channels, dy.dtype)
-    run_h = np.zeros(0 if apply else channels, dy.dtype)
+    run_g = np.zeros(0 if apply else width, dy.dtype)
+    run_h = np.zeros(0 if apply else width, dy.dtype)
     run_rows = 0
-    tiled = not apply and width != acc_g.size
-    lanes_g = np.zeros(channels) if tiled else acc_g
-    lanes_h = np.zeros(channels) if tiled else acc_h
-    if not (apply or tiled):
-        for c in range(channels):
-            acc_g[c] = 0.0
-            acc_h[c] = 0.0
+    lanes_g = acc_g if apply else _lanes(acc_g, width)
+    lanes_h = acc_h if apply else _lanes(acc_h, width)
     for lo in range(start, stop, step):
         hi = min(lo + step, stop)
         if plain:
             g = dy[lo:hi]
         else:
             w = _words(words, lo, hi, offset, k0, k1, drop)
-            for r in range(lo, hi, channels):
-                e = r + channels
+            for r in range(lo, hi, width):
+                e = r + width
                 _grad_row(
                     dy[r:e],
                     x[r:e],
-                    words[w + r : w + e] if drop else words[:channels],
+                    words[w + r : w + e] if drop else words[:width],
                     gs[r - lo : e - lo],
                     mean,
                     scale,
@@ -1490,10 +1492,10 @@ def _backward_rows_block(
                 )
             g = gs[: hi - lo]
         if apply and training and hi - lo == step:
-            _apply_rows4(g, x, dx, 0, lo, channels, mean, scale, invstd, coef_g, coef_xhat)
+            _apply_rows4(g, x, dx, 0, lo, width, mean, scale, invstd, coef_g, coef_xhat)
         elif apply:
-            for r in range(0, hi - lo, channels):
-                e = r + channels
+            for r in range(0, hi - lo, width):
+                e = r + width
                 _apply_row(
                     g[r:e],
                     x[lo + r : lo + e],
@@ -1506,16 +1508,16 @@ def _backward_rows_block(
                     training,
                 )
         else:
-            _accumulate_rows(g, x[lo:hi], mean, channels, run_g, run_h)
-            run_rows += (hi - lo) // channels
+            _accumulate_rows(g, x[lo:hi], mean, width, run_g, run_h)
+            run_rows += (hi - lo) // width
             if run_rows >= RUN_ROWS or hi == stop:
-                for c in range(channels):
+                for c in range(width):
                     lanes_g[c] += run_g[c]
                     lanes_h[c] += run_h[c]
                     run_g[c] = 0.0
                     run_h[c] = 0.0
                 run_rows = 0
-    if tiled:
+    if not apply:
         _fold_tiles(lanes_g, acc_g)
         _fold_tiles(lanes_h, acc_h)
 
@@ -1651,10 +1653,7 @@ def _backward_rows(
 ):
     dy, x, dx = _backward_arrays(dy_at, x_at, dx_at, numel, params)
     grad_weight, grad_bias = _outputs(grad_weight_at, grad_bias_at, channels, params)
-    tiles = _rows_tiles(channels, numel // channels)
-    width = tiles * channels
-    per_block = _rows_per_block(width, numel // width, tiles) * width
-    n_blocks = (numel + per_block - 1) // per_block
+    tiles, width, per_block, n_blocks = _rows_blocks(channels, numel)
     scale, shift = _scale_shift(invstd, weight, bias)
     k0, k1, t = _key(key0, key1, threshold)
     coefs = np.zeros((2, channels), params.dtype)
