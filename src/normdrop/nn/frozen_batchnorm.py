@@ -201,28 +201,19 @@ class _FrozenBatchNorm(torch.nn.Module):
         return frozen
 
     def to_batchnorm(self) -> torch.nn.modules.batchnorm._BatchNorm:
-        """A trainable BatchNorm with these statistics and affine (tensors copied): the class,
-        settings and hooks of the layer this one was frozen from, or, for a frozen layer built
-        directly, a normdrop BatchNorm of its rank."""
-        recipe = self.__dict__.get("_unfrozen_recipe")
-        if recipe is not None:
-            bn = _rebuild(recipe, self)
-            bn.eps, bn.momentum = self.eps, self.momentum  # as set on the frozen layer
-            return bn
+        """A trainable BatchNorm with these statistics, affine, eps and momentum (tensors
+        copied, in this layer's device and dtype): the class and settings of the layer this one
+        was frozen from, or, for a frozen layer built directly (or from a layer that cannot be
+        rebuilt), a normdrop BatchNorm of its rank."""
+        recipe = self.__dict__.get("_unfrozen_recipe") or _recipe_of(self._batchnorm_of_rank())
+        bn = _rebuild(recipe, self)
+        bn.eps, bn.momentum = self.eps, self.momentum  # as set on the frozen layer
+        return bn
+
+    def _batchnorm_of_rank(self) -> torch.nn.modules.batchnorm._BatchNorm:
         had_bias = getattr(self, "had_bias", True)
         extra = {} if not self.affine or had_bias else {"bias": False}
-        bn = self._unfrozen_class(
-            self.num_features,
-            self.eps,
-            self.momentum,
-            self.affine,
-            True,
-            device=self.running_mean.device,
-            dtype=self.running_mean.dtype,
-            **extra,
-        )
-        _copy_frozen_values(self, bn)
-        return bn
+        return self._unfrozen_class(self.num_features, affine=self.affine, **extra)
 
 
 _FROZEN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -279,18 +270,6 @@ def _rebuild(recipe: tuple, frozen: _FrozenBatchNorm) -> torch.nn.Module:
         tensor = None if absent else value(name, kept)
         bn.register_buffer(name, tensor, persistent=name not in non_persistent)
     return bn
-
-
-def _copy_frozen_values(frozen: _FrozenBatchNorm, bn: torch.nn.Module) -> None:
-    with torch.no_grad():
-        bn.running_mean.copy_(frozen.running_mean)
-        bn.running_var.copy_(frozen.running_var)
-        if getattr(bn, "num_batches_tracked", None) is not None:
-            bn.num_batches_tracked.copy_(frozen.num_batches_tracked)
-        if bn.weight is not None:
-            bn.weight.copy_(frozen.weight)
-        if bn.bias is not None:
-            bn.bias.copy_(frozen.bias)
 
 
 class FrozenBatchNorm1d(_FrozenBatchNorm):
