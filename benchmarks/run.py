@@ -216,7 +216,7 @@ def run_ops(
         for shape, last in layouts:
             x, cases = op_cases(shape, last)
             nbytes[shape] = x.numel() * x.element_size()
-            grad = torch.randn(shape).contiguous(memory_format=_format(last))
+            grad = torch.randn_like(x)  # in x's memory format
             for case, torch_fn, ours_fn, (torch_inputs, ours_inputs) in cases:
                 for mode in ("fwd", "fwd+bwd"):
                     times = medians_ms(
@@ -239,10 +239,6 @@ def run_ops(
         bound_ms = TRAFFIC[case, mode] * nbytes[shape] / bandwidth * 1e3
         rows.append(Row(case, shape, mode, torch_ms, ours_ms, bound_ms, last))
     return rows
-
-
-def _format(channels_last: bool) -> torch.memory_format:
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 SMALL_SHAPES = [(32, 50), (64, 512), (128, 256)]
