@@ -265,3 +265,45 @@ def test_scripted_frozen_layer_computes_and_checks_what_the_eager_one_does(
             frozen(bad)
         with pytest.raises(torch.jit.Error, match=r"InputTypeError.*dtype"):
             scripted(bad)
+
+
+class _AliasedBatchNorm(torch.nn.Module):
+    """One BatchNorm under two names of one parent; the forward uses the second."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.norms = torch.nn.ModuleDict({"main": self.bn})
+
+    def forward(self, x):
+        return self.norms["main"](self.conv(x))
+
+
+def test_freeze_replaces_a_layer_under_every_name_and_a_shared_layer_by_one():
+    aliased = ndnn.freeze_batchnorm(_AliasedBatchNorm().train())
+    assert isinstance(aliased.norms["main"], ndnn.FrozenBatchNorm2d)
+    assert aliased.bn is aliased.norms["main"]
+    before = aliased.bn.running_mean.clone()
+    aliased(torch.randn(4, 3, 5, 5))
+    assert torch.equal(aliased.norms["main"].running_mean, before)  # frozen where it runs
+
+    bn = torch.nn.BatchNorm2d(4)
+    shared = torch.nn.Sequential(
+        torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), bn),
+        torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), bn),
+    )
+    ndnn.freeze_batchnorm(shared)
+    assert isinstance(shared[0][1], ndnn.FrozenBatchNorm2d) and shared[0][1] is shared[1][1]
+    ndnn.unfreeze_batchnorm(shared)
+    assert type(shared[0][1]) is torch.nn.BatchNorm2d and shared[0][1] is shared[1][1]
+
+
+def test_freeze_that_raises_leaves_the_model_as_it_was():
+    model = torch.nn.Sequential(
+        torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4, track_running_stats=False)
+    )
+    first = model[0]
+    with pytest.raises(InputError):
+        ndnn.freeze_batchnorm(model)
+    assert model[0] is first and type(model[1]) is torch.nn.BatchNorm2d

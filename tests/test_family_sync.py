@@ -165,3 +165,24 @@ def test_convert_and_revert_keep_a_pruned_batchnorm_and_its_hooks():
     assert list(reverted.state_dict()) == keys
     reverted(x)
     assert len(calls) == 4
+
+
+def test_convert_and_revert_replace_a_layer_under_every_name_by_one():
+    bn = torch.nn.BatchNorm2d(4)
+    model = torch.nn.Sequential(torch.nn.Sequential(bn), torch.nn.Sequential(bn))
+    model.alias = bn
+    ndnn.convert_sync_batchnorm(model)
+    assert isinstance(model.alias, ndnn.SyncBatchNorm)
+    assert model.alias is model[0][0] is model[1][0]
+    ndnn.revert_sync_batchnorm(model)
+    assert type(model.alias) is torch.nn.BatchNorm2d and model.alias is model[0][0] is model[1][0]
+
+
+def test_revert_that_raises_leaves_the_model_as_it_was():
+    model = torch.nn.Sequential(
+        ndnn.convert_sync_batchnorm(torch.nn.BatchNorm2d(4)), ndnn.SyncBatchNorm(4)
+    )
+    first = model[0]
+    with pytest.raises(InputError, match="pass cls="):
+        ndnn.revert_sync_batchnorm(model)
+    assert model[0] is first

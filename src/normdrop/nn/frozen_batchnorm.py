@@ -36,6 +36,7 @@ from normdrop.nn.batchnorm import (
     _check_batch_norm_config,
     check_input,
 )
+from normdrop.nn.swap import swap_layers
 
 __all__ = [
     "FrozenBatchNorm1d",
@@ -341,10 +342,25 @@ def freeze_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     BatchNorm). Each frozen layer holds a copy of the statistics and affine as they are now.
     A BatchNorm subclass with its own forward (e.g. a fused activation) is left as it is, with a
     warning: freezing it would drop what it adds. A SyncBatchNorm built directly (not by
-    ``convert_sync_batchnorm``) has no known input rank: revert it first.
+    ``convert_sync_batchnorm``) has no known input rank: revert it first. A BatchNorm held
+    under several names (of one parent or of several) becomes one frozen layer under all of
+    them; a layer that cannot be frozen (``track_running_stats=False``) raises before the model
+    is changed.
     """
     skipped: list[str] = []
-    frozen = _freeze(module, "", skipped)
+
+    def frozen(layer: torch.nn.Module, path: str) -> torch.nn.Module | None:
+        if not isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+            return None
+        frozen_class = _frozen_class_for(layer) if _is_freezable(layer) else None
+        if frozen_class is None:
+            skipped.append(path or "<root>")
+            return layer
+        new = frozen_class.from_batchnorm(layer)
+        new.train(layer.training)
+        return new
+
+    result = swap_layers(module, frozen)
     if skipped:
         warnings.warn(
             "freeze_batchnorm: left these BatchNorms unfrozen (a subclass whose forward is not "
@@ -353,36 +369,24 @@ def freeze_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
             UserWarning,
             stacklevel=2,
         )
-    return frozen
-
-
-def _freeze(module: torch.nn.Module, path: str, skipped: list[str]) -> torch.nn.Module:
-    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-        frozen_class = _frozen_class_for(module) if _is_freezable(module) else None
-        if frozen_class is None:
-            skipped.append(path or "<root>")
-            return module
-        frozen = frozen_class.from_batchnorm(module)
-        frozen.train(module.training)
-        return frozen
-    for name, child in module.named_children():
-        module.add_module(name, _freeze(child, f"{path}.{name}" if path else name, skipped))
-    return module
+    return result
 
 
 def unfreeze_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     """Replace every frozen BatchNorm in ``module`` by a trainable BatchNorm.
 
-    The new layer is the layer that was frozen (its class, settings and hooks: a
+    The new layer is the layer that was frozen (its class and settings: a
     ``torch.nn.BatchNorm2d`` comes back as one, a ``GhostBatchNorm2d`` with its virtual batch
-    size) with the frozen statistics and affine; a frozen layer built directly becomes a
-    normdrop BatchNorm of its rank (momentum 0.1, affine). In place; returns ``module`` or the
-    new layer.
+    size; not its hooks, which the frozen layer never ran) with the frozen statistics and
+    affine; a frozen layer built directly becomes a normdrop BatchNorm of its rank (momentum
+    0.1, affine). In place, under every name the layer has; returns ``module`` or the new layer.
     """
-    if isinstance(module, _FrozenBatchNorm):
-        bn = module.to_batchnorm()
-        bn.train(module.training)
+
+    def thawed(layer: torch.nn.Module, path: str) -> torch.nn.Module | None:
+        if not isinstance(layer, _FrozenBatchNorm):
+            return None
+        bn = layer.to_batchnorm()
+        bn.train(layer.training)
         return bn
-    for name, child in module.named_children():
-        module.add_module(name, unfreeze_batchnorm(child))
-    return module
+
+    return swap_layers(module, thawed)

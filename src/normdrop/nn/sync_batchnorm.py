@@ -49,6 +49,7 @@ from normdrop.functional import (
     batch_statistics,
 )
 from normdrop.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from normdrop.nn.swap import swap_layers
 
 __all__ = [
     "SyncBatchNorm",
@@ -363,23 +364,26 @@ def convert_sync_batchnorm(
     counterparts, matched by exact type: a subclass with its own forward (ghost, renorm, a fused
     activation) is left alone. Parameters and buffers are shared, not copied. Like PyTorch's
     function it works in place and returns ``module``, or the new layer when ``module`` is
-    itself a BatchNorm. :func:`revert_sync_batchnorm` undoes it.
+    itself a BatchNorm; a layer held under several names becomes one SyncBatchNorm under all of
+    them. :func:`revert_sync_batchnorm` undoes it.
     """
-    if type(module) in _PLAIN_BATCHNORMS:
+
+    def synced(layer: torch.nn.Module, path: str) -> torch.nn.Module | None:
+        if type(layer) not in _PLAIN_BATCHNORMS:
+            return None
         converted = SyncBatchNorm(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
+            layer.num_features,
+            layer.eps,
+            layer.momentum,
+            layer.affine,
+            layer.track_running_stats,
             process_group,
-            bias=not module.affine or module.bias is not None,
+            bias=not layer.affine or layer.bias is not None,
         )
-        converted._unsynced_class = type(module)
-        return _move_state(module, converted)
-    for name, child in module.named_children():
-        module.add_module(name, convert_sync_batchnorm(child, process_group))
-    return module
+        converted._unsynced_class = type(layer)
+        return _move_state(layer, converted)
+
+    return swap_layers(module, synced)
 
 
 def revert_sync_batchnorm(
@@ -389,26 +393,29 @@ def revert_sync_batchnorm(
 
     A layer made by :func:`convert_sync_batchnorm` gets back its original class. One built
     directly as ``SyncBatchNorm`` has no such class: pass ``cls`` (e.g.
-    ``normdrop.nn.BatchNorm2d``). Parameters and buffers are shared, not copied.
+    ``normdrop.nn.BatchNorm2d``). Parameters and buffers are shared, not copied. If some layer
+    cannot be reverted, nothing is.
     """
-    if isinstance(module, SyncBatchNorm):
-        target = cls or getattr(module, "_unsynced_class", None)
+
+    def reverted(layer: torch.nn.Module, path: str) -> torch.nn.Module | None:
+        if not isinstance(layer, SyncBatchNorm):
+            return None
+        target = cls or getattr(layer, "_unsynced_class", None)
         if target is None:
             raise InputError(
                 "revert_sync_batchnorm: this SyncBatchNorm was not made by "
                 "convert_sync_batchnorm, so its original class is unknown; pass cls="
                 "normdrop.nn.BatchNorm1d, BatchNorm2d or BatchNorm3d"
             )
-        extra = {} if not module.affine or module.bias is not None else {"bias": False}
-        reverted = target(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
+        extra = {} if not layer.affine or layer.bias is not None else {"bias": False}
+        new = target(
+            layer.num_features,
+            layer.eps,
+            layer.momentum,
+            layer.affine,
+            layer.track_running_stats,
             **extra,
         )
-        return _move_state(module, reverted)
-    for name, child in module.named_children():
-        module.add_module(name, revert_sync_batchnorm(child, cls))
-    return module
+        return _move_state(layer, new)
+
+    return swap_layers(module, reverted)

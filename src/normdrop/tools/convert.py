@@ -19,6 +19,7 @@ import torch
 
 from normdrop import nn as ndnn
 from normdrop.errors import InputError
+from normdrop.nn.swap import swap_layers
 from normdrop.nn.sync_batchnorm import _move_state
 
 __all__ = ["convert"]
@@ -55,32 +56,6 @@ def _rebuild(module: torch.nn.Module, cls: type[torch.nn.Module]) -> torch.nn.Mo
     # The very parameters, buffers and hook tables, and the instance's other attributes.
     new = _move_state(module, new)
     return new
-
-
-def _swap(
-    module: torch.nn.Module,
-    table: dict,
-    path: str,
-    left: list[str],
-    done: dict[int, torch.nn.Module],
-) -> torch.nn.Module:
-    """``module`` with its layers swapped; ``done`` maps each layer already swapped (by id) to
-    its twin, so that a layer shared by two parents stays one layer."""
-    if id(module) in done:
-        return done[id(module)]
-    if type(module) in table:
-        done[id(module)] = _rebuild(module, table[type(module)])
-        return done[id(module)]
-    done[id(module)] = module
-    if type(module).__module__.startswith("normdrop.") and _is_layer(module):
-        left.append(f"{path or '<root>'} ({type(module).__name__})")
-    # _modules, not named_children(): that lists a child held under two names only once
-    for name, child in list(module._modules.items()):
-        if child is None:
-            continue
-        child_path = f"{path}.{name}" if path else name
-        module.add_module(name, _swap(child, table, child_path, left, done))
-    return module
 
 
 def _is_layer(module: torch.nn.Module) -> bool:
@@ -120,8 +95,17 @@ def convert(
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     target = model if inplace else copy.deepcopy(model)
+    table = _TARGETS[to]
     left: list[str] = []
-    converted = _swap(target, _TARGETS[to], "", left, {})
+
+    def twin(layer: torch.nn.Module, path: str) -> torch.nn.Module | None:
+        if type(layer) in table:
+            return _rebuild(layer, table[type(layer)])
+        if type(layer).__module__.startswith("normdrop.") and _is_layer(layer):
+            left.append(f"{path or '<root>'} ({type(layer).__name__})")
+        return None
+
+    converted = swap_layers(target, twin)
     if to == "torch" and left:
         warnings.warn(
             "convert(to='torch'): these normdrop layers have no torch.nn counterpart and were "
