@@ -548,6 +548,40 @@ def test_module_cache_follows_every_change_a_user_makes(kernel_calls):
     assert len(kernel_calls) >= 11
 
 
+def test_backward_uses_the_weight_as_it_is_at_backward_time(kernel_calls):
+    """``weight.data = ...`` between forward and backward does not bump autograd's version
+    counter; torch's backward reads the parameter as it is then, and so must the kernels'."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, 5, generator=generator)
+    grad = torch.randn(3, 4, 5, 5, generator=generator)
+    results = []
+    for module in (normdrop.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        module.weight.data = torch.full((8,), 5.0)[::2]  # other memory, strided
+        results.append(torch.autograd.grad(y, [xi, module.weight], grad))
+    for ours, theirs in zip(*results, strict=True):
+        assert_close_scaled(ours, theirs, tolerance(torch.float32))
+    assert kernel_calls
+
+
+def test_cached_calls_check_what_can_change_between_calls():
+    """A module's cached eager call refuses what its first call refuses."""
+    module = normdrop.nn.BatchNorm1d(3)
+    x = torch.randn(5, 3)
+    module(x)
+    module.momentum = float("nan")
+    with pytest.raises(TypeError, match="momentum must be a real number"):
+        module(x)
+    module.momentum = 0.1
+    module.eval()
+    module(x)
+    with torch.no_grad():
+        module.running_var.resize_(2)  # the same memory, one value fewer
+    with pytest.raises(RuntimeError):
+        module(x)
+
+
 def test_module_cache_refilled_during_a_lookup(monkeypatch):
     """The module cache is one snapshot, read once per call: another thread refilling it with
     another shape in the middle of a call (simulated here, deterministically, from inside the

@@ -240,6 +240,14 @@ def _check_eps(eps: float, training: bool) -> None:
         raise InputError(f"batch_norm: eps must be non-negative, got {eps}")
 
 
+def _check_momentum(momentum: float) -> None:
+    """Any real momentum is accepted, as in PyTorch (whose own test samples use -1.0); the
+    modules insist on [0, 1] and `normdrop lint` flags odd values. NaN is refused: it would turn
+    every running statistic into NaN."""
+    if not isinstance(momentum, numbers.Real) or momentum != momentum:
+        raise InputTypeError(f"batch_norm: momentum must be a real number, got {momentum!r}")
+
+
 def _check_batch_norm_args(
     input: Tensor,
     running_mean: Tensor | None,
@@ -311,12 +319,8 @@ def _check_batch_norm_args(
                 "Expected more than 1 value per channel when training, "
                 f"got input size {input.size()}"
             )
-        # Any real momentum is accepted, as in PyTorch (whose own test samples use -1.0); the
-        # modules insist on [0, 1] and `normdrop lint` flags odd values.
-        if running_mean is not None and (
-            not isinstance(momentum, numbers.Real) or momentum != momentum
-        ):
-            raise InputTypeError(f"batch_norm: momentum must be a real number, got {momentum!r}")
+        if running_mean is not None:
+            _check_momentum(momentum)
     elif running_mean is None:
         raise InputError(
             "batch_norm: running_mean and running_var are required when training=False "

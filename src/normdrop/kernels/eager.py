@@ -80,6 +80,7 @@ class _Entry:
         "running_var",
         "training",
         "weight",
+        "weight_at",
         "what",
     )
 
@@ -125,6 +126,7 @@ def remember(
     entry.buffers = (running_mean, running_var)
     key = (input.shape, input.stride(), dtype, entry.training, eps)
     tensors = (weight, bias, running_mean, running_var)
+    entry.weight_at = _pointer(weight)
     cache.state = (key, tensors, tuple(_pointer(t) for t in tensors), entry)
     return entry
 
@@ -150,9 +152,11 @@ def _lookup(cache, input, running_mean, running_var, weight, bias, training, eps
         or running_var is not tensors[3]
     ):
         return None
-    # The same objects, but maybe over new memory (``param.data = ...``, ``module.to(...)``).
+    # The same objects, but maybe over new memory (``param.data = ...``, ``module.to(...)``)
+    # or resized in place (``resize_``: the same memory, fewer values).
+    channels = entry.channels
     for tensor, pointer in zip(tensors, pointers, strict=True):
-        if tensor is not None and tensor.data_ptr() != pointer:
+        if tensor is not None and (tensor.data_ptr() != pointer or tensor.numel() != channels):
             return None
     return entry
 
@@ -190,8 +194,11 @@ def _forward(entry: _Entry, input: Tensor, momentum: float):
     return output, stats
 
 
-def _backward(entry: _Entry, grad_output: Tensor, input: Tensor, stats: np.ndarray, needs):
-    """``(grad_input, grad_weight, grad_bias)`` in one kernel call; None for what ``needs``
+def _backward(
+    entry: _Entry, grad_output: Tensor, input: Tensor, weight_now: np.ndarray, stats, needs
+):
+    """``(grad_input, grad_weight, grad_bias)`` in one kernel call, with the weight as it is
+    now (``weight_now``, see :func:`_weight_now`); None for what ``needs``
     (``ctx.needs_input_grad``) does not ask for."""
     given = grad_output
     grad_output = ops._same_layout(grad_output, input)
@@ -211,7 +218,7 @@ def _backward(entry: _Entry, grad_output: Tensor, input: Tensor, stats: np.ndarr
         entry.plane,
         stats[0],
         stats[1],
-        entry.weight,
+        weight_now,
         entry.bias,
         entry.params,
         cpu.IDENTITY,
@@ -227,6 +234,23 @@ def _backward(entry: _Entry, grad_output: Tensor, input: Tensor, stats: np.ndarr
     if entry.grad_layout and grad_input is not None:
         grad_input = F._in_input_grad_layout(grad_input, input, given)
     return grad_input, grad_weight, grad_bias
+
+
+def _weight_now(entry: _Entry, weight: Tensor | None) -> np.ndarray | None:
+    """The weight for the backward kernel: the forward's view, unless ``weight.data = ...``
+    gave the parameter other memory since (autograd's version check does not see that; the
+    backward must use the weight as it is now, as torch's does); None where it no longer has
+    one value per channel (the general path then fails as torch does)."""
+    if weight is None or weight.data_ptr() == entry.weight_at:
+        return entry.weight
+    if (
+        _NUMPY.get(weight.dtype) != entry.dtype
+        or weight.numel() != entry.channels
+        or not weight.is_contiguous()
+        or not weight.is_cpu
+    ):
+        return None
+    return weight.detach().numpy()
 
 
 class _BatchNormFunction(torch.autograd.Function):
@@ -246,8 +270,10 @@ class _BatchNormFunction(torch.autograd.Function):
         input, weight, bias = ctx.saved_tensors
         entry, stats = ctx.entry, ctx.stats
         needs = ctx.needs_input_grad
+        weight_now = _weight_now(entry, weight)
         if (
-            torch.is_grad_enabled()
+            weight_now is None
+            or torch.is_grad_enabled()
             or type(grad_output) not in _PLAIN
             or ops.under_transform(grad_output)
         ):
@@ -259,7 +285,7 @@ class _BatchNormFunction(torch.autograd.Function):
             grads = ops._grads(ctx, grad_output, saved)
             return (*ops._needed(ctx, weight, bias, grads), None, None)
         # _backward leaves None where needs says no (and a None weight or bias needs nothing)
-        return (*_backward(entry, grad_output, input, stats, needs), None, None)
+        return (*_backward(entry, grad_output, input, weight_now, stats, needs), None, None)
 
 
 _apply = ops.direct_apply(_BatchNormFunction)
@@ -297,7 +323,11 @@ def run(
 ) -> Tensor:
     """The call on the kernels with ``entry``'s arguments: one kernel call without autograd,
     else through :class:`_BatchNormFunction`."""
-    momentum = float(momentum) if training and running_mean is not None else 0.0
+    if training and running_mean is not None:
+        F._check_momentum(momentum)
+        momentum = float(momentum)
+    else:
+        momentum = 0.0
     if not (
         torch.is_grad_enabled()
         and (
