@@ -47,7 +47,7 @@ import math
 import numbers
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 
 from normdrop.errors import InputError, InputTypeError
 from normdrop.functional import (
@@ -60,6 +60,7 @@ from normdrop.functional import (
     batch_statistics,
 )
 from normdrop.nn.batchnorm import _BatchNorm
+from normdrop.nn.tracing import record_call
 
 __all__ = [
     "BatchRenorm1d",
@@ -209,6 +210,8 @@ class _BatchRenorm(_BatchNorm):
         return rmax, dmax
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return record_call(self, input)
         self._check_input_dim(input)
         if not self.training:
             return super().forward(input)

@@ -14,10 +14,11 @@ import numbers
 from collections.abc import Container
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 
 from normdrop.errors import InputError, InputTypeError
 from normdrop.kernels import dispatch
+from normdrop.nn.tracing import record_call
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -175,6 +176,8 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                 counter.add_(1)
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return record_call(self, input)
         self._check_input_dim(input)
         arguments = self._call_arguments()
         self._count_batch()

@@ -47,13 +47,14 @@ import math
 import numbers
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from normdrop import functional as F
 from normdrop.errors import InputError, InputTypeError
 from normdrop.functional import _check_dropout_args, _check_dropout_p, _compute_dtype
+from normdrop.nn.tracing import is_proxy, record_call
 
 __all__ = [
     "DropBlock2d",
@@ -137,6 +138,8 @@ class DropPath(torch.nn.Module):
         return f"p={self.p}, mode={self.mode!r}, scale_by_keep={self.scale_by_keep}"
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return record_call(self, input)
         return drop_path(
             input, self.p, self.training, self.mode, self.scale_by_keep, generator=self.generator
         )
@@ -252,6 +255,8 @@ class DropBlock2d(torch.nn.Module):
         return f"p={self.p}, block_size={self.block_size}, per_channel={self.per_channel}"
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return record_call(self, input)
         return drop_block2d(
             input,
             self.p,
@@ -296,6 +301,8 @@ class DropConnect(torch.nn.Module):
         return f"p={self.p}"
 
     def forward(self, *args, **kwargs) -> Tensor:
+        if is_proxy(*args, **kwargs):
+            return record_call(self, *args, **kwargs)
         if not self.training or self.p == 0:
             return self.module(*args, **kwargs)
         if parametrize.is_parametrized(self.module, "weight"):
@@ -372,4 +379,6 @@ class GaussianDropout(torch.nn.Module):
         return f"p={self.p}"
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return record_call(self, input)
         return gaussian_dropout(input, self.p, self.training, generator=self.generator)

@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 
 from normdrop import functional as F
 from normdrop.errors import InputError
 from normdrop.functional import _check_dropout_p
 from normdrop.kernels import dispatch
+from normdrop.nn.tracing import record_call
 
 __all__ = [
     "AlphaDropout",
@@ -50,6 +51,8 @@ class _Dropout(torch.nn.modules.dropout._DropoutNd):
         )
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return record_call(self, input)
         inplace = self.inplace and self._honours_inplace
         return dispatch.module_dropout(type(self)._function, input, self.p, self.training, inplace)
 

@@ -25,7 +25,7 @@ import copy
 import warnings
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 
 from normdrop import functional as F
 from normdrop.errors import InputError, InputTypeError
@@ -37,6 +37,7 @@ from normdrop.nn.batchnorm import (
     check_input,
 )
 from normdrop.nn.swap import swap_layers
+from normdrop.nn.tracing import record_call
 
 __all__ = [
     "FrozenBatchNorm1d",
@@ -126,6 +127,8 @@ class _FrozenBatchNorm(torch.nn.Module):
 
     @torch.jit.unused
     def _forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return record_call(self, input)
         check_input(
             type(self).__name__, input, self.num_features, self._input_ranks, self._input_shapes
         )

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numbers
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 
 from normdrop.errors import InputError, InputTypeError
 from normdrop.functional import (
@@ -36,6 +36,7 @@ from normdrop.functional import (
     batch_statistics,
 )
 from normdrop.nn.batchnorm import _BatchNorm
+from normdrop.nn.tracing import record_call
 
 __all__ = ["DEFAULT_VIRTUAL_BATCH_SIZE", "GhostBatchNorm1d", "GhostBatchNorm2d"]
 
@@ -120,6 +121,8 @@ class _GhostBatchNorm(_BatchNorm):
             self.num_batches_tracked.add_(1)
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return record_call(self, input)
         self._check_input_dim(input)
         if not self.training and self.running_mean is not None:
             return super().forward(input)  # plain BatchNorm with the running statistics

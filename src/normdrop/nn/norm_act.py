@@ -15,12 +15,13 @@ the unfused chain of :mod:`normdrop.functional` calls, with torch's masks.
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, fx
 
 from normdrop.functional import _check_dropout_p
 from normdrop.kernels import dispatch
 from normdrop.kernels.activations import check_activation
 from normdrop.nn.batchnorm import BatchNorm1d, BatchNorm2d, _BatchNorm
+from normdrop.nn.tracing import record_call
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d"]
 
@@ -64,6 +65,8 @@ class _BatchNormAct(_BatchNorm):
         return f"{super().extra_repr()}, activation={self.activation!r}, p={self.p}{slope}"
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return record_call(self, input)
         self._check_input_dim(input)
         arguments = self._call_arguments()
         self._count_batch()

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, fx
 from torch.autograd.function import once_differentiable
 
 from normdrop.errors import InputError, InputTypeError
@@ -50,6 +50,7 @@ from normdrop.functional import (
 )
 from normdrop.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 from normdrop.nn.swap import swap_layers
+from normdrop.nn.tracing import record_call
 
 __all__ = [
     "SyncBatchNorm",
@@ -273,6 +274,8 @@ class SyncBatchNorm(_BatchNorm):
         )
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return record_call(self, input)
         if not self._synchronizes():
             return super().forward(input)
         self._check_input_dim(input)

@@ -37,6 +37,7 @@ from normdrop.nn.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from normdrop.nn.frozen_batchnorm import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from normdrop.nn.ghost_batchnorm import GhostBatchNorm1d, GhostBatchNorm2d
 from normdrop.nn.sync_batchnorm import _PLAIN_BATCHNORMS, SyncBatchNorm
+from normdrop.nn.tracing import record_call
 
 __all__ = ["FoldedBatchNorm", "fold_batchnorm"]
 
@@ -297,6 +298,11 @@ class FoldedBatchNorm(torch.nn.Identity):
         return f"rank={self.rank}, folded_into={self.layer!r}"
 
     def forward(self, input: Tensor) -> Tensor:
+        # Nested: TorchScript skips a branch under `not is_scripting()`, not half a condition
+        # (it knows no fx.Proxy).
+        if not torch.jit.is_scripting():  # noqa: SIM102
+            if isinstance(input, fx.Proxy):
+                return record_call(self, input)
         if self.training:
             raise InputError(
                 "this model was made by fold_batchnorm and is eval-only: its BatchNorms are "
