@@ -89,6 +89,12 @@ def test_drop_path_identity_cases_and_errors():
         ndnn.DropPath(1.5)
     with pytest.raises(InputError, match="batch dimension"):
         drop_path(torch.tensor(1.0), 0.5)
+    integers = torch.ones(2, 3, dtype=torch.long)
+    assert ndnn.DropPath(0.5).eval()(integers) is integers  # eval is the identity, any dtype
+    with pytest.raises(InputTypeError, match="floating-point"):
+        ndnn.DropPath(0.5)(integers)
+    with pytest.raises(InputTypeError, match="scale_by_keep must be True or False"):
+        ndnn.DropPath(0.5, scale_by_keep="no")
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,6 +210,15 @@ def test_drop_block_identity_cases_and_errors():
         ndnn.DropBlock2d(0.1, 2.0)
     with pytest.raises(InputError, match="between 0 and 1"):
         drop_block2d(x, -0.1, 3)
+    integers = torch.ones(2, 3, 5, 5, dtype=torch.long)
+    assert ndnn.DropBlock2d(0.5, 3).eval()(integers) is integers
+    with pytest.raises(InputTypeError, match="per_channel must be True or False"):
+        ndnn.DropBlock2d(0.1, 3, per_channel="no")
+    for eps in (math.nan, -1.0, math.inf):
+        with pytest.raises(InputError, match="eps must be a finite real number >= 0"):
+            ndnn.DropBlock2d(0.1, 3, eps=eps)
+    with pytest.raises(InputTypeError, match="eps"):
+        drop_block2d(x, 0.1, 3, eps="1e-6")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -324,6 +339,8 @@ def test_gaussian_dropout_identity_cases_gradient_and_errors():
         ndnn.GaussianDropout(1.0)
     with pytest.raises(InputError, match="between 0 and 1"):
         gaussian_dropout(x, -0.5)
+    integers = torch.ones(2, 3, dtype=torch.long)
+    assert ndnn.GaussianDropout(0.5).eval()(integers) is integers
 
 
 def test_same_global_seed_same_noise_for_every_layer():

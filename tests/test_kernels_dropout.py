@@ -128,6 +128,25 @@ def test_inplace_matches_out_of_place():
     assert torch.equal(leaf.grad, expected_factor(x, 0.25, 8))
 
 
+def test_inplace_kernel_keeps_torchs_inplace_bookkeeping():
+    """The kernel writes through numpy; a tensor saved for backward must still be seen as
+    modified, and an inference tensor refused, as a torch in-place op would."""
+    weight = torch.randn(4, 64, requires_grad=True)
+    x = torch.randn(64)
+    loss = (weight @ x).sum()  # saves x for the weight's gradient
+    version = x._version
+    normdrop.nn.Dropout(0.5, inplace=True)(x)
+    assert x._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with torch.inference_mode():
+        frozen = torch.ones(64)
+        normdrop.nn.Dropout(0.5, inplace=True)(torch.ones(64))  # allowed inside the mode
+    with pytest.raises(RuntimeError, match="inference tensor outside InferenceMode"):
+        normdrop.nn.Dropout(0.5, inplace=True)(frozen)
+    assert torch.equal(frozen, torch.ones(64))
+
+
 @pytest.mark.parametrize("p", [0.0, 1.0])
 def test_edge_probabilities_match_reference(p):
     x = torch.tensor([1.0, -2.0, float("inf"), float("nan")])

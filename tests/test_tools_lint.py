@@ -158,6 +158,14 @@ def test_lint_leaves_the_model_and_the_rng_as_they_were():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+def test_lint_leaves_the_generators_that_layers_own_as_they_were():
+    generator = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), ndnn.DropPath(0.5, generator=generator))
+    state = generator.get_state()
+    lint(model.train(), torch.randn(5, 3))
+    assert torch.equal(generator.get_state(), state)
+
+
 def test_inputs_as_tuple_or_dict_and_a_model_that_does_not_run():
     class TwoInputs(torch.nn.Module):
         def __init__(self):

@@ -200,3 +200,21 @@ def test_hugging_face_style_drop_path_is_sampled():
     assert not model[2].training
     prediction = mc_predict(model, torch.randn(16, 5), samples=20)
     assert (prediction.variance > 0).any()
+
+
+def test_seed_reproduces_layers_with_their_own_generator_and_leaves_it_as_it_was():
+    generator = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16),
+        ndnn.GaussianDropout(0.5, generator=generator),
+        ndnn.DropPath(0.5, generator=generator),
+        torch.nn.Linear(16, 3),
+    )
+    x = torch.randn(10, 8)
+    state = generator.get_state()
+    first = mc_predict(model, x, samples=5, seed=3)
+    second = mc_predict(model, x, samples=5, seed=3)
+    assert torch.equal(first.mean, second.mean)
+    assert torch.equal(generator.get_state(), state)
+    other = mc_predict(model, x, samples=5, seed=4)
+    assert not torch.equal(first.mean, other.mean)

@@ -974,8 +974,19 @@ def _(input, p, seed, offset) -> None:
 
 
 def dropout_(input: Tensor, p: float, seed: Tensor, offset: int) -> None:
-    """In-place :func:`dropout` (no autograd: for inference and ``torch.no_grad``)."""
+    """In-place :func:`dropout` (no autograd: for inference and ``torch.no_grad``).
+
+    The kernel writes the memory through numpy, past torch's in-place bookkeeping, so what an
+    in-place torch op does is done here: an inference tensor outside inference mode is refused
+    (torch's message) and the version counter is bumped, so that a backward that saved the
+    tensor raises instead of using the dropped values."""
     if _eager(input, seed):
+        if input.is_inference() and not torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "Inplace update to inference tensor outside InferenceMode is not allowed. You "
+                "can make a clone to get a normal tensor before doing inplace update."
+            )
         _dropout_inplace(input, p, seed, offset)
+        torch.autograd.graph.increment_version(input)
     else:
         _dropout_inplace_op(input, p, seed, offset)

@@ -70,6 +70,18 @@ __all__ = [
 _DROP_PATH_MODES = ("row", "batch")
 
 
+def _check_flag(name: str, argument: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise InputTypeError(f"{name}: {argument} must be True or False, got {value!r}")
+
+
+def _check_eps(name: str, eps: float) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise InputTypeError(f"{name}: eps must be a finite real number >= 0, got {eps!r}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise InputError(f"{name}: eps must be a finite real number >= 0, got {eps!r}")
+
+
 # --------------------------------------------------------------------------------------------
 # DropPath
 # --------------------------------------------------------------------------------------------
@@ -92,7 +104,8 @@ def drop_path(
         mode: ``"row"``: one draw per sample; ``"batch"``: one draw for the whole input.
         scale_by_keep: divide the survivors by ``1 - p`` so the expectation is unchanged.
     """
-    _check_dropout_args("drop_path", input, p)
+    _check_dropout_args("drop_path", input, p, training)
+    _check_flag("drop_path", "scale_by_keep", scale_by_keep)
     if mode not in _DROP_PATH_MODES:
         raise InputError(f"drop_path: mode must be one of {_DROP_PATH_MODES}, got {mode!r}")
     if input.dim() < 1:
@@ -130,6 +143,7 @@ class DropPath(torch.nn.Module):
         _check_dropout_p("DropPath", p)
         if mode not in _DROP_PATH_MODES:
             raise InputError(f"DropPath: mode must be one of {_DROP_PATH_MODES}, got {mode!r}")
+        _check_flag("DropPath", "scale_by_keep", scale_by_keep)
         super().__init__()
         self.p, self.mode, self.scale_by_keep = p, mode, scale_by_keep
         self.generator = generator
@@ -195,7 +209,9 @@ def drop_block2d(
             False: one per sample, shared by the channels.
         eps: keeps the rescaling finite when everything is dropped.
     """
-    _check_dropout_args("drop_block2d", input, p)
+    _check_dropout_args("drop_block2d", input, p, training)
+    _check_flag("drop_block2d", "per_channel", per_channel)
+    _check_eps("drop_block2d", eps)
     _check_block_size("drop_block2d", block_size)
     if input.dim() != 4:
         raise InputError(
@@ -247,6 +263,8 @@ class DropBlock2d(torch.nn.Module):
     ) -> None:
         _check_dropout_p("DropBlock2d", p)
         _check_block_size("DropBlock2d", block_size)
+        _check_flag("DropBlock2d", "per_channel", per_channel)
+        _check_eps("DropBlock2d", eps)
         super().__init__()
         self.p, self.block_size, self.per_channel, self.eps = p, block_size, per_channel, eps
         self.generator = generator
@@ -347,7 +365,7 @@ def gaussian_dropout(
     ``p`` in [0, 1): the noise variance ``p / (1 - p)`` is that of the dropout mask
     ``Bernoulli(1 - p) / (1 - p)``, and is infinite at ``p = 1``.
     """
-    _check_dropout_args("gaussian_dropout", input, p)
+    _check_dropout_args("gaussian_dropout", input, p, training)
     if p == 1:
         raise InputError(
             "gaussian_dropout: p must be < 1 (the noise variance p / (1 - p) is infinite at 1)"

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from normdrop.errors import InputError
 from normdrop.nn.drop import DropBlock2d, DropConnect, DropPath, GaussianDropout
+from normdrop.tools.rng import forked_rng
 
 __all__ = ["MCPrediction", "mc_dropout", "mc_predict"]
 
@@ -153,7 +154,9 @@ def mc_predict(
         samples: T, the number of stochastic passes, at least 2.
         activation: ``"softmax"`` (logits with classes in dim 1), ``"sigmoid"`` (binary or
             multi-label logits) or ``None`` (regression: entropies are ``None``).
-        seed: makes the draws reproducible without touching the global RNG state.
+        seed: makes the draws reproducible without touching the global RNG state or the
+            generators that layers own (``DropPath(p, generator=g)``); each of those is seeded
+            from ``seed`` too.
 
     Returns:
         :class:`MCPrediction` in float64 (see the module docstring for the formulas).
@@ -167,12 +170,10 @@ def mc_predict(
     rng = contextlib.nullcontext()
     if seed is not None:
         if x.device.type == "cpu":
-            rng = torch.random.fork_rng(devices=[])
+            rng = forked_rng(model, devices=[], seed=seed)
         else:
-            rng = torch.random.fork_rng(devices=[x.device], device_type=x.device.type)
+            rng = forked_rng(model, [x.device], x.device.type, seed=seed)
     with rng, mc_dropout(model):
-        if seed is not None:
-            torch.manual_seed(seed)
         draws = torch.stack([_probabilities(model(x), activation) for _ in range(samples)])
     mean, variance = draws.mean(0), draws.var(0, correction=1)
     if activation is None:

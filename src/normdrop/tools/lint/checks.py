@@ -49,6 +49,7 @@ from torch.overrides import TorchFunctionMode
 from normdrop.errors import InputError
 from normdrop.nn.norm_act import _BatchNormAct
 from normdrop.tools.mc_dropout import DROPOUT_LAYERS
+from normdrop.tools.rng import forked_rng
 
 __all__ = ["SEVERITIES", "Finding", "lint"]
 
@@ -431,7 +432,7 @@ def lint(model: torch.nn.Module, example_input: Any, *, deployment: bool = True)
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = sorted({t.device.index or 0 for t in _tensors(example_input) if t.is_cuda})
     try:
-        with torch.random.fork_rng(devices=devices):
+        with forked_rng(model, devices):
             findings += _run_example(model, example_input)
     finally:
         for module, training in modes.items():
