@@ -178,6 +178,50 @@ class ReusedBatchNorm(torch.nn.Module):
         return self.bn(self.conv(x)) + self.bn(x)
 
 
+class KeptFeatures(torch.nn.Module):
+    """forward keeps the conv's output for a feature loss: a use the graph does not show."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 2, 1)
+        self.bn = torch.nn.BatchNorm2d(2)
+        self.features: list[torch.Tensor] = []
+
+    def forward(self, x):
+        h = self.conv(x)
+        self.pre_bn = h
+        self.features.append(h)
+        return self.bn(h)
+
+
+def test_a_pair_whose_output_forward_keeps_is_not_folded_and_no_trace_objects_stay():
+    model = _randomize(KeptFeatures()).eval()
+    with pytest.warns(UserWarning, match="forward keeps the output of 'conv' in an attribute"):
+        folded = fold_batchnorm(model)
+    assert _batchnorm_paths(folded) == {"bn"}
+    assert folded.features == [] and not hasattr(folded, "pre_bn")
+    x = torch.rand(4, 2, 3, 3)
+    torch.testing.assert_close(folded(x), model(x))
+    torch.testing.assert_close(folded.pre_bn, model.pre_bn)
+
+
+def test_a_batchnorm_called_with_its_input_as_keyword_folds():
+    class Keyword(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 2, 1)
+            self.bn = torch.nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.bn(input=self.conv(x))
+
+    model = _randomize(Keyword()).eval()
+    folded = fold_batchnorm(model)
+    assert _batchnorm_paths(folded) == set()
+    x = torch.rand(4, 2, 3, 3)
+    torch.testing.assert_close(folded(x), model(x))
+
+
 @pytest.mark.parametrize(
     ("model", "inputs"),
     [

@@ -151,15 +151,52 @@ def _pairs_from_graph(
     at their defaults, and a pair folds only if both graphs allow it.
     """
     optional = _optional_arguments(model)
-    graphs = [_Tracer().trace(model)]
+    pairs = [_pairs_traced(model, None, refused, prefix)]
     if optional:
-        graphs.append(_Tracer().trace(model, concrete_args=optional))
-    pairs = [_pairs_in_graph(model, graph, refused, prefix) for graph in graphs]
+        pairs.append(_pairs_traced(model, optional, refused, prefix))
     return [pair for pair in pairs[0] if all(pair in other for other in pairs[1:])]
 
 
+def _pairs_traced(
+    model: torch.nn.Module, concrete_args: dict | None, refused: dict[str, str], prefix: str
+) -> list[tuple[str, str]]:
+    """The pairs of one trace. It runs on a copy (sharing the tensors): a forward that stores
+    what it computes (``self.features = y``, a list it appends to) stores Proxies while
+    traced, which must not stay in the model, and which show which values escape the graph."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    scratch = copy.deepcopy(model, {id(t): t for t in tensors})
+    graph = _Tracer().trace(scratch, concrete_args=concrete_args)
+    return _pairs_in_graph(scratch, graph, _escaped(scratch), refused, prefix)
+
+
+def _escaped(model: torch.nn.Module) -> set[fx.Node]:
+    """The graph nodes whose values the traced forward kept in module attributes (directly or
+    inside lists, tuples, sets and dicts): uses the graph does not show."""
+    found: set[fx.Node] = set()
+
+    def collect(value: Any, depth: int) -> None:
+        if isinstance(value, fx.Proxy):
+            found.add(value.node)
+        elif depth and isinstance(value, list | tuple | set | frozenset):
+            for item in value:
+                collect(item, depth - 1)
+        elif depth and isinstance(value, dict):
+            for item in value.values():
+                collect(item, depth - 1)
+
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name not in ("_parameters", "_buffers", "_modules"):
+                collect(value, 3)
+    return found
+
+
 def _pairs_in_graph(
-    model: torch.nn.Module, graph: fx.Graph, refused: dict[str, str], prefix: str
+    model: torch.nn.Module,
+    graph: fx.Graph,
+    escaped: set[fx.Node],
+    refused: dict[str, str],
+    prefix: str,
 ) -> list[tuple[str, str]]:
     modules = dict(model.named_modules())
     # A leaf calls its submodules unseen (DropConnect its layer): count them as called too.
@@ -174,16 +211,17 @@ def _pairs_in_graph(
     read = {node.target for node in graph.nodes if node.op == "get_attr"}
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not _is_batchnorm(modules[node.target]) or not node.args:
+        arguments = [*node.args, *node.kwargs.values()]  # bn(x) or bn(input=x)
+        if node.op != "call_module" or not _is_batchnorm(modules[node.target]) or not arguments:
             continue
-        source = node.args[0]
+        source = arguments[0]
         if not isinstance(source, fx.Node) or source.op != "call_module":
             continue
         layer, bn = modules[source.target], modules[node.target]
         if not isinstance(layer, torch.nn.Linear | torch.nn.modules.conv._ConvNd):
             continue
         reason = _refusal(layer, bn)
-        if reason is None and (len(node.args) != 1 or node.kwargs):
+        if reason is None and len(arguments) != 1:
             reason = "it is called with more arguments"
         elif reason is None and calls[node.target] != 1:
             reason = "it is applied more than once"
@@ -191,6 +229,8 @@ def _pairs_in_graph(
             reason = f"{source.target!r} is applied more than once"
         elif reason is None and len(source.users) != 1:
             reason = f"the output of {source.target!r} is used elsewhere too"
+        elif reason is None and source in escaped:
+            reason = f"forward keeps the output of {source.target!r} in an attribute"
         elif reason is None and any(_within(t, (source.target, node.target)) for t in read):
             reason = "forward reads the tensors of one of the two directly"
         if reason is None:
