@@ -64,6 +64,35 @@ def test_variance_shift_is_traced_through_functional_code_until_a_normalization(
     assert "'drop'" in findings[0].message and findings[0].fix
 
 
+class FunctionalNorm(torch.nn.Module):
+    """Dropout, then a normalization by torch's function (as ConvNeXt's LayerNorm2d), then BN."""
+
+    def __init__(self, normalize):
+        super().__init__()
+        self.drop, self.normalize = torch.nn.Dropout(0.1), normalize
+        self.conv = torch.nn.Conv2d(8, 8, 1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(self.normalize(self.drop(x))))
+
+
+@pytest.mark.parametrize(
+    "normalize",
+    [
+        lambda x: torch.nn.functional.group_norm(x, 2),
+        lambda x: torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (8,)).permute(0, 3, 1, 2),
+        torch.nn.functional.instance_norm,
+    ],
+)
+def test_torchs_normalization_functions_end_the_variance_shift(normalize):
+    assert lint(FunctionalNorm(normalize), torch.randn(2, 8, 4, 4)) == []
+    unnormalized = FunctionalNorm(torch.nn.functional.relu)
+    assert _rules(lint(unnormalized, torch.randn(2, 8, 4, 4))) == {
+        ("dropout-before-batchnorm", "bn", "warning")
+    }
+
+
 class Residual(torch.nn.Module):
     """In eval, dropout returns its input object; the BatchNorm on the skip path is clean."""
 
@@ -224,6 +253,32 @@ def test_command_line(tmp_path, capsys):
         cli_main([f"{path}:bad", "--input-shape", "4,x"])
 
 
+def test_a_model_file_loads_as_python_would_run_it(tmp_path, monkeypatch):
+    """Its neighbours import, and a dataclass with string annotations (which looks its module up
+    in sys.modules) works."""
+    (tmp_path / "blocks.py").write_text(
+        "from torch import nn\n"
+        "def conv_bn(i, o):\n"
+        "    return nn.Sequential(nn.Conv2d(i, o, 3, bias=False), nn.BatchNorm2d(o))\n"
+    )
+    (tmp_path / "dc_model.py").write_text(
+        "from __future__ import annotations\n"
+        "from dataclasses import dataclass\n"
+        "from blocks import conv_bn\n"
+        "@dataclass\n"
+        "class Config:\n"
+        "    width: int = 8\n"
+        "def make():\n"
+        "    return conv_bn(3, Config().width)\n"
+    )
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        assert cli_main([f"{tmp_path / 'dc_model.py'}:make", "--input-shape", "2,3,8,8"]) == 0
+    finally:
+        for name in ("dc_model", "blocks"):
+            sys.modules.pop(name, None)
+
+
 def test_python_dash_m(tmp_path):
     (tmp_path / "mymodels.py").write_text(MODELS)
     done = subprocess.run(
@@ -263,6 +318,17 @@ def test_redundant_bias_only_where_the_batchnorm_is_the_outputs_only_use():
 
     assert all(rule != "redundant-bias" for rule, _ in _found(Skip(), x))
 
+    class Neck(torch.nn.Module):  # the embedding is an output too (a BN-neck): bias matters
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            embedding = self.fc(x)
+            return {"normalized": self.bn(embedding), "embedding": embedding}
+
+    assert all(rule != "redundant-bias" for rule, _ in _found(Neck(), torch.randn(5, 8)))
+
 
 @pytest.mark.parametrize(
     "bn",
@@ -278,6 +344,9 @@ def test_batch_of_one_is_reported_without_weight_or_in_float64(bn):
     x = torch.randn(1, 4, dtype=dtype or torch.float32)
     assert ("batch-of-one", "") in _found(module, x)
     assert module.running_mean is None  # the lent statistics are gone
+    # without running statistics, eval mode normalizes with batch statistics too
+    assert ("batch-of-one", "") in _found(module.eval(), x)
+    assert module.running_mean is None
 
 
 def test_dropout_fused_into_batchnormact_before_a_batchnorm_is_seen():

@@ -11,8 +11,10 @@ dropout-before-batchnorm    warning  a BatchNorm's input passed through a (unit-
                                      since the last normalization, directly or through Linear,
                                      Conv or activations: variance shift (Li et al. 2019)
 batchnorm-training-in-eval  error    the model is in eval mode but a BatchNorm is training
-batch-of-one                error    a BatchNorm in training mode got 1 value per channel
-redundant-bias              info     BatchNorm right after a Linear/Conv that has a bias
+batch-of-one                error    a BatchNorm using batch statistics (training, or no
+                                     running statistics) got 1 value per channel
+redundant-bias              info     BatchNorm right after a Linear/Conv that has a bias, whose
+                                     output nothing else uses (nor returns)
 batchnorm-momentum          warning  momentum 1.0, or above 0.5 (a Keras momentum?)
 dropout2d-3d-input          warning  Dropout2d got 3-D input (read as (N, C, L))
 dropout-p                   info /   p = 0 (does nothing; not DropPath/DropBlock) /
@@ -24,12 +26,14 @@ no-running-stats            warning  BatchNorm with track_running_stats=False in
 How the data-flow rules see the graph: the example forward runs under a
 ``TorchFunctionMode`` that tags every tensor computed from a dropout layer's output with that
 layer, through any torch operation (so ``x.flatten(1)``, ``x + y`` and ``F.relu`` keep the
-tag); a normalization layer's output is clean again. No tracing is needed, so models with
-Python control flow work. Alpha dropout, DropPath and DropBlock are not tags: alpha dropout
+tag); a normalization layer's output is clean again, and so is the output of torch's
+normalization functions (``F.layer_norm``, ``F.group_norm``...), which normalization modules of
+other libraries call. A hand-written normalization (mean and variance by hand) keeps the tag.
+No tracing is needed, so models with Python control flow work. Alpha dropout, DropPath and DropBlock are not tags: alpha dropout
 keeps the variance by design, and the other two are meant for residual branches.
 
-The model is left exactly as it was: modes, buffers (running statistics) and the global RNG
-state are restored, and the forward runs without gradients.
+The model is left exactly as it was: modes, buffers (running statistics), the global RNG state
+and the generators layers own are restored, and the forward runs without gradients.
 
 ``normdrop lint module:factory [--input-shape 8,3,32,32]`` is the command line
 (:mod:`normdrop.tools.lint.cli`); ``python -m normdrop.tools.lint`` runs it too.
@@ -63,6 +67,16 @@ _NORMALIZERS = (
     torch.nn.LayerNorm,
     torch.nn.GroupNorm,
     torch.nn.RMSNorm,
+)
+# The same, as functions (a module may normalize by calling them: ConvNeXt's LayerNorm2d).
+_NORMALIZING_FUNCTIONS = frozenset(
+    (
+        torch.nn.functional.batch_norm,
+        torch.nn.functional.instance_norm,
+        torch.nn.functional.layer_norm,
+        torch.nn.functional.group_norm,
+        torch.nn.functional.rms_norm,
+    )
 )
 _BIASED_LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
 _ALPHA = (torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
@@ -201,17 +215,20 @@ class _DropoutTags(TorchFunctionMode):
         self.tags[id(tensor)] = tags
         self._alive.append(tensor)
 
+    def count_uses(self, value: Any) -> None:
+        for tensor in _tensors(value):
+            if id(tensor) in self.uses:
+                self.uses[id(tensor)] += 1
+
     def of(self, value: Any) -> frozenset[str]:
         return frozenset().union(*(self.tags.get(id(t), frozenset()) for t in _tensors(value)))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not self.paused and self.uses:
-            for tensor in _tensors((args, kwargs)):
-                if id(tensor) in self.uses:
-                    self.uses[id(tensor)] += 1
+            self.count_uses((args, kwargs))
         output = func(*args, **kwargs)
-        tags = self.of((args, kwargs))
+        tags = frozenset() if func in _NORMALIZING_FUNCTIONS else self.of((args, kwargs))
         if tags:
             for tensor in _tensors(output):
                 self.tag(tensor, tags | self.tags.get(id(tensor), frozenset()))
@@ -303,15 +320,17 @@ class _Recorder:
             and x._version == producer[3]  # not changed in place since (ReLU(inplace=True))
         ):
             self.bias_candidates.append((path, name, producer))
-        if bn.training and x.shape[1] and x.numel() // x.shape[1] == 1:
+        batch_statistics = bn.training or bn.running_mean is None
+        if batch_statistics and x.shape[1] and x.numel() // x.shape[1] == 1:
+            mode = "is in training mode" if bn.training else "has no running statistics"
             self.findings.append(
                 Finding(
                     "error",
                     "batch-of-one",
                     path,
-                    f"{name} is in training mode and got input of shape {tuple(x.shape)}: one "
-                    "value per channel, whose variance is 0 (PyTorch raises 'Expected more than "
-                    "1 value per channel when training')",
+                    f"{name} {mode}, so it normalizes with batch statistics, and got input of "
+                    f"shape {tuple(x.shape)}: one value per channel, whose variance is 0 "
+                    "(PyTorch raises 'Expected more than 1 value per channel when training')",
                     "train with batches of 2 or more (DataLoader(drop_last=True) drops a last "
                     "batch of one), or call model.eval() for inference",
                 )
@@ -387,7 +406,8 @@ def _run_example(model: torch.nn.Module, example_input: Any) -> list[Finding]:
     handles = recorder.install(model)
     try:
         with tags:
-            _call(model, example_input)
+            output = _call(model, example_input)
+        tags.count_uses(output)  # a layer output the model returns is used
     except Exception as error:
         where = recorder.stack[-1] if recorder.stack else ""
         failing = model.get_submodule(where) if where else model

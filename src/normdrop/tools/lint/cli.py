@@ -41,9 +41,7 @@ def _load_factory(spec: str) -> Callable[[], Any] | torch.nn.Module:
         path = Path(module_name)
         if not path.is_file():
             raise InputError(f"no such file: {module_name}")
-        loader_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(loader_spec)
-        _user_code(f"importing {module_name}", loader_spec.loader.exec_module, module)
+        module = _user_code(f"importing {module_name}", _import_file, path)
     else:
         if "" not in sys.path:
             sys.path.insert(0, "")  # like `python -m`: modules in the working directory
@@ -52,6 +50,25 @@ def _load_factory(spec: str) -> Callable[[], Any] | torch.nn.Module:
         return functools.reduce(getattr, attribute.split("."), module)
     except AttributeError:
         raise InputError(f"{module_name} has no attribute {attribute!r}") from None
+
+
+def _import_file(path: Path) -> Any:
+    """Import a ``.py`` file as ``python path/file.py`` would run it: its directory first on
+    ``sys.path`` (so it imports its neighbours) and the module in ``sys.modules`` while it runs
+    (dataclasses and pickle look it up there), under the file's name unless that is taken."""
+    name = path.stem if path.stem not in sys.modules else f"_normdrop_lint_{path.stem}"
+    directory = str(path.resolve().parent)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[name] = module
+    try:
+        loader_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def _user_code(what: str, function: Callable, *args: Any) -> Any:
