@@ -29,8 +29,9 @@ layer, through any torch operation (so ``x.flatten(1)``, ``x + y`` and ``F.relu`
 tag); a normalization layer's output is clean again, and so is the output of torch's
 normalization functions (``F.layer_norm``, ``F.group_norm``...), which normalization modules of
 other libraries call. A hand-written normalization (mean and variance by hand) keeps the tag.
-No tracing is needed, so models with Python control flow work. Alpha dropout, DropPath and DropBlock are not tags: alpha dropout
-keeps the variance by design, and the other two are meant for residual branches.
+No tracing is needed, so models with Python control flow work. Alpha dropout, DropPath and
+DropBlock are not tags: alpha dropout keeps the variance by design, and the other two are meant
+for residual branches.
 
 The model is left exactly as it was: modes, buffers (running statistics), the global RNG state
 and the generators layers own are restored, and the forward runs without gradients.
