@@ -97,6 +97,17 @@ def test_uniform_is_triton_rand(seed, offset, n):
     assert got.min() >= 0 and got.max() < 1
 
 
+def test_keep_rate_is_within_the_documented_bound_down_to_min_keep():
+    """Folded words are uniform on [0, 2^31): the kernel keeps (2^31 - 1 - threshold) / 2^31
+    exactly. docs/kernels.md and masks.MIN_KEEP promise 1.2e-7 absolute, 1.25e-4 relative."""
+    grid = np.linspace(0.0, 1 - masks.MIN_KEEP, 4001)
+    near_limit = 1 - masks.MIN_KEEP - np.linspace(0.0, 1e-3, 4001)
+    for p in np.concatenate([grid, near_limit]):
+        keep = (2**31 - 1 - philox.keep_threshold(float(p))) / 2**31
+        assert abs(keep - (1 - p)) <= 1.2e-7
+        assert abs(keep - (1 - p)) <= 1.25e-4 * (1 - p)
+
+
 @given(p=st.floats(0.0, 1.0, allow_nan=False))
 def test_keep_threshold_is_the_float32_boundary(p):
     threshold = philox.keep_threshold(p)

@@ -82,3 +82,20 @@ def test_a_model_folded_once_folds_its_remaining_pairs_by_a_whole_model_trace():
         warnings.simplefilter("error")
         again = fold_batchnorm(folded)
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in again.modules()) == 0
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        ndnn.DropPath(0.2),
+        ndnn.DropBlock2d(0.2, 3),
+        ndnn.GaussianDropout(0.2),
+        ndnn.DropConnect(torch.nn.Linear(4, 4), 0.3),
+        ndnn.AlphaDropout(0.2),
+        ndnn.BatchNormAct1d(4),
+    ],
+    ids=lambda layer: type(layer).__name__,
+)
+def test_torchscript_refuses_each_layer_clearly(layer):
+    with pytest.raises(InputError, match=r"cannot be compiled by torch\.jit\.script"):
+        torch.jit.script(torch.nn.Sequential(layer))

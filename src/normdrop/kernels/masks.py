@@ -17,10 +17,11 @@ from normdrop.kernels.philox import UNIFORM_SCALE, keep_threshold, words
 __all__ = ["MIN_KEEP", "draw_seed", "keep_mask", "uniform"]
 
 _SEED_LIMIT = 2**63 - 1
-# The stream's uniforms are float32 (24-bit significand), so near 1 they step by 2^-24 and a
-# keep probability 1 - p is met within about 1e-7 absolute. Below MIN_KEEP that error would pass
-# 1e-4 of 1 - p (p = 1 - 1e-7 would keep 0.3 of what it should): such p takes torch's
-# bernoulli_ on the reference path instead.
+# The stream's uniforms are float32 (24-bit significand), so near 1 they step by 2^-24, and the
+# threshold rounds p to float32: a keep probability 1 - p is met within about two such steps,
+# 1.2e-7 absolute, 1.25e-4 of 1 - p at MIN_KEEP (tested). Below it the error would grow past that
+# (p = 1 - 1e-7 would keep 0.3 of what it should): such p takes torch's bernoulli_ on the
+# reference path instead.
 MIN_KEEP = 2.0**-10
 
 

@@ -18,7 +18,7 @@ from torch import Tensor, fx
 
 from normdrop.errors import InputError, InputTypeError
 from normdrop.kernels import dispatch
-from normdrop.nn.tracing import record_call
+from normdrop.nn.tracing import not_scriptable, record_call
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -121,12 +121,7 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         check_input(name, input, self.num_features, ranks, shapes)
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
-        # torch.jit.script would fail deep inside with "Can't redefine method: forward".
-        raise InputError(
-            f"{type(self).__name__} cannot be compiled by torch.jit.script (its forward calls "
-            "normdrop's kernels); use torch.compile or torch.export, or "
-            "normdrop.tools.convert(model, to='torch') for a TorchScript model"
-        )
+        raise not_scriptable(self, twin=True)
 
     def _momentum_for_this_batch(self) -> float:
         """The running-average factor: ``momentum``, or 1/t at batch t for ``momentum=None``."""

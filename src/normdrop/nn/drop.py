@@ -54,7 +54,7 @@ from torch.nn.utils import parametrize
 from normdrop import functional as F
 from normdrop.errors import InputError, InputTypeError
 from normdrop.functional import _check_dropout_args, _check_dropout_p, _compute_dtype
-from normdrop.nn.tracing import is_proxy, record_call
+from normdrop.nn.tracing import is_proxy, not_scriptable, record_call
 
 __all__ = [
     "DropBlock2d",
@@ -147,6 +147,9 @@ class DropPath(torch.nn.Module):
         super().__init__()
         self.p, self.mode, self.scale_by_keep = p, mode, scale_by_keep
         self.generator = generator
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        raise not_scriptable(self, twin=False)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, mode={self.mode!r}, scale_by_keep={self.scale_by_keep}"
@@ -269,6 +272,9 @@ class DropBlock2d(torch.nn.Module):
         self.p, self.block_size, self.per_channel, self.eps = p, block_size, per_channel, eps
         self.generator = generator
 
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        raise not_scriptable(self, twin=False)
+
     def extra_repr(self) -> str:
         return f"p={self.p}, block_size={self.block_size}, per_channel={self.per_channel}"
 
@@ -314,6 +320,9 @@ class DropConnect(torch.nn.Module):
         _check_dropout_p("DropConnect", p)
         super().__init__()
         self.module, self.p, self.generator = module, p, generator
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        raise not_scriptable(self, twin=False)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -392,6 +401,9 @@ class GaussianDropout(torch.nn.Module):
             )
         super().__init__()
         self.p, self.generator = p, generator
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        raise not_scriptable(self, twin=False)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

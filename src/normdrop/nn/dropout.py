@@ -12,10 +12,9 @@ import torch
 from torch import Tensor, fx
 
 from normdrop import functional as F
-from normdrop.errors import InputError
 from normdrop.functional import _check_dropout_p
 from normdrop.kernels import dispatch
-from normdrop.nn.tracing import record_call
+from normdrop.nn.tracing import not_scriptable, record_call
 
 __all__ = [
     "AlphaDropout",
@@ -43,12 +42,7 @@ class _Dropout(torch.nn.modules.dropout._DropoutNd):
         super().__init__(p, inplace)
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
-        # torch.jit.script would fail deep inside with "Can't redefine method: forward".
-        raise InputError(
-            f"{type(self).__name__} cannot be compiled by torch.jit.script (its forward calls "
-            "normdrop's kernels); use torch.compile or torch.export, or "
-            "normdrop.tools.convert(model, to='torch') for a TorchScript model"
-        )
+        raise not_scriptable(self, twin=True)
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):

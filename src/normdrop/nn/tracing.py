@@ -1,4 +1,5 @@
-"""normdrop's layers under ``torch.fx.symbolic_trace``: one node each, as torch.nn's own.
+"""normdrop's layers under torch's tracers: one node each under ``torch.fx.symbolic_trace``,
+as torch.nn's own; a clear refusal from ``torch.jit.script``.
 
 fx records a ``torch.nn`` layer as a single ``call_module`` node and traces into every other
 module's forward. A normdrop layer's forward checks its input and picks a kernel by the
@@ -17,7 +18,7 @@ from torch import fx
 
 from normdrop.errors import InputError
 
-__all__ = ["is_proxy", "record_call"]
+__all__ = ["is_proxy", "not_scriptable", "record_call"]
 
 
 def is_proxy(*args: Any, **kwargs: Any) -> bool:
@@ -39,3 +40,16 @@ def record_call(module: torch.nn.Module, *args: Any, **kwargs: Any) -> fx.Proxy:
             "cannot call itself); trace a model that holds it, e.g. torch.nn.Sequential(layer)"
         )
     return tracer.create_proxy("call_module", path, args, kwargs)
+
+
+def not_scriptable(module: torch.nn.Module, twin: bool) -> InputError:
+    """The error for ``torch.jit.script(module)`` (raised from ``__prepare_scriptable__``:
+    TorchScript would otherwise fail deep inside, on the forward's Python). ``twin``: the layer
+    has a ``torch.nn`` counterpart that ``normdrop.tools.convert`` swaps it for."""
+    alternative = "use torch.compile, torch.export or torch.jit.trace"
+    if twin:
+        alternative += ", or normdrop.tools.convert(model, to='torch') for a TorchScript model"
+    return InputError(
+        f"{type(module).__name__} cannot be compiled by torch.jit.script (its forward is "
+        f"Python that TorchScript does not compile); {alternative}"
+    )
