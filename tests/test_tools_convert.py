@@ -304,3 +304,25 @@ def test_a_pruned_batchnorm_converts_with_its_mask():
     assert list(back.state_dict()) == keys
     prune.remove(back[1], "weight")
     torch.testing.assert_close(back(x), expected)
+
+
+def test_a_model_that_cannot_be_copied_gets_a_clear_error_from_convert_and_fold():
+    from normdrop.tools import fold_batchnorm
+
+    class Cached(torch.nn.Module):  # keeps a non-leaf tensor, which deepcopy refuses
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.cache = torch.nn.Conv2d(1, 1, 1), torch.nn.BatchNorm2d(1), None
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            self.cache = y * 2
+            return y
+
+    model = Cached()
+    model(torch.randn(2, 1, 3, 3))
+    with pytest.raises(InputError, match="pass inplace=True"):
+        convert(model)
+    with pytest.raises(InputError, match="fold_batchnorm works on a deep copy"):
+        fold_batchnorm(model.eval())
+    assert type(convert(model, inplace=True).bn) is ndnn.BatchNorm2d

@@ -38,6 +38,7 @@ from normdrop.nn.frozen_batchnorm import FrozenBatchNorm1d, FrozenBatchNorm2d, F
 from normdrop.nn.ghost_batchnorm import GhostBatchNorm1d, GhostBatchNorm2d
 from normdrop.nn.sync_batchnorm import _PLAIN_BATCHNORMS, SyncBatchNorm
 from normdrop.nn.tracing import record_call
+from normdrop.tools.convert import _copy
 
 __all__ = ["FoldedBatchNorm", "fold_batchnorm"]
 
@@ -378,7 +379,12 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"fold_batchnorm: model must be a torch.nn.Module, got {type(model)}")
-    folded = copy.deepcopy(model).eval()
+    folded = _copy(
+        model,
+        "fold_batchnorm",
+        "; copy.deepcopy(model) must work: run the model "
+        "once under torch.no_grad() or clear its cached tensors",
+    ).eval()
     if not any(_is_batchnorm(m) for m in folded.modules()):
         return folded  # nothing to fold, nothing to trace
     refused: dict[str, str] = {}
