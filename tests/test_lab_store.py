@@ -222,3 +222,41 @@ def test_concurrent_writers_do_not_corrupt(tmp_path):
         assert db.execute("SELECT COUNT(*) FROM runs WHERE status = 'complete'").fetchone()[0] == 18
         assert db.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 18 * 30
     assert not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_a_lock_conflict_reported_at_once_is_waited_out(tmp_path, monkeypatch):
+    """SQLite reports some lock conflicts at once, without its busy handler (two ``normdrop
+    lab`` commands started together on one new folder met one: "not a normdrop run database
+    (database is locked)"); opening waits them out like any other lock."""
+    original = RunStore._configure
+    conflicts = []
+
+    def conflicting(self, readonly):
+        if len(conflicts) < 3:
+            error = sqlite3.OperationalError("database is locked")
+            error.sqlite_errorcode = sqlite3.SQLITE_BUSY
+            conflicts.append(error)
+            raise error
+        return original(self, readonly)
+
+    monkeypatch.setattr(RunStore, "_configure", conflicting)
+    with RunStore(tmp_path / "normdrop.db") as store:
+        assert store.connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert len(conflicts) == 3
+
+
+def test_a_database_locked_past_the_timeout_says_so(tmp_path, monkeypatch):
+    import normdrop.lab.store as store_module
+
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 300)
+    path = tmp_path / "normdrop.db"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("PRAGMA journal_mode = WAL")
+    other.execute("BEGIN IMMEDIATE")  # holds the write lock the schema's creation needs
+    try:
+        with pytest.raises(StoreError, match="locked by another process"):
+            RunStore(path)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    RunStore(path).close()  # free again: it opens

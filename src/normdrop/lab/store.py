@@ -167,10 +167,35 @@ class RunStore:
             raise self._open_error(error, readonly) from None
         self.connection.row_factory = sqlite3.Row
         try:
-            self._configure(readonly)
+            self._configure_when_free(readonly)
         except sqlite3.DatabaseError as error:
             self.connection.close()
             raise self._open_error(error, readonly) from None
+        except BaseException:
+            self.connection.close()
+            raise
+
+    def _configure_when_free(self, readonly: bool) -> None:
+        """:meth:`_configure`, retried while another process holds the lock it needs. SQLite
+        reports some lock conflicts at once, without its busy handler (switching a new file
+        to WAL while another connection opens it, reading the WAL index while another
+        recovers it): two ``normdrop lab`` commands started together on one folder met them."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        pause = 0.01
+        while True:
+            try:
+                return self._configure(readonly)
+            except sqlite3.OperationalError as error:
+                code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+                if code not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    raise
+                if time.monotonic() + pause > deadline:
+                    raise StoreError(
+                        f"{self.path}: the run database stayed locked by another process for "
+                        f"{BUSY_TIMEOUT_MS // 1000} s ({error}); try again when it is done"
+                    ) from None
+                time.sleep(pause)
+                pause = min(2 * pause, 0.5)
 
     def _open_error(self, error: sqlite3.Error, readonly: bool) -> StoreError:
         """Why the database could not be opened. SQLite says "readonly" or "unable to open"
