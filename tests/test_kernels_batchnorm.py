@@ -563,6 +563,27 @@ def test_backward_uses_the_weight_as_it_is_at_backward_time(kernel_calls):
     for ours, theirs in zip(*results, strict=True):
         assert_close_scaled(ours, theirs, tolerance(torch.float32))
     assert kernel_calls
+    # the strided weight reached the backward kernel as a dense copy: no variant compiled for it
+    dense = {cpu.backward_signature(np.dtype(d)) for d in ("float32", "float64")}
+    assert set(cpu.backward_kernel(cpu.PLANAR).signatures) <= dense
+
+
+def test_strided_parameters_and_buffers_take_the_reference(kernel_calls):
+    """The kernels take dense (C,) arrays; strided parameters or buffers (views of larger
+    tensors) run the reference, with the same results and running averages as torch."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 4, 9, 9, generator=generator)
+    grad = torch.randn(x.shape, generator=generator)
+    results = []
+    for module in (normdrop.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)):
+        module.weight.data = torch.linspace(0.5, 2.0, 8)[::2]
+        module.running_var = torch.ones(8)[::2]
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        results.append([y, *torch.autograd.grad(y, [xi, module.weight], grad), module.running_var])
+    for ours, theirs in zip(*results, strict=True):
+        assert_close_scaled(ours, theirs, tolerance(torch.float32))
+    assert not kernel_calls
 
 
 def test_cached_calls_check_what_can_change_between_calls():
@@ -608,3 +629,148 @@ def test_module_cache_refilled_during_a_lookup(monkeypatch):
     assert interrupted
     expected = torch.nn.functional.batch_norm(small, None, None, training=True)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+# --- plain BatchNorm channel by channel (the CHANNELS kernels) -------------------------------
+
+
+def _forward_call(layout, what, x, stats, running, weight, bias):
+    """One forward kernel call of ``layout`` on ``x`` (a dense planar tensor); returns the
+    output (None for STATS) and whether the statistics were finite."""
+    y = torch.empty_like(x)
+    params, act = ops._kernel_params(x.dtype, "identity", 0.0, 0.0)
+    finite = cpu.forward_kernel(layout)(
+        what, x.data_ptr(), y.data_ptr(), x.numel(), x.shape[1], math.prod(x.shape[2:]),
+        running[0], running[1], 0.3, 1e-5, stats, weight, bias, params, act, 0, 0, 0, 0, False,
+    )  # fmt: skip
+    return (None if what == cpu.STATS else y), finite
+
+
+def _backward_call(layout, sums, with_dx, training, dy, x, stats, weight, bias):
+    dx = torch.empty_like(x)
+    grad_weight = torch.zeros(x.shape[1], dtype=x.dtype)
+    grad_bias = torch.zeros(x.shape[1], dtype=x.dtype)
+    params, act = ops._kernel_params(x.dtype, "identity", 0.0, 0.0)
+    cpu.backward_kernel(layout)(
+        sums, dy.data_ptr(), x.data_ptr(), dx.data_ptr() if with_dx else 0, x.numel(),
+        x.shape[1], math.prod(x.shape[2:]), stats[0], stats[1], weight, bias, params, act,
+        0, 0, 0, 0, False, training, grad_weight.data_ptr(), grad_bias.data_ptr(),
+    )  # fmt: skip
+    return [dx if with_dx else None, grad_weight, grad_bias]
+
+
+@st.composite
+def channel_kernel_cases(draw):
+    rank = draw(st.integers(3, 5))
+    # planes up to 2 * cpu.BLOCK + 1: some cross block boundaries, so pieces are split
+    plane_sizes = {3: st.integers(1, 2 * cpu.BLOCK + 1), 4: st.integers(1, 130)}
+    spatial = [draw(plane_sizes[3 if rank == 3 else 4]) for _ in range(rank - 2)]
+    return {
+        "shape": (draw(st.integers(1, 5)), draw(st.integers(1, 9)), *spatial),
+        "dtype": draw(st.sampled_from([torch.float32, torch.float64])),
+        "affine": draw(st.booleans()),
+        "track": draw(st.booleans()),
+        "offset": draw(st.sampled_from([0.0, 1e4])),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=channel_kernel_cases())
+def test_channel_kernels_equal_the_blocked_kernels_bit_for_bit(case):
+    """The CHANNELS kernels merge the blocked kernels' pieces in the same order: every output,
+    statistic, running average and gradient is the same, to the bit, in every mode."""
+    generator = torch.Generator().manual_seed(case["seed"])
+    dtype, channels = case["dtype"], case["shape"][1]
+    x = torch.randn(case["shape"], dtype=dtype, generator=generator) * 3 + case["offset"]
+    dy = torch.randn(case["shape"], dtype=dtype, generator=generator)
+    vector = np.empty(0, ops._NUMPY[dtype])
+
+    def parameters():
+        if not case["affine"]:
+            return vector, vector
+        weight = torch.rand(channels, dtype=dtype, generator=generator) + 0.5
+        return weight.numpy(), torch.randn(channels, dtype=dtype, generator=generator).numpy()
+
+    def running():
+        if not case["track"]:
+            return [vector, vector]
+        return [np.zeros(channels, vector.dtype) + 0.5, np.ones(channels, vector.dtype)]
+
+    weight, bias = parameters()
+    given_stats = np.stack([x.mean((0, *range(2, x.dim()))).numpy()] * 3)
+    given_stats[1] = 0.7
+    for what in (cpu.STATS, cpu.STATS_APPLY, cpu.APPLY, cpu.APPLY_RUNNING):
+        results = []
+        for layout in (cpu.PLANAR, cpu.CHANNELS):
+            stats = given_stats.copy()
+            buffers = running()
+            y, finite = _forward_call(layout, what, x, stats, buffers, weight, bias)
+            results.append((y, finite, stats, buffers))
+        (y0, finite0, stats0, buffers0), (y1, finite1, stats1, buffers1) = results
+        assert finite0 == finite1
+        assert (y0 is None and y1 is None) or torch.equal(y0, y1)
+        np.testing.assert_array_equal(stats0, stats1)
+        for a, b in zip(buffers0, buffers1, strict=True):
+            np.testing.assert_array_equal(a, b)
+    for sums, with_dx, training in [
+        (True, True, True),
+        (True, False, True),
+        (True, True, False),
+        (False, True, False),
+    ]:
+        planar, channel = (
+            _backward_call(layout, sums, with_dx, training, dy, x, stats0, weight, bias)
+            for layout in (cpu.PLANAR, cpu.CHANNELS)
+        )
+        for a, b in zip(planar, channel, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_kernel_layout_takes_the_channel_kernels_for_large_plain_batchnorm_only():
+    big, plane = cpu.SERIAL_BELOW, cpu.CHANNEL_MAJOR_PLANE
+    layout = cpu.kernel_layout
+    assert layout(cpu.PLANAR, big, cpu.CHANNEL_MAJOR, plane, cpu.IDENTITY, False) == cpu.CHANNELS
+    assert layout(cpu.PLANAR, big - 1, cpu.CHANNEL_MAJOR, plane, cpu.IDENTITY, False) == "planar"
+    assert layout(cpu.PLANAR, big, cpu.CHANNEL_MAJOR - 1, plane, cpu.IDENTITY, False) == "planar"
+    assert layout(cpu.PLANAR, big, cpu.CHANNEL_MAJOR, plane - 1, cpu.IDENTITY, False) == "planar"
+    assert layout(cpu.PLANAR, big, cpu.CHANNEL_MAJOR, plane, cpu.RELU, False) == cpu.PLANAR
+    assert layout(cpu.PLANAR, big, cpu.CHANNEL_MAJOR, plane, cpu.IDENTITY, True) == cpu.PLANAR
+    assert layout(cpu.ROWS, big, cpu.CHANNEL_MAJOR, plane, cpu.IDENTITY, False) == cpu.ROWS
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (3, 9, 67, 71),
+        (2, 8, 130, 130),  # planes of more than cpu.BLOCK values: pieces across blocks
+        (64, 16, 8, 8),  # the smallest planes and input the channel kernels take
+        (2, 8, 16, 16, 17),
+        (16, 8, 600),
+    ],
+)
+def test_channel_kernels_match_reference_in_modules(shape, kernel_calls):
+    case = {
+        "kind": len(shape) - 2,
+        "shape": shape,
+        "channels_last": False,
+        "dtype": torch.float32,
+        "affine": True,
+        "track": True,
+        "momentum": 0.1,
+        "steps": 2,
+        "offset": 3.0,
+    }
+    run_against_reference(case)
+    assert kernel_calls == [cpu.CHANNELS] * 3
+
+
+def test_channel_kernel_results_do_not_depend_on_thread_count():
+    assert numba.config.NUMBA_NUM_THREADS >= 2, "needs 2 numba threads to compare"
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 11, 61, 67, generator=generator) + 5
+    grad = torch.randn(x.shape, generator=generator)
+    one = _fast_train_step(x, grad, 1)
+    two = _fast_train_step(x, grad, 2)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)

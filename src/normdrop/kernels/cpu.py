@@ -108,6 +108,16 @@ IDENTITY, RELU, LEAKY_RELU, GELU = 0, 1, 2, 3
 # Codes of normdrop.kernels.activations.ACTIVATION_NAMES; the formulas below follow torch's.
 ACTIVATIONS = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "gelu": GELU}
 PLANAR, ROWS = "planar", "rows"
+# Plain BatchNorm on large planar inputs runs one task per channel: its statistics (the
+# backward: its sums), then its output (dx), while its values are still in L2 or L3. In a
+# training step, three passes over memory instead of five in the backward and two instead of
+# three in the forward; the same (block, plane) pieces in the same order as the blocked passes,
+# so the same bits. Fewer channels would leave threads idle, shorter planes make loops too
+# short; with an activation or dropout the blocked passes stay faster (the words' generation,
+# not memory, bounds them). See kernel_layout.
+CHANNELS = "channels"
+CHANNEL_MAJOR = 8
+CHANNEL_MAJOR_PLANE = 64
 # What a forward kernel call does: the batch statistics (and running averages) only, then the
 # output too, the output from the statistics as given, or from the running buffers.
 STATS, STATS_APPLY, APPLY, APPLY_RUNNING = 0, 1, 2, 3
@@ -263,7 +273,7 @@ def _scale_shift(invstd, weight, bias):
     shift = np.zeros(invstd.size, invstd.dtype)
     if weight.size:
         for c in range(invstd.size):
-            scale[c] = invstd[c] * weight[c]
+            scale[c] = _channel_scale(invstd, weight, c)
     else:
         for c in range(invstd.size):
             scale[c] = invstd[c]
@@ -271,6 +281,18 @@ def _scale_shift(invstd, weight, bias):
         for c in range(invstd.size):
             shift[c] = bias[c]
     return scale, shift
+
+
+@njit(**_INLINE)
+def _channel_scale(invstd, weight, c):
+    """Channel ``c``'s ``scale``: ``invstd * weight`` (no weight: ``invstd``)."""
+    return invstd[c] * weight[c] if weight.size else invstd[c]
+
+
+@njit(**_INLINE)
+def _channel_shift(bias, c, zero):
+    """Channel ``c``'s ``shift``: its bias (no bias: ``zero``, a 0 of the dtype)."""
+    return bias[c] if bias.size else zero
 
 
 @njit(**_INLINE)
@@ -560,14 +582,23 @@ def _finish_stats(mean64, var64, shift, count, running_mean, running_var, moment
     """``stats`` = (mean, invstd, var) in the input's dtype (``mean64`` is of the shifted
     values); the running averages, if given."""
     one, eps_, _ = _in_dtype(stats, 1.0, eps, 0.0)
-    mean, invstd, var = stats[0], stats[1], stats[2]
-    # One output per loop: few arrays per loop, so that LLVM vectorizes each.
     for c in range(mean64.size):
-        mean[c] = mean64[c] + shift[c]
-    for c in range(mean64.size):
-        var[c] = var64[c]
-    for c in range(mean64.size):
-        invstd[c] = one / np.sqrt(var[c] + eps_)  # torch.rsqrt(var + eps), rounded alike
+        _channel_stats(stats, c, mean64[c], var64[c], shift[c], one, eps_)
+    return _update_running(running_mean, running_var, stats, count, momentum)
+
+
+@njit(**_INLINE)
+def _channel_stats(stats, c, mean64, var64, shift, one, eps_):
+    """Channel ``c``'s column of ``stats`` (mean, invstd, var in the input's dtype) from its
+    float64 mean of the shifted values and variance; ``one`` and ``eps_`` in the dtype."""
+    stats[0, c] = mean64 + shift
+    stats[2, c] = var64
+    stats[1, c] = one / np.sqrt(stats[2, c] + eps_)  # torch.rsqrt(var + eps), rounded alike
+
+
+@njit(**_INLINE)
+def _update_running(running_mean, running_var, stats, count, momentum):
+    """:func:`update_running_stats` from ``stats`` where there are running buffers."""
     if running_mean.size == 0:
         return True
     return update_running_stats(running_mean, running_var, stats[0], stats[2], count, momentum)
@@ -1300,19 +1331,19 @@ def _apply_rows4(g, x, dx, glo, lo, channels, mean, scale, invstd, coef_g, coef_
 def _finish_sums(sum_g, sum_h, invstd, count, training, coefs, grad_weight, grad_bias):
     """``grad_weight = sum(g * xhat)``, ``grad_bias = sum(g)`` in the input's dtype; in
     training, ``coefs`` = (sum_g / m, sum_gxhat / m), the apply pass's coefficients."""
-    sum_gxhat = np.empty(invstd.size)
-    for c in range(invstd.size):  # one output per loop, branches outside: they vectorize
-        sum_gxhat[c] = sum_h[c] * np.float64(invstd[c])
     for c in range(invstd.size):
-        grad_weight[c] = sum_gxhat[c]
-    for c in range(invstd.size):
-        grad_bias[c] = sum_g[c]
+        _channel_sums(c, sum_g[c], sum_h[c], invstd, count, training, coefs, grad_weight, grad_bias)
+
+
+@njit(**_INLINE)
+def _channel_sums(c, sum_g, sum_h, invstd, count, training, coefs, grad_weight, grad_bias):
+    """:func:`_finish_sums` for channel ``c``, from its float64 sums."""
+    sum_gxhat = sum_h * np.float64(invstd[c])
+    grad_weight[c] = sum_gxhat
+    grad_bias[c] = sum_g
     if training:
-        coef_g, coef_xhat = coefs[0], coefs[1]
-        for c in range(invstd.size):
-            coef_g[c] = sum_g[c] / count
-        for c in range(invstd.size):
-            coef_xhat[c] = sum_gxhat[c] / count
+        coefs[0, c] = sum_g / count
+        coefs[1, c] = sum_gxhat / count
 
 
 @njit(**_INLINE)
@@ -1726,6 +1757,156 @@ def _backward_rows(
 
 
 # --------------------------------------------------------------------------------------------
+# Plain BatchNorm on large planar inputs, channel by channel
+# --------------------------------------------------------------------------------------------
+
+
+@njit(**_INLINE)
+def _forward_channel(what, x, y, c, channels, plane, shift64, eps, stats, weight, bias):
+    """Channel ``c``: its statistics (its column of ``stats``) from the pieces of the blocked
+    passes (:func:`_plane_pieces`), merged in the same order, so to the same bits; then its
+    output, while its values are still in cache."""
+    samples = x.size // (channels * plane)
+    one, eps_, zero = _in_dtype(stats, 1.0, eps, 0.0)
+    if what <= STATS_APPLY:
+        counts, means, m2s = np.empty(1, np.int64), np.empty(1), np.empty(1)
+        count, mean, m2 = 0, 0.0, 0.0
+        for n in range(samples):
+            pl = n * channels + c
+            for b in range(pl * plane // BLOCK, ((pl + 1) * plane - 1) // BLOCK + 1):
+                lo, hi = max(b * BLOCK, pl * plane), min((b + 1) * BLOCK, (pl + 1) * plane)
+                _planar_moments(x, lo, hi, plane, shift64, channels, counts, means, m2s)
+                count, mean, m2 = _chan_merge(count, mean, m2, counts[0], means[0], m2s[0])
+        _channel_stats(stats, c, mean, m2 / count, shift64[c], one, eps_)
+    if what == STATS:
+        return
+    mu, sc, sh = stats[0, c], _channel_scale(stats[1], weight, c), _channel_shift(bias, c, zero)
+    for n in range(samples):
+        lo = (n * channels + c) * plane
+        _affine(x[lo : lo + plane], y[lo : lo + plane], mu, sc, sh)
+
+
+@_kernel
+def _forward_channels(
+    what,
+    x_at,
+    y_at,
+    numel,
+    channels,
+    plane,
+    running_mean,
+    running_var,
+    momentum,
+    eps,
+    stats,
+    weight,
+    bias,
+    params,
+    act,
+    key0,
+    key1,
+    offset,
+    threshold,
+    drop,
+):
+    """:func:`forward_kernel` for the ``CHANNELS`` layout (see :func:`kernel_layout`): plain
+    BatchNorm only (``act``, the keys and ``drop`` are not read)."""
+    x, y = _memory(x_at, numel, params), _memory(y_at, numel, params)
+    if what == APPLY_RUNNING:
+        _running_stats(running_mean, running_var, eps, stats)
+    shift64 = _channel_shifts(x[: channels * plane : plane])
+    for c in prange(channels):
+        _forward_channel(what, x, y, c, channels, plane, shift64, eps, stats, weight, bias)
+    if what > STATS_APPLY:
+        return True
+    return _update_running(running_mean, running_var, stats, numel // channels, momentum)
+
+
+@njit(**_INLINE)
+def _backward_channel(
+    sums,
+    dy,
+    x,
+    dx,
+    c,
+    channels,
+    plane,
+    mean,
+    scale,
+    invstd,
+    training,
+    coefs,
+    grad_weight,
+    grad_bias,
+):
+    """Channel ``c``: its sums (its parameter gradients and ``coefs`` column), added up piece
+    by piece as the blocked passes add them, so to the same bits; then its ``dx``, while its
+    values are still in cache."""
+    samples = x.size // (channels * plane)
+    mu = mean[c]
+    if sums:
+        sum_g, sum_h = 0.0, 0.0
+        for n in range(samples):
+            pl = n * channels + c
+            for b in range(pl * plane // BLOCK, ((pl + 1) * plane - 1) // BLOCK + 1):
+                lo, hi = max(b * BLOCK, pl * plane), min((b + 1) * BLOCK, (pl + 1) * plane)
+                piece_g, piece_h = _products64(dy[lo:hi], x[lo:hi], mu)
+                sum_g += piece_g
+                sum_h += piece_h
+        count = x.size // channels
+        _channel_sums(c, sum_g, sum_h, invstd, count, training, coefs, grad_weight, grad_bias)
+    if dx.size == 0:
+        return
+    sc, inv, coef_g, coef_xhat = scale[c], invstd[c], coefs[0, c], coefs[1, c]
+    for n in range(samples):
+        lo = (n * channels + c) * plane
+        hi = lo + plane
+        _apply_plane(dy[lo:hi], x[lo:hi], dx[lo:hi], mu, sc, inv, coef_g, coef_xhat, training)
+
+
+@_kernel
+def _backward_channels(
+    sums,
+    dy_at,
+    x_at,
+    dx_at,
+    numel,
+    channels,
+    plane,
+    mean,
+    invstd,
+    weight,
+    bias,
+    params,
+    act,
+    key0,
+    key1,
+    offset,
+    threshold,
+    drop,
+    training,
+    grad_weight_at,
+    grad_bias_at,
+):
+    """:func:`backward_kernel` for the ``CHANNELS`` layout: plain BatchNorm only."""
+    dy, x, dx = _backward_arrays(dy_at, x_at, dx_at, numel, params)
+    scale, _ = _scale_shift(invstd, weight, bias)
+    coefs = np.zeros((2, channels), params.dtype)
+    # The tasks write the parameter gradients here, copied out after the loop: the arrays of
+    # _outputs (the caller's memory, or scratch where not wanted) lost their writes made inside
+    # the parallel loop (numba 0.68; test_channel_kernels_equal_the_blocked_kernels_bit_for_bit).
+    grads = np.zeros((2, channels), params.dtype)
+    for c in prange(channels):
+        _backward_channel(sums, dy, x, dx, c, channels, plane, mean, scale, invstd, training, coefs,
+                          grads[0], grads[1])  # fmt: skip
+    if sums:
+        grad_weight, grad_bias = _outputs(grad_weight_at, grad_bias_at, channels, params)
+        for c in range(channels):
+            grad_weight[c] = grads[0, c]
+            grad_bias[c] = grads[1, c]
+
+
+# --------------------------------------------------------------------------------------------
 # Dropout
 # --------------------------------------------------------------------------------------------
 
@@ -1764,8 +1945,25 @@ def dropout_flat(src, dst, params, key0, key1, offset, threshold):
 # By layout
 # --------------------------------------------------------------------------------------------
 
-_FORWARD = {PLANAR: _forward_planar, ROWS: _forward_rows}
-_BACKWARD = {PLANAR: _backward_planar, ROWS: _backward_rows}
+_FORWARD = {PLANAR: _forward_planar, ROWS: _forward_rows, CHANNELS: _forward_channels}
+_BACKWARD = {PLANAR: _backward_planar, ROWS: _backward_rows, CHANNELS: _backward_channels}
+
+
+def kernel_layout(layout: str, numel: int, channels: int, plane: int, act: int, drop: bool) -> str:
+    """The kernels' layout for a call on an input of ``layout``: ``CHANNELS`` for plain
+    BatchNorm (identity, no dropout) on a planar input of at least ``SERIAL_BELOW`` values with
+    at least ``CHANNEL_MAJOR`` channels of planes of at least ``CHANNEL_MAJOR_PLANE`` values;
+    else ``layout``. The result does not depend on the thread count, nor do the kernels'."""
+    if (
+        layout == PLANAR
+        and act == IDENTITY
+        and not drop
+        and numel >= SERIAL_BELOW
+        and channels >= CHANNEL_MAJOR
+        and plane >= CHANNEL_MAJOR_PLANE
+    ):
+        return CHANNELS
+    return layout
 
 
 def forward_kernel(layout: str):

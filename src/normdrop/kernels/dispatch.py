@@ -102,6 +102,8 @@ def _fast_batch_norm(input: Tensor, *tensors: Tensor | None) -> bool:
             isinstance(tensor, Tensor)
             and tensor.dtype == dtype
             and tensor.is_cpu
+            # the kernels take dense (C,) arrays: a strided one would compile a variant of them
+            and tensor.is_contiguous()
             and not _torch_func(tensor)
         ):
             return False

@@ -101,13 +101,15 @@ def remember(
 ) -> _Entry:
     """Fill ``cache`` for calls like this one, which passed every check of the fast path; returns
     the entry (for :func:`run`)."""
-    layout = ops.layout_of(input)
     dtype = input.dtype
     entry = _Entry()
     entry.channels = int(input.shape[1])
     entry.plane = math.prod(input.shape[2:])
     entry.numel = input.numel()
     entry.count = entry.numel // entry.channels
+    layout = cpu.kernel_layout(
+        ops.layout_of(input), entry.numel, entry.channels, entry.plane, cpu.IDENTITY, False
+    )
     entry.layout = layout
     # The layout questions of ops._eager_forward and _BatchNormActFunction, answered once.
     entry.like_input = ops._empty_like_is_atens(input)

@@ -217,8 +217,11 @@ _NUMPY = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float6
 
 
 def _vector(tensor: Tensor | None, dtype: torch.dtype) -> np.ndarray:
-    """A ``(C,)`` tensor as numpy (no copy); None as an empty array (the kernels' "absent")."""
-    return _EMPTY[dtype] if tensor is None else tensor.detach().numpy()
+    """A ``(C,)`` tensor as numpy; None as an empty array (the kernels' "absent"). No copy for a
+    dense tensor, which every tensor the kernels write is (the dispatcher's checks); a weight
+    made strided after the forward (``weight.data = w[::2]``) is copied for the backward, which
+    only reads it, so the kernels see dense arrays only (one compiled variant)."""
+    return _EMPTY[dtype] if tensor is None else tensor.detach().contiguous().numpy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,11 +280,12 @@ def _plan(
     params, act = _kernel_params(input.dtype, activation, negative_slope, p)
     key0, key1, threshold, drop = _dropout_key(p, seed)
     shape = input.shape  # int(): under torch.jit.trace, sizes and their products are tensors
+    numel, channels, plane = int(input.numel()), int(shape[1]), int(math.prod(shape[2:]))
     return _Plan(
-        layout_of(input),
-        int(input.numel()),
-        int(shape[1]),
-        int(math.prod(shape[2:])),
+        cpu.kernel_layout(layout_of(input), numel, channels, plane, act, drop),
+        numel,
+        channels,
+        plane,
         params,
         act,
         key0,
