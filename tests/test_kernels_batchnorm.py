@@ -727,16 +727,17 @@ def test_channel_kernels_equal_the_blocked_kernels_bit_for_bit(case):
             assert (a is None and b is None) or torch.equal(a, b)
 
 
-def test_kernel_layout_takes_the_channel_kernels_for_large_plain_batchnorm_only():
-    big, plane = cpu.SERIAL_BELOW, cpu.CHANNEL_MAJOR_PLANE
+def test_kernel_layout_takes_the_channel_kernels_for_plain_planar_batchnorm():
+    big, channels, plane = cpu.SERIAL_BELOW, cpu.CHANNEL_MAJOR, cpu.CHANNEL_MAJOR_PLANE
+    plain = (cpu.IDENTITY, False)
     layout = cpu.kernel_layout
-    assert layout(cpu.PLANAR, big, cpu.CHANNEL_MAJOR, plane, cpu.IDENTITY, False) == cpu.CHANNELS
-    assert layout(cpu.PLANAR, big - 1, cpu.CHANNEL_MAJOR, plane, cpu.IDENTITY, False) == "planar"
-    assert layout(cpu.PLANAR, big, cpu.CHANNEL_MAJOR - 1, plane, cpu.IDENTITY, False) == "planar"
-    assert layout(cpu.PLANAR, big, cpu.CHANNEL_MAJOR, plane - 1, cpu.IDENTITY, False) == "planar"
-    assert layout(cpu.PLANAR, big, cpu.CHANNEL_MAJOR, plane, cpu.RELU, False) == cpu.PLANAR
-    assert layout(cpu.PLANAR, big, cpu.CHANNEL_MAJOR, plane, cpu.IDENTITY, True) == cpu.PLANAR
-    assert layout(cpu.ROWS, big, cpu.CHANNEL_MAJOR, plane, cpu.IDENTITY, False) == cpu.ROWS
+    assert layout(cpu.PLANAR, big, channels, plane, *plain) == cpu.CHANNELS
+    assert layout(cpu.PLANAR, big - 1, 1, 2, *plain) == cpu.CHANNELS  # small: any shape
+    assert layout(cpu.PLANAR, big, channels - 1, plane, *plain) == cpu.PLANAR
+    assert layout(cpu.PLANAR, big, channels, plane - 1, *plain) == cpu.PLANAR
+    assert layout(cpu.PLANAR, big, channels, plane, cpu.RELU, False) == cpu.PLANAR
+    assert layout(cpu.PLANAR, big - 1, channels, plane, cpu.IDENTITY, True) == cpu.PLANAR
+    assert layout(cpu.ROWS, big, channels, plane, *plain) == cpu.ROWS
 
 
 @pytest.mark.parametrize(
@@ -744,7 +745,8 @@ def test_kernel_layout_takes_the_channel_kernels_for_large_plain_batchnorm_only(
     [
         (3, 9, 67, 71),
         (2, 8, 130, 130),  # planes of more than cpu.BLOCK values: pieces across blocks
-        (64, 16, 8, 8),  # the smallest planes and input the channel kernels take
+        (256, 16, 4, 4),  # the smallest planes a large input runs channel by channel
+        (3, 5, 17, 19),  # small inputs run channel by channel whatever their shape
         (2, 8, 16, 16, 17),
         (16, 8, 600),
     ],

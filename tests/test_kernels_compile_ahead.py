@@ -30,9 +30,9 @@ def fresh_state(monkeypatch):
 
 
 def _train_steps() -> None:
-    """A training step on every path that calls a backward kernel: modules on the rows and
-    planar layouts in float32 and float64, channels_last, the fused op with dropout, and an
-    eval-mode BatchNorm that passes gradients to its input."""
+    """A training step on every path that calls a backward kernel: modules on the rows,
+    planar and channel kernels in float32 and float64, channels_last, the fused op with
+    dropout, and an eval-mode BatchNorm that passes gradients to its input."""
     torch.manual_seed(0)
     last = torch.channels_last
     for dtype in (torch.float32, torch.float64):
@@ -56,7 +56,7 @@ def _train_steps() -> None:
 def test_kernel_signatures_are_the_ones_every_call_site_uses(kernel, signature):
     _train_steps()
     expected = {signature(np.dtype(d)) for d in ("float32", "float64")}
-    for layout in (cpu.PLANAR, cpu.ROWS):
+    for layout in (cpu.PLANAR, cpu.ROWS, cpu.CHANNELS):
         compiled = set(kernel(layout).signatures)
         assert compiled, layout
         assert compiled <= expected, (layout, compiled - expected)
@@ -249,7 +249,7 @@ def test_no_helper_for_kernels_already_compiled_here(fresh_state, request):
     _train_steps()  # compiles (or loads) both layouts' kernels in this process
     fresh_state._considered.clear()  # the warm-up's own first calls were considered already
     recorded = request.getfixturevalue("recorded")  # recording from here on
-    for layout in (cpu.PLANAR, cpu.ROWS):
+    for layout in (cpu.PLANAR, cpu.ROWS, cpu.CHANNELS):
         for dtype in ("float32", "float64"):
             assert not fresh_state._worth_a_helper(layout, np.dtype(dtype))
             fresh_state.start(layout, np.dtype(dtype))

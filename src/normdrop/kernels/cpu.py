@@ -108,16 +108,18 @@ IDENTITY, RELU, LEAKY_RELU, GELU = 0, 1, 2, 3
 # Codes of normdrop.kernels.activations.ACTIVATION_NAMES; the formulas below follow torch's.
 ACTIVATIONS = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "gelu": GELU}
 PLANAR, ROWS = "planar", "rows"
-# Plain BatchNorm on large planar inputs runs one task per channel: its statistics (the
-# backward: its sums), then its output (dx), while its values are still in L2 or L3. In a
-# training step, three passes over memory instead of five in the backward and two instead of
-# three in the forward; the same (block, plane) pieces in the same order as the blocked passes,
-# so the same bits. Fewer channels would leave threads idle, shorter planes make loops too
-# short; with an activation or dropout the blocked passes stay faster (the words' generation,
-# not memory, bounds them). See kernel_layout.
+# Plain BatchNorm on planar inputs runs one task per channel: its statistics (the backward:
+# its sums), then its output (dx), while its values are still in L2 or L3. In a training
+# step, three passes over memory instead of five in the backward and two instead of three in
+# the forward; the same (block, plane) pieces in the same order as the blocked passes, so the
+# same bits. Large inputs with fewer channels (threads left idle) or shorter planes (short
+# loops) keep the blocked kernels, as does everything with an activation or dropout (the
+# words' generation, not memory, bounds it). These kernels hold no activation or dropout code,
+# so they compile in about half the time: a model with plain BatchNorm compiles only them.
+# See kernel_layout.
 CHANNELS = "channels"
 CHANNEL_MAJOR = 8
-CHANNEL_MAJOR_PLANE = 64
+CHANNEL_MAJOR_PLANE = 16
 # What a forward kernel call does: the batch statistics (and running averages) only, then the
 # output too, the output from the statistics as given, or from the running buffers.
 STATS, STATS_APPLY, APPLY, APPLY_RUNNING = 0, 1, 2, 3
@@ -1815,6 +1817,8 @@ def _forward_channels(
     if what == APPLY_RUNNING:
         _running_stats(running_mean, running_var, eps, stats)
     shift64 = _channel_shifts(x[: channels * plane : plane])
+    # prange whatever the size: a serial twin of the loop would cost seconds of compile time
+    # for some microseconds saved on inputs under SERIAL_BELOW values
     for c in prange(channels):
         _forward_channel(what, x, y, c, channels, plane, shift64, eps, stats, weight, bias)
     if what > STATS_APPLY:
@@ -1951,19 +1955,16 @@ _BACKWARD = {PLANAR: _backward_planar, ROWS: _backward_rows, CHANNELS: _backward
 
 def kernel_layout(layout: str, numel: int, channels: int, plane: int, act: int, drop: bool) -> str:
     """The kernels' layout for a call on an input of ``layout``: ``CHANNELS`` for plain
-    BatchNorm (identity, no dropout) on a planar input of at least ``SERIAL_BELOW`` values with
-    at least ``CHANNEL_MAJOR`` channels of planes of at least ``CHANNEL_MAJOR_PLANE`` values;
-    else ``layout``. The result does not depend on the thread count, nor do the kernels'."""
-    if (
-        layout == PLANAR
-        and act == IDENTITY
-        and not drop
-        and numel >= SERIAL_BELOW
-        and channels >= CHANNEL_MAJOR
-        and plane >= CHANNEL_MAJOR_PLANE
-    ):
-        return CHANNELS
-    return layout
+    BatchNorm (identity, no dropout) on a planar input, unless it has ``SERIAL_BELOW`` values or
+    more in fewer than ``CHANNEL_MAJOR`` channels or planes shorter than
+    ``CHANNEL_MAJOR_PLANE`` (one task per channel would leave threads idle or loop over short
+    planes; the blocked kernels run those); else ``layout``. The result does not depend on the
+    thread count, nor do the kernels'."""
+    if layout != PLANAR or act != IDENTITY or drop:
+        return layout
+    if numel >= SERIAL_BELOW and (channels < CHANNEL_MAJOR or plane < CHANNEL_MAJOR_PLANE):
+        return layout
+    return CHANNELS
 
 
 def forward_kernel(layout: str):
