@@ -20,6 +20,11 @@ or 0)::
                 dx = ((g - sum_g / m) - xhat * sum_gxhat / m) * scale      (training)
                 dx = g * scale                                            (inference)
 
+Plain BatchNorm on planar inputs has its own pair, the ``CHANNELS`` kernels (one task per
+channel: its statistics then its output, its sums then its ``dx``, while the channel is in
+cache; the same pieces merged in the same order as the blocked kernels, so the same bits);
+:func:`kernel_layout` chooses.
+
 Two kernels per layout, whatever the activation and whether dropout is on (runtime arguments):
 the forward (statistics, running averages, normalize-activate-drop: any of them) and the
 backward (the sums, the coefficients, ``dx``). Each is one call from Python. Without dropout
