@@ -150,7 +150,13 @@ def test_modules_match_reference(case, kernel_calls):
     ],
 )
 def test_many_blocks_match_reference(shape, channels_last_input, kernel_calls):
-    case = {
+    run_against_reference(_two_steps_case(shape, channels_last_input))
+    assert len(kernel_calls) == 3
+
+
+def _two_steps_case(shape: tuple[int, ...], channels_last_input: bool = False) -> dict:
+    """A float32 affine BatchNorm with running statistics: two training steps, then eval."""
+    return {
         "kind": len(shape) - 2 if len(shape) > 3 else 1,
         "shape": shape,
         "channels_last": channels_last_input,
@@ -161,8 +167,6 @@ def test_many_blocks_match_reference(shape, channels_last_input, kernel_calls):
         "steps": 2,
         "offset": 3.0,
     }
-    run_against_reference(case)
-    assert len(kernel_calls) == 3
 
 
 @pytest.mark.parametrize("channels_last_input", [False, True])
@@ -752,18 +756,7 @@ def test_kernel_layout_takes_the_channel_kernels_for_plain_planar_batchnorm():
     ],
 )
 def test_channel_kernels_match_reference_in_modules(shape, kernel_calls):
-    case = {
-        "kind": len(shape) - 2,
-        "shape": shape,
-        "channels_last": False,
-        "dtype": torch.float32,
-        "affine": True,
-        "track": True,
-        "momentum": 0.1,
-        "steps": 2,
-        "offset": 3.0,
-    }
-    run_against_reference(case)
+    run_against_reference(_two_steps_case(shape))
     assert kernel_calls == [cpu.CHANNELS] * 3
 
 
