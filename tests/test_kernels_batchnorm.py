@@ -769,3 +769,16 @@ def test_channel_kernel_results_do_not_depend_on_thread_count():
     two = _fast_train_step(x, grad, 2)
     for a, b in zip(one, two, strict=True):
         assert torch.equal(a, b)
+
+
+def test_statistics_op_updates_strided_running_buffers():
+    """``ops.batch_norm_stats`` takes any running buffers; strided ones are updated through a
+    dense copy, written back, as torch updates them."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 3, 10, 10, generator=generator) + 2
+    ours = torch.zeros(6)[::2], torch.ones(6)[::2]
+    theirs = torch.zeros(3), torch.ones(3)
+    ops.batch_norm_stats(x, *ours, 0.1, 1e-5)
+    torch.nn.functional.batch_norm(x, *theirs, training=True, momentum=0.1, eps=1e-5)
+    for got, want in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

@@ -39,7 +39,8 @@ plane) piece (planar) or per (block, channel) (rows) and merges them per channel
 order, so the result does not depend on how many threads ran the blocks. Dropout words are
 generated ``CHUNK`` elements at a time into a small scratch that stays in L1. Inputs under
 ``SERIAL_BELOW`` elements run their blocks in a plain loop: waking threads would cost more
-than it saves (and the results are the same either way).
+than it saves (and the results are the same either way). The channel kernels always run their
+parallel loop (a serial twin would cost seconds of compile time).
 
 Statistics are exact for data with a large offset: values are summed about a center near the
 mean (``m2 = sum(d^2) - sum(d)^2 / n``, ``d = x - center``), with a second pass about the mean
@@ -1764,7 +1765,7 @@ def _backward_rows(
 
 
 # --------------------------------------------------------------------------------------------
-# Plain BatchNorm on large planar inputs, channel by channel
+# Plain BatchNorm on planar inputs, channel by channel
 # --------------------------------------------------------------------------------------------
 
 

@@ -3,7 +3,7 @@ r"""The fast kernels as ``torch.library`` custom ops, so autograd, ``torch.compi
 
 Ops (namespace ``normdrop``):
 
-* ``batch_norm_stats(input, running_mean!, running_var!, momentum, eps) -> (mean, invstd)``:
+* ``batch_norm_stats(input, running_mean!, running_var!, momentum, eps, plain) -> (mean, invstd)``:
   the training statistics, ``(C,)`` each; the running buffers (optional) are updated in place,
   as :func:`normdrop.functional._update_running_stats` updates them.
 * ``bn_act_dropout(input, weight, bias, mean, invstd, training, eps, activation,
@@ -217,11 +217,16 @@ _NUMPY = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float6
 
 
 def _vector(tensor: Tensor | None, dtype: torch.dtype) -> np.ndarray:
-    """A ``(C,)`` tensor as numpy; None as an empty array (the kernels' "absent"). No copy for a
-    dense tensor, which every tensor the kernels write is (the dispatcher's checks); a weight
-    made strided after the forward (``weight.data = w[::2]``) is copied for the backward, which
-    only reads it, so the kernels see dense arrays only (one compiled variant)."""
+    """A ``(C,)`` tensor as numpy; None as an empty array (the kernels' "absent"). The kernels
+    take dense arrays only (one compiled variant): a dense tensor is its own memory, a strided
+    one a copy, so only for what the kernels read (a tensor they write goes through
+    :func:`_dense` and back)."""
     return _EMPTY[dtype] if tensor is None else tensor.detach().contiguous().numpy()
+
+
+def _dense(tensor: Tensor | None) -> Tensor | None:
+    """``tensor`` itself where dense, else a dense copy (the caller writes it back)."""
+    return tensor if tensor is None or tensor.is_contiguous() else tensor.detach().contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,6 +327,10 @@ def _run_forward(
     x_at = input.data_ptr()  # dense memory in the plan's layout: see cpu._memory
     if what == cpu.STATS:  # the statistics op of a traced training graph: a backward follows
         compile_ahead.start(plan.layout, plan.params.dtype)
+    # The kernels write the running buffers through dense arrays: a strided buffer (the
+    # modules' dispatcher sends those to the reference, batch_norm_stats does not) is updated
+    # through a dense copy, written back below.
+    dense_mean, dense_var = _dense(running_mean), _dense(running_var)
     _launching()
     finite = cpu.forward_kernel(plan.layout)(
         what,
@@ -330,8 +339,8 @@ def _run_forward(
         plan.numel,
         plan.channels,
         plan.plane,
-        _vector(running_mean, dtype),
-        _vector(running_var, dtype),
+        _vector(dense_mean, dtype),
+        _vector(dense_var, dtype),
         momentum,
         eps,
         stats,
@@ -349,6 +358,10 @@ def _run_forward(
         mean, var = torch.from_numpy(stats[0]), torch.from_numpy(stats[2])
         count = plan.numel // plan.channels
         F._update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    elif what <= cpu.STATS_APPLY:
+        for buffer, dense in ((running_mean, dense_mean), (running_var, dense_var)):
+            if dense is not buffer:
+                buffer.copy_(dense)
 
 
 def _run_backward(
@@ -409,16 +422,22 @@ def _batch_norm_stats(
     running_var: Tensor | None,
     momentum: float,
     eps: float,
+    plain: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Training statistics of ``(N, C, *)`` input: ``(mean, invstd)``, ``(C,)`` each.
 
     Mean and biased variance are accumulated in float64 (two passes per block, Chan's merge
     across blocks); ``invstd = rsqrt(var + eps)`` in the input's dtype, as the reference. The
     running buffers, when given, are updated as
-    :func:`normdrop.functional._update_running_stats` updates them.
+    :func:`normdrop.functional._update_running_stats` updates them. ``plain``: the op that
+    follows applies no activation or dropout; the statistics then come from the kernels it
+    will run (``cpu.kernel_layout``), so that one pair compiles, and the helper compiles its
+    backward. Both pairs give the same bits.
     """
     input, _ = _prepared(input)
     plan = _plan(input, "identity", 0.0, 0.0, None, 0)
+    if not plain:  # the fused op's kernels: those of the layout itself
+        plan = plan._replace(layout=layout_of(input))
     stats = torch.empty((3, plan.channels), dtype=input.dtype)
     _run_forward(
         cpu.STATS,
@@ -442,7 +461,7 @@ _batch_norm_stats_op = torch.library.custom_op(
 
 
 @_batch_norm_stats_op.register_fake
-def _(input, running_mean, running_var, momentum, eps):
+def _(input, running_mean, running_var, momentum, eps, plain=True):
     channels = input.shape[1]
     return input.new_empty(channels), input.new_empty(channels)
 
@@ -453,11 +472,12 @@ def batch_norm_stats(
     running_var: Tensor | None,
     momentum: float,
     eps: float,
+    plain: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """The ``normdrop::batch_norm_stats`` op (its implementation directly in eager mode)."""
     if _eager(input, running_mean, running_var):
-        return _batch_norm_stats(input, running_mean, running_var, momentum, eps)
-    return _batch_norm_stats_op(input, running_mean, running_var, momentum, eps)
+        return _batch_norm_stats(input, running_mean, running_var, momentum, eps, plain)
+    return _batch_norm_stats_op(input, running_mean, running_var, momentum, eps, plain)
 
 
 # --------------------------------------------------------------------------------------------
@@ -858,7 +878,10 @@ def batch_norm_act(
             return _eager_forward(*args)[0]  # skip autograd.Function: nothing to record
         return _apply_bn_act(*args)
     if training:
-        mean, invstd = batch_norm_stats(input.detach(), running_mean, running_var, momentum, eps)
+        plain = activation == "identity" and (p <= 0 or seed is None)  # as _plan decides
+        mean, invstd = batch_norm_stats(
+            input.detach(), running_mean, running_var, momentum, eps, plain
+        )
     else:
         mean, invstd = running_mean.detach(), torch.rsqrt(running_var.detach() + eps)
     return bn_act_dropout(

@@ -191,8 +191,8 @@ class RunStore:
                     raise
                 if time.monotonic() + pause > deadline:
                     raise StoreError(
-                        f"{self.path}: the run database stayed locked by another process for "
-                        f"{BUSY_TIMEOUT_MS // 1000} s ({error}); try again when it is done"
+                        f"{self.path}: the run database stayed locked by another process "
+                        f"({error}); try again when it is done"
                     ) from None
                 time.sleep(pause)
                 pause = min(2 * pause, 0.5)
@@ -258,11 +258,11 @@ class RunStore:
         self.connection.execute("BEGIN IMMEDIATE")
         try:
             yield self.connection
+            self.connection.execute("COMMIT")  # may fail too (busy): never leave it open
         except BaseException:
             if self.connection.in_transaction:
                 self.connection.execute("ROLLBACK")
             raise
-        self.connection.execute("COMMIT")
 
     # --- writing ----------------------------------------------------------------------------
 
