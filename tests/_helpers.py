@@ -15,6 +15,28 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: floa
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
 
 
+def record_kernel_calls(monkeypatch, getter: str) -> list[str]:
+    """The layout of every call of the kernels ``normdrop.kernels.cpu.<getter>`` hands out
+    (``"forward_kernel"`` or ``"backward_kernel"``), recorded at the call, not the lookup: the
+    modules' cache keeps a kernel and calls it again."""
+    from normdrop.kernels import cpu
+
+    calls: list[str] = []
+    original = getattr(cpu, getter)
+
+    def spy(layout):
+        kernel = original(layout)
+
+        def counted(*args):
+            calls.append(layout)
+            return kernel(*args)
+
+        return counted
+
+    monkeypatch.setattr(cpu, getter, spy)
+    return calls
+
+
 def tolerance(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 1e-2)
 

@@ -23,7 +23,7 @@ import normdrop
 from normdrop import functional as F
 from normdrop.kernels import cpu, dispatch, ops
 
-from _helpers import assert_close_scaled, tolerance
+from _helpers import assert_close_scaled, record_kernel_calls, tolerance
 
 MODULES = {1: normdrop.nn.BatchNorm1d, 2: normdrop.nn.BatchNorm2d, 3: normdrop.nn.BatchNorm3d}
 
@@ -33,22 +33,9 @@ pytestmark = pytest.mark.usefixtures("one_numba_thread")
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the forward kernel calls (the eager path and the ops alike), so a silent fallback
+    """The forward kernel calls (the eager path and the ops alike), so a silent fallback
     cannot pass for the fast path."""
-    calls = []
-    original = cpu.forward_kernel
-
-    def spy(layout):
-        kernel = original(layout)
-
-        def counted(*args):
-            calls.append(layout)
-            return kernel(*args)
-
-        return counted
-
-    monkeypatch.setattr(cpu, "forward_kernel", spy)
-    return calls
+    return record_kernel_calls(monkeypatch, "forward_kernel")
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -576,7 +563,8 @@ def test_backward_uses_the_weight_as_it_is_at_backward_time(kernel_calls):
     assert kernel_calls
     # the strided weight reached the backward kernel as a dense copy: no variant compiled for it
     dense = {cpu.backward_signature(np.dtype(d)) for d in ("float32", "float64")}
-    assert set(cpu.backward_kernel(cpu.PLANAR).signatures) <= dense
+    layout = cpu.kernel_layout(cpu.PLANAR, x.numel(), x.shape[1], 25, cpu.IDENTITY, False)
+    assert set(cpu.backward_kernel(layout).signatures) <= dense
 
 
 def test_strided_parameters_and_buffers_take_the_reference(kernel_calls):

@@ -13,6 +13,8 @@ import torch
 
 import normdrop
 
+from _helpers import record_kernel_calls
+
 pytestmark = pytest.mark.usefixtures("one_numba_thread")
 
 
@@ -115,20 +117,12 @@ def test_export_runs_the_custom_ops(training):
 def test_a_compiled_step_runs_one_kernel_pair(module, family, monkeypatch):
     """The statistics op of a compiled graph runs the kernels of the op that applies them, so
     a compiled step compiles one pair and the backward helper compiles the backward it uses."""
-    from normdrop.kernels import compile_ahead, cpu
+    from normdrop.kernels import compile_ahead
 
-    forward_layouts, backward_layouts, helper_layouts = [], [], []
-    for name, calls in (("forward_kernel", forward_layouts), ("backward_kernel", backward_layouts)):
-        monkeypatch.setattr(cpu, name, _recording(getattr(cpu, name), calls))
+    forward_layouts = record_kernel_calls(monkeypatch, "forward_kernel")
+    backward_layouts = record_kernel_calls(monkeypatch, "backward_kernel")
+    helper_layouts = []
     monkeypatch.setattr(compile_ahead, "start", lambda layout, dtype: helper_layouts.append(layout))
     compiled = torch.compile(copy.deepcopy(module), backend="aot_eager", fullgraph=True)
     train_step(compiled, torch.randn(5, 4, 6, 6), 0)
     assert set(forward_layouts) == set(backward_layouts) == set(helper_layouts) == {family}
-
-
-def _recording(kernel_of, calls):
-    def spy(layout):
-        calls.append(layout)
-        return kernel_of(layout)
-
-    return spy

@@ -40,7 +40,7 @@ order, so the result does not depend on how many threads ran the blocks. Dropout
 generated ``CHUNK`` elements at a time into a small scratch that stays in L1. Inputs under
 ``SERIAL_BELOW`` elements run their blocks in a plain loop: waking threads would cost more
 than it saves (and the results are the same either way). The channel kernels always run their
-parallel loop (a serial twin would cost seconds of compile time).
+parallel loop (a serial twin would compile the loop body again).
 
 Statistics are exact for data with a large offset: values are summed about a center near the
 mean (``m2 = sum(d^2) - sum(d)^2 / n``, ``d = x - center``), with a second pass about the mean
@@ -275,19 +275,13 @@ def _words(words, lo, hi, offset, k0, k1, drop):
 def _scale_shift(invstd, weight, bias):
     """``scale = invstd * weight`` and ``shift = bias`` per channel (empty weight/bias: 1/0),
     rounded as :func:`normdrop.functional._normalize` rounds them."""
-    # Plain loops: numba compiles slice assignment and array arithmetic slowly (seconds); the
-    # branches sit outside them, so that they vectorize.
+    # Plain loops: numba compiles slice assignment and array arithmetic slowly (seconds).
     scale = np.empty(invstd.size, invstd.dtype)
     shift = np.zeros(invstd.size, invstd.dtype)
-    if weight.size:
-        for c in range(invstd.size):
-            scale[c] = _channel_scale(invstd, weight, c)
-    else:
-        for c in range(invstd.size):
-            scale[c] = invstd[c]
-    if bias.size:
-        for c in range(invstd.size):
-            shift[c] = bias[c]
+    for c in range(invstd.size):
+        scale[c] = _channel_scale(invstd, weight, c)
+    for c in range(invstd.size):
+        shift[c] = _channel_shift(bias, c, shift[c])
     return scale, shift
 
 
@@ -479,6 +473,19 @@ def _plane_pieces(numel, plane):
 
 
 @njit(**_INLINE)
+def _plane_blocks(pl, plane):
+    """The blocks that plane ``pl`` (``plane`` values) overlaps, in memory order: one
+    (block, plane) piece each (see :func:`_plane_piece`)."""
+    return range(pl * plane // BLOCK, ((pl + 1) * plane - 1) // BLOCK + 1)
+
+
+@njit(**_INLINE)
+def _plane_piece(b, pl, plane):
+    """``(lo, hi)``: the values of plane ``pl`` in block ``b``."""
+    return max(b * BLOCK, pl * plane), min((b + 1) * BLOCK, (pl + 1) * plane)
+
+
+@njit(**_INLINE)
 def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     """Merge two (count, mean, sum of squared deviations) summaries (Chan et al. 1979)."""
     if count_b == 0:
@@ -500,7 +507,7 @@ def _merge_plane_stats(first_piece, counts, means, m2s, channels, plane, samples
         count, mean, m2 = 0, 0.0, 0.0
         for n in range(samples):
             pl = n * channels + c
-            for b in range(pl * plane // BLOCK, ((pl + 1) * plane - 1) // BLOCK + 1):
+            for b in _plane_blocks(pl, plane):
                 k = first_piece[b] + pl - (b * BLOCK) // plane
                 count, mean, m2 = _chan_merge(count, mean, m2, counts[k], means[k], m2s[k])
         mean_out[c] = mean
@@ -516,7 +523,7 @@ def _merge_plane_sums(first_piece, piece_g, piece_h, channels, plane, samples):
     for c in range(channels):
         for n in range(samples):
             pl = n * channels + c
-            for b in range(pl * plane // BLOCK, ((pl + 1) * plane - 1) // BLOCK + 1):
+            for b in _plane_blocks(pl, plane):
                 k = first_piece[b] + pl - (b * BLOCK) // plane
                 sum_g[c] += piece_g[k]
                 sum_h[c] += piece_h[k]
@@ -1777,12 +1784,14 @@ def _forward_channel(what, x, y, c, channels, plane, shift64, eps, stats, weight
     samples = x.size // (channels * plane)
     one, eps_, zero = _in_dtype(stats, 1.0, eps, 0.0)
     if what <= STATS_APPLY:
+        # One piece per _planar_moments call, into one-element arrays: the blocked kernels'
+        # compiled helper, not a second inlined copy of the moments (seconds of compile time).
         counts, means, m2s = np.empty(1, np.int64), np.empty(1), np.empty(1)
         count, mean, m2 = 0, 0.0, 0.0
         for n in range(samples):
             pl = n * channels + c
-            for b in range(pl * plane // BLOCK, ((pl + 1) * plane - 1) // BLOCK + 1):
-                lo, hi = max(b * BLOCK, pl * plane), min((b + 1) * BLOCK, (pl + 1) * plane)
+            for b in _plane_blocks(pl, plane):
+                lo, hi = _plane_piece(b, pl, plane)
                 _planar_moments(x, lo, hi, plane, shift64, channels, counts, means, m2s)
                 count, mean, m2 = _chan_merge(count, mean, m2, counts[0], means[0], m2s[0])
         _channel_stats(stats, c, mean, m2 / count, shift64[c], one, eps_)
@@ -1823,8 +1832,8 @@ def _forward_channels(
     if what == APPLY_RUNNING:
         _running_stats(running_mean, running_var, eps, stats)
     shift64 = _channel_shifts(x[: channels * plane : plane])
-    # prange whatever the size: a serial twin of the loop would cost seconds of compile time
-    # for some microseconds saved on inputs under SERIAL_BELOW values
+    # prange whatever the size: a serial twin of the loop would compile its body again (seconds)
+    # to save a thread's wake-up on inputs under SERIAL_BELOW values
     for c in prange(channels):
         _forward_channel(what, x, y, c, channels, plane, shift64, eps, stats, weight, bias)
     if what > STATS_APPLY:
@@ -1858,8 +1867,8 @@ def _backward_channel(
         sum_g, sum_h = 0.0, 0.0
         for n in range(samples):
             pl = n * channels + c
-            for b in range(pl * plane // BLOCK, ((pl + 1) * plane - 1) // BLOCK + 1):
-                lo, hi = max(b * BLOCK, pl * plane), min((b + 1) * BLOCK, (pl + 1) * plane)
+            for b in _plane_blocks(pl, plane):
+                lo, hi = _plane_piece(b, pl, plane)
                 piece_g, piece_h = _products64(dy[lo:hi], x[lo:hi], mu)
                 sum_g += piece_g
                 sum_h += piece_h

@@ -241,9 +241,14 @@ def _drop_scale(p: float, dtype: torch.dtype) -> float:
     return float(torch.ones((), dtype=dtype).div_(1.0 - p))
 
 
+def _drops(p: float, seed: Tensor | None) -> bool:
+    """Whether a kernel call applies dropout (a seed is given for ``p > 0`` in training)."""
+    return p > 0 and seed is not None
+
+
 def _dropout_key(p: float, seed: Tensor | None) -> tuple[int, int, int, bool]:
     """``(key0, key1, threshold, drop)`` for the kernels."""
-    if p <= 0 or seed is None:
+    if not _drops(p, seed):
         return 0, 0, 0, False
     key0, key1 = philox.split_seed(int(seed))
     return key0, key1, philox.keep_threshold(p), True
@@ -878,7 +883,7 @@ def batch_norm_act(
             return _eager_forward(*args)[0]  # skip autograd.Function: nothing to record
         return _apply_bn_act(*args)
     if training:
-        plain = activation == "identity" and (p <= 0 or seed is None)  # as _plan decides
+        plain = activation == "identity" and not _drops(p, seed)
         mean, invstd = batch_norm_stats(
             input.detach(), running_mean, running_var, momentum, eps, plain
         )
