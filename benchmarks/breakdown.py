@@ -22,6 +22,10 @@ back, right after ``F.dropout`` (3 ms of serial ``bernoulli_``: the workers go t
 right after a parallel ``torch.mm`` (as in a training step), the three taking turns; and the
 Python the modules' eager path saves per call (a parameter read, ``autograd.Function.apply``).
 
+Then plain BatchNorm's two kernel families side by side: a training step's kernel calls on the
+planar kernels and on the channel kernels, for shapes from tiny to larger than the caches, and
+which of the two ``cpu.kernel_layout`` chooses.
+
 Then, in fresh processes with an empty ``NUMBA_CACHE_DIR``, the cold first ``BatchNorm2d``
 training step with and without the backward compiled ahead in a helper process
 (``NORMDROP_COMPILE_AHEAD``), and, without it, the compile time split by function from numba's
@@ -365,6 +369,63 @@ def helper_startup() -> None:
     )
 
 
+FAMILY_SHAPES = [(4, 8, 5, 5), (8, 3, 32, 32), (32, 16, 8, 8), (64, 32, 16), (16, 64, 7, 7),
+                 (32, 64, 56, 56), (16, 32, 112, 112)]  # fmt: skip
+
+
+def _plain_step(layout: str, x, dy):
+    """A plain BatchNorm training step's two kernel calls of ``layout`` on ``x`` and ``dy``
+    (forward with statistics, backward with sums and ``dx``), outputs preallocated."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from normdrop.kernels import cpu, ops
+
+    y, dx = torch.empty_like(x), torch.empty_like(x)
+    channels, plane, numel = x.shape[1], math.prod(x.shape[2:]), x.numel()
+    params, act = ops._kernel_params(x.dtype, "identity", 0.0, 0.0)
+    running = np.zeros(channels, np.float32), np.ones(channels, np.float32)
+    weight, bias = np.ones(channels, np.float32), np.zeros(channels, np.float32)
+    stats, grads = np.empty((3, channels), np.float32), torch.zeros(2, channels)
+    forward, backward = cpu.forward_kernel(layout), cpu.backward_kernel(layout)
+    keys = (act, 0, 0, 0, 0, False)
+
+    def step():
+        forward(cpu.STATS_APPLY, x.data_ptr(), y.data_ptr(), numel, channels, plane, *running,
+                0.1, 1e-5, stats, weight, bias, params, *keys)  # fmt: skip
+        backward(True, dy.data_ptr(), x.data_ptr(), dx.data_ptr(), numel, channels, plane,
+                 stats[0], stats[1], weight, bias, params, *keys, True, grads[0].data_ptr(),
+                 grads[1].data_ptr())  # fmt: skip
+
+    return step
+
+
+def kernel_families(repeats: int) -> None:
+    """Plain BatchNorm's training step on the planar and on the channel kernels, same tensors:
+    what ``cpu.kernel_layout`` chooses between."""
+    import math
+
+    import torch
+
+    from normdrop.kernels import cpu
+
+    print(f"\nPlain BatchNorm kernels, training step (forward + backward calls), median of "
+          f"{repeats} (us)")  # fmt: skip
+    print(f"{'shape':18s} {'planar':>9s} {'channels':>9s}  chosen")
+    for shape in FAMILY_SHAPES:
+        x, dy = torch.randn(shape), torch.randn(shape)
+        planar, channels = (
+            _measure(_plain_step(layout, x, dy), repeats)[0]
+            for layout in (cpu.PLANAR, cpu.CHANNELS)
+        )
+        plane = math.prod(shape[2:])
+        chosen = cpu.kernel_layout(cpu.PLANAR, x.numel(), shape[1], plane, cpu.IDENTITY, False)
+        name = "x".join(map(str, shape))
+        print(f"{name:18s} {planar:9.1f} {channels:9.1f}  {chosen}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -384,6 +445,7 @@ def main() -> None:
     step_breakdown(args.threads, args.repeats)
     wake_up(args.threads, args.repeats)
     python_overheads(args.repeats)
+    kernel_families(max(21, args.repeats // 10))
     compile_breakdown()
 
 
