@@ -394,7 +394,7 @@ def run_training(repeats: int) -> list[tuple[str, dict[str, float]]]:
 
 _FIRST_CALL = textwrap.dedent(
     """
-    import time
+    import sys, time
     start = time.perf_counter()
     import torch, normdrop
     imported = time.perf_counter()
@@ -403,33 +403,45 @@ _FIRST_CALL = textwrap.dedent(
     def train_step(module, shape):
         x = torch.randn(shape, requires_grad=True)
         module(x).sum().backward()
-    train_step(normdrop.nn.BatchNorm2d(8), (4, 8, 5, 5))  # the channel kernels
-    bn = time.perf_counter()
-    train_step(normdrop.nn.Dropout(0.5), (4, 8, 5, 5))
-    dropout = time.perf_counter()
-    train_step(normdrop.nn.BatchNormAct2d(8, "relu", 0.5), (4, 8, 5, 5))  # the planar kernels
-    fused = time.perf_counter()
-    steps = [bn - dynamo, dropout - bn, fused - dropout]
+    rank, shape = (1, (64, 512)) if sys.argv[1] == "1d" else (2, (4, 8, 5, 5))
+    channels = shape[1]
+    times = [time.perf_counter()]
+    for layer in (
+        getattr(normdrop.nn, f"BatchNorm{rank}d")(channels),
+        normdrop.nn.Dropout(0.5),
+        getattr(normdrop.nn, f"BatchNormAct{rank}d")(channels, "relu", 0.5),
+    ):
+        train_step(layer, shape)
+        times.append(time.perf_counter())
+    steps = [b - a for a, b in zip(times, times[1:])]
     print(imported - start, dynamo - imported, *steps, sum(steps))
     """
 )
 
+# (label, argument of _FIRST_CALL): the programs timed, each in its own fresh processes
+FIRST_CALL_PROGRAMS = [
+    ("images: `BatchNorm2d`, `Dropout`, `BatchNormAct2d` on 4x8x5x5", "2d"),
+    ("vectors: `BatchNorm1d`, `Dropout`, `BatchNormAct1d` on 64x512 (the lab's MLP)", "1d"),
+]
+
 
 def first_call_seconds() -> list[tuple[str, list[float]]]:
-    """Import, torch._dynamo import, then BatchNorm2d / Dropout / BatchNormAct2d train steps
-    (float32), in fresh processes: with an empty numba cache, then with the cache it left."""
+    """For each of ``FIRST_CALL_PROGRAMS``: import, torch._dynamo import, then its three
+    training steps (float32), in fresh processes: with an empty numba cache, then with the cache
+    it left."""
     results = []
-    with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
-        for label in ("cold (empty NUMBA_CACHE_DIR)", "cached"):
-            output = subprocess.run(
-                [sys.executable, "-c", _FIRST_CALL],
-                env=env,
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            results.append((label, [float(v) for v in output.split()]))
+    for program, argument in FIRST_CALL_PROGRAMS:
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+            for state in ("cold (empty NUMBA_CACHE_DIR)", "cached"):
+                output = subprocess.run(
+                    [sys.executable, "-c", _FIRST_CALL, argument],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+                results.append((f"{program} | {state}", [float(v) for v in output.split()]))
     return results
 
 
@@ -551,13 +563,14 @@ def report(args, runs, saved, first_calls) -> str:
         "",
         "`import` is `import torch, normdrop`; the first custom-op call imports `torch._dynamo`",
         "(torch's cost, once per process); then, one after the other, the first training step of",
-        "`BatchNorm2d` (the channel kernels of plain BatchNorm), `Dropout` and `BatchNormAct2d`",
-        "(the planar kernels), float32, which JIT-compile their kernels or load them from numba's",
-        "cache (`NUMBA_CACHE_DIR`, see docs/kernels.md); `kernels` is the three steps' total.",
+        "a BatchNorm, a `Dropout` and a `BatchNormAct` (ReLU, p = 0.5), float32, which JIT-compile",
+        "their kernels or load them from numba's cache (`NUMBA_CACHE_DIR`, see docs/kernels.md);",
+        "`kernels` is the three steps' total. Images run the channel kernels (plain and fused",
+        "BatchNorm share them), vectors the rows kernels.",
         "",
-        "| numba cache | import | torch._dynamo | BatchNorm2d | Dropout | BatchNormAct2d "
+        "| program | numba cache | import | torch._dynamo | BatchNorm | Dropout | BatchNormAct "
         "| kernels |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, values in first_calls:
         lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
