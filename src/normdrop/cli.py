@@ -6,6 +6,7 @@
     normdrop seed     the seed tutorial's SimpleNet (its own options: normdrop seed --help)
     normdrop lint     BatchNorm/Dropout pitfalls in a model (normdrop lint --help)
     normdrop repro    paper reproductions with pass criteria (normdrop repro --help)
+    normdrop warmup   compile the CPU kernels into numba's cache ahead of the first step
 
 Adding a command: a function ``_name(args) -> int`` and one ``_add_name`` parser entry in
 :func:`build_parser`; or, for a command that parses its own argv, one line in ``_PASSTHROUGH``.
@@ -431,6 +432,59 @@ def _kept(args: argparse.Namespace) -> str:
     return "the run database is unchanged"  # runs only reads it
 
 
+# --- warmup ---------------------------------------------------------------------------------
+
+
+def _add_warmup(sub) -> None:
+    parser = sub.add_parser(
+        "warmup",
+        help="compile the CPU kernels into numba's cache ahead of the first training step",
+        description="Compile every CPU kernel (BatchNorm forward and backward per layout, "
+        "Dropout) into numba's cache, so that later processes load them at once instead of "
+        "compiling them at their first training step. The cache is NUMBA_CACHE_DIR when set "
+        "(docs/kernels.md).",
+    )
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=("float32", "float64"),  # normdrop.kernels.warmup.DTYPES (imported when run)
+        default=["float32", "float64"],
+        help="dtypes to compile for (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--processes", type=_positive_int, help="helper processes (default: the usable CPUs)"
+    )
+    parser.set_defaults(run=_warmup)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _warmup(args) -> int:
+    import time
+
+    from normdrop.kernels import warmup
+
+    start = time.perf_counter()
+    results = warmup.warm(tuple(args.dtype), args.processes)
+    for kernel, seconds in results:
+        done = "cached already" if seconds is None else f"compiled in {seconds:.1f} s"
+        print(f"{kernel.kind:8} {kernel.layout:8} {kernel.dtype:7}  {done}")
+    compiled = sum(seconds is not None for _, seconds in results)
+    print(
+        f"{compiled} of {len(results)} kernels compiled in {time.perf_counter() - start:.1f} s; "
+        f"cache: {warmup.cache_path()}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normdrop",
@@ -440,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lab(sub)
     _add_tune(sub)
     _add_runs(sub)
+    _add_warmup(sub)
     for name, (_, text) in _PASSTHROUGH.items():
         sub.add_parser(name, help=text, add_help=False)
     return parser

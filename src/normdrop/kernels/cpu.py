@@ -80,6 +80,7 @@ __all__ = [
     "backward_kernel",
     "backward_signature",
     "dropout_flat",
+    "dropout_signature",
     "forward_kernel",
     "forward_signature",
     "make_params",
@@ -2112,6 +2113,14 @@ def forward_signature(dtype: np.dtype) -> tuple:
     stats = types.Array(vector.dtype, 2, "C")
     return (*[integer] * 6, vector, vector, real, real, stats, *[vector] * 3, *[integer] * 5,
             types.boolean)  # fmt: skip
+
+
+def dropout_signature(dtype: np.dtype) -> tuple:
+    """The numba argument types of every :func:`dropout_flat` call on ``dtype`` data: the
+    source, target and ``params`` dense 1-D arrays of ``dtype``, the keys, offset and threshold
+    Python ints."""
+    vector = _vector_type(dtype)
+    return (vector, vector, vector, *[types.int64] * 4)
 
 
 def backward_signature(dtype: np.dtype) -> tuple:
