@@ -226,9 +226,9 @@ def _gelu(z, cs):
 
 @njit(**_INLINE)
 def _gelu_grad(d, z, cs):
-    cdf = cs[_HALF] * (cs[_ONE] + _erf(z * cs[_SQRT1_2]))
-    pdf = cs[_GELU_BETA] * _exp(z * z * -cs[_HALF])
-    return d * (cdf + z * pdf)
+    """``d * GELU'(z) = d * (Phi(z) + z * phi(z))``."""
+    erf, gauss = _erf_gauss(z * cs[_SQRT1_2], z * z * -cs[_HALF])
+    return d * (cs[_HALF] * (cs[_ONE] + erf) + z * (cs[_GELU_BETA] * gauss))
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,12 +283,12 @@ def _exp32(x):
 
 
 @njit(**_INLINE)
-def _erf32(x):
-    """``erf(x)`` in float32: its Maclaurin series below 1 (A&S's ``1 - ...`` would lose the
-    digits of small values), A&S 7.1.26 above; NaN gives NaN. Both are computed and one
-    selected, so the loop stays branch-free."""
+def _erf32_gauss(x):
+    """``(erf(x), e^(-x^2))`` in float32: :func:`_erf32`, whose A&S branch computes the
+    exponential anyway, and that exponential (GELU's backward needs both)."""
     a = abs(x)
     s = a * a
+    gauss = _exp32(-s)
     m = _MACLAURIN
     series = m[10]
     for k in range(9, -1, -1):
@@ -297,8 +297,16 @@ def _erf32(x):
     t = _ONE32 / (_ONE32 + _ERF_P * a)
     c = _ERF_A
     poly = (((c[4] * t + c[3]) * t + c[2]) * t + c[1]) * t + c[0]
-    value = series if a < _ONE32 else _ONE32 - poly * t * _exp32(-s)
-    return -value if x < _ZERO32 else value
+    value = series if a < _ONE32 else _ONE32 - poly * t * gauss
+    return (-value if x < _ZERO32 else value), gauss
+
+
+@njit(**_INLINE)
+def _erf32(x):
+    """``erf(x)`` in float32: its Maclaurin series below 1 (A&S's ``1 - ...`` would lose the
+    digits of small values), A&S 7.1.26 above; NaN gives NaN. Both are computed and one
+    selected, so the loop stays branch-free."""
+    return _erf32_gauss(x)[0]
 
 
 def _erf(x):
@@ -311,11 +319,24 @@ def _exp(x):
     return math.exp(x)
 
 
+def _erf_gauss(x, y):
+    """``(erf(x), e^y)`` for ``y = -x^2`` (as the caller rounds it): float32 shares the one
+    exponential (:func:`_erf32_gauss`); float64 calls libm for each."""
+    return math.erf(x), math.exp(y)
+
+
 @overload(_erf, inline="always")
 def _erf_by_type(x):
     if x == types.float32:
         return lambda x: _erf32(x)
     return lambda x: math.erf(x)
+
+
+@overload(_erf_gauss, inline="always")
+def _erf_gauss_by_type(x, y):
+    if x == types.float32:
+        return lambda x, y: _erf32_gauss(x)
+    return lambda x, y: (math.erf(x), math.exp(y))
 
 
 @overload(_exp, inline="always")
