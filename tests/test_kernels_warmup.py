@@ -116,3 +116,11 @@ def test_dropout_signature_is_the_one_its_call_site_uses():
     expected = {cpu.dropout_signature(np.dtype(d)) for d in ("float32", "float64")}
     assert set(cpu.dropout_flat.signatures) <= expected
     assert cpu.dropout_flat.signatures
+
+
+def test_a_failing_helper_is_reported_with_its_error(monkeypatch):
+    bogus = warmup.Kernel("forward", "no-such-layout", "float32")
+    monkeypatch.setattr(warmup, "kernels", lambda dtypes: [bogus])
+    monkeypatch.setattr(warmup.Kernel, "cached", lambda self: False)
+    with pytest.raises(RuntimeError, match=r"warm-up helper failed(.|\n)*no-such-layout"):
+        warmup.warm(("float32",), 1)

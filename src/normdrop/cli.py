@@ -429,6 +429,8 @@ def _kept(args: argparse.Namespace) -> str:
         )
     if args.command == "lab":
         return "every completed epoch is in the database: rerun the same command to resume"
+    if args.command == "warmup":
+        return "the kernels compiled so far are in numba's cache"
     return "the run database is unchanged"  # runs only reads it
 
 
@@ -473,7 +475,11 @@ def _warmup(args) -> int:
     from normdrop.kernels import warmup
 
     start = time.perf_counter()
-    results = warmup.warm(tuple(args.dtype), args.processes)
+    try:
+        results = warmup.warm(tuple(args.dtype), args.processes)
+    except RuntimeError as error:  # a helper failed: its error output, no traceback of ours
+        print(f"normdrop warmup: error: {error}", file=sys.stderr)
+        return 1
     for kernel, seconds in results:
         done = "cached already" if seconds is None else f"compiled in {seconds:.1f} s"
         print(f"{kernel.kind:8} {kernel.layout:8} {kernel.dtype:7}  {done}")

@@ -105,14 +105,20 @@ def warm(
     shares = _shares(todo, max(1, min(processes or usable_cpus(), len(todo))))
     helpers = [_launch(share) for share in shares if share]
     errors = []
-    for helper in helpers:
-        output, error = helper.communicate()
-        if helper.returncode != 0:
-            errors.append(error.strip() or f"exit status {helper.returncode}")
-            continue
-        for line in output.splitlines():
-            kind, layout, dtype, elapsed = line.split()
-            seconds[Kernel(kind, layout, dtype)] = float(elapsed)
+    try:
+        for helper in helpers:
+            output, error = helper.communicate()
+            if helper.returncode != 0:
+                errors.append(error.strip() or f"exit status {helper.returncode}")
+                continue
+            for line in output.splitlines():
+                kind, layout, dtype, elapsed = line.split()
+                seconds[Kernel(kind, layout, dtype)] = float(elapsed)
+    finally:  # interrupted: stop the helpers (what they finished stays in the cache)
+        for helper in helpers:
+            if helper.poll() is None:
+                helper.kill()
+                helper.wait()
     if errors:
         raise RuntimeError("a warm-up helper failed:\n" + "\n".join(errors))
     return list(seconds.items())
@@ -129,7 +135,7 @@ def _shares(todo: list[Kernel], count: int) -> list[list[Kernel]]:
     loads = [0.0] * count
 
     def cost(kernel: Kernel) -> float:
-        return _COST[kernel.layout] * (1.3 if kernel.kind == "forward" else 1.0)
+        return _COST.get(kernel.layout, 1.0) * (1.3 if kernel.kind == "forward" else 1.0)
 
     for kernel in sorted(todo, key=cost, reverse=True):
         least = loads.index(min(loads))
