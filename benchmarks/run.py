@@ -565,8 +565,9 @@ def report(args, runs, saved, first_calls) -> str:
         "(torch's cost, once per process); then, one after the other, the first training step of",
         "a BatchNorm, a `Dropout` and a `BatchNormAct` (ReLU, p = 0.5), float32, which JIT-compile",
         "their kernels or load them from numba's cache (`NUMBA_CACHE_DIR`, see docs/kernels.md);",
-        "`kernels` is the three steps' total. Images run the channel kernels (plain and fused",
-        "BatchNorm share them), vectors the rows kernels.",
+        "`kernels` is the three steps' total. On images plain BatchNorm runs the channel",
+        "kernels and the fused module the planar ones (two pairs to compile); on vectors both",
+        "run the rows kernels (one pair).",
         "",
         "| program | numba cache | import | torch._dynamo | BatchNorm | Dropout | BatchNormAct "
         "| kernels |",
