@@ -1,7 +1,14 @@
 """Modules: drop-in replacements for ``torch.nn``'s BatchNorm and Dropout layers."""
 
 from normdrop.nn.batch_renorm import BatchRenorm1d, BatchRenorm2d
-from normdrop.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normdrop.nn.batchnorm import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+)
 from normdrop.nn.drop import DropBlock2d, DropConnect, DropPath, GaussianDropout
 from normdrop.nn.dropout import (
     AlphaDropout,
@@ -49,6 +56,9 @@ __all__ = [
     "GaussianDropout",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
     "SyncBatchNorm",
     "convert_sync_batchnorm",
     "freeze_batchnorm",

@@ -1,4 +1,5 @@
-"""BatchNorm modules, drop-in replacements for ``torch.nn.BatchNorm{1,2,3}d``.
+"""BatchNorm modules, drop-in replacements for ``torch.nn.BatchNorm{1,2,3}d`` and
+``torch.nn.LazyBatchNorm{1,2,3}d``.
 
 Each class subclasses its ``torch.nn`` counterpart, so parameters, buffers, ``state_dict`` keys,
 checkpoint loading, ``reset_parameters`` and every ``isinstance`` check of the ecosystem
@@ -15,12 +16,21 @@ from collections.abc import Container
 
 import torch
 from torch import Tensor, fx
+from torch.nn.modules.batchnorm import _LazyNormBase
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from normdrop.errors import InputError, InputTypeError
 from normdrop.kernels import dispatch
 from normdrop.nn.tracing import not_scriptable, record_call
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+]
 
 
 def _check_batch_norm_config(num_features: int, eps: float, momentum: float | None) -> None:
@@ -108,7 +118,9 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         *,
         bias: bool = True,
     ) -> None:
-        _check_batch_norm_config(num_features, eps, momentum)
+        # A lazy module learns num_features from its first input (it passes 0 until then).
+        lazy = isinstance(self, LazyModuleMixin)
+        _check_batch_norm_config(1 if lazy else num_features, eps, momentum)
         # bias=False (a learned scale without shift) exists since torch 2.13; older torch
         # rejects the keyword, so it is passed only when asked for.
         only_if_asked = {} if bias else {"bias": False}
@@ -198,3 +210,46 @@ class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
 
     _input_ranks = (5,)
     _input_shapes = "(N, C, D, H, W)"
+
+
+class _LazyBatchNorm(_LazyNormBase):
+    """``torch.nn.LazyBatchNorm*d`` on normdrop's BatchNorm: built without ``num_features``
+    (parameters and buffers uninitialized), it takes them from dim 1 of its first input and
+    then becomes :attr:`cls_to_become`, the normdrop BatchNorm of its rank (torch's
+    ``LazyModuleMixin``). The first forward is already normdrop's."""
+
+    def initialize_parameters(self, input: Tensor) -> None:
+        if self.num_features:
+            return
+        # the checks the forward makes, before dim 1 is read from the input
+        name, ranks, shapes = type(self).__name__, self._input_ranks, self._input_shapes
+        if not isinstance(input, Tensor):
+            raise InputTypeError(
+                f"{name}: input must be a torch.Tensor, got {type(input).__name__}"
+            )
+        check_input(name, input, input.shape[1] if input.dim() > 1 else 0, ranks, shapes)
+        super().initialize_parameters(input)  # materializes what is still uninitialized
+        # Nothing to materialize (affine=False without running stats), or what a loaded
+        # state_dict materialized: torch.nn leaves num_features at 0 there; the tensors'
+        # length, else the input's channels (the forward then checks the input against it).
+        sized = [t for t in (self.weight, self.running_mean) if t is not None]
+        self.num_features = int(sized[0].shape[0]) if sized else int(input.shape[1])
+
+
+class LazyBatchNorm1d(_LazyBatchNorm, BatchNorm1d):
+    """:class:`BatchNorm1d` with ``num_features`` from the first input; see
+    :class:`_LazyBatchNorm`. Arguments: those of :class:`BatchNorm1d` but ``num_features``."""
+
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_LazyBatchNorm, BatchNorm2d):
+    """:class:`BatchNorm2d` with ``num_features`` from the first input."""
+
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_LazyBatchNorm, BatchNorm3d):
+    """:class:`BatchNorm3d` with ``num_features`` from the first input."""
+
+    cls_to_become = BatchNorm3d
