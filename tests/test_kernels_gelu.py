@@ -83,3 +83,9 @@ def test_erf_with_its_gaussian_matches_the_separate_functions(dtype):
         np.testing.assert_array_equal(gauss, [math.exp(-(v * v)) for v in x])
     else:  # the square rounded to float32 first (relative error of e^y: |y| * 2^-24 more)
         np.testing.assert_allclose(gauss, want, rtol=2.0**-23 * (1 + 36), atol=0)
+        # below float32's normal range the Gaussian is 0, not exp's clamped ~1.7e-38 (GELU's
+        # gradient multiplies it by z, which can be huge)
+        far = np.float32([9.5, -20.0, 1e20, -3e38])
+        erf_far, gauss_far = np.empty_like(far), np.empty_like(far)
+        _apply_pair(far, erf_far, gauss_far)
+        assert (gauss_far == 0).all() and (np.abs(erf_far) == 1).all()

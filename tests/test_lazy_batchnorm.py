@@ -127,6 +127,24 @@ def test_bad_first_input_is_named_before_anything_is_sized(value, error, message
     assert lazy.num_features == 3
 
 
+def test_a_first_input_without_channels_is_refused_and_the_module_stays_lazy():
+    lazy, _ = _pair(2)
+    with pytest.raises(InputError, match="first input, which has none"):
+        lazy(torch.randn(2, 0, 4, 4))
+    lazy(torch.randn(2, 3, 4, 4))
+    assert type(lazy) is normdrop.nn.BatchNorm2d and lazy.num_features == 3
+
+
+def test_tracing_before_the_first_batch_says_what_to_do():
+    lazy, _ = _pair(2)
+    with pytest.raises(InputTypeError, match="run one batch through the model before tracing"):
+        torch.fx.symbolic_trace(torch.nn.Sequential(lazy))
+    lazy(torch.randn(2, 3, 4, 4))
+    traced = torch.fx.symbolic_trace(torch.nn.Sequential(lazy))
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(traced(x), lazy(x))
+
+
 def test_constructor_checks_its_arguments():
     with pytest.raises(InputError, match="momentum"):
         normdrop.nn.LazyBatchNorm2d(momentum=1.5)

@@ -526,8 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"normdrop {args.command}: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a path the user gave: a file where a folder goes, no permission
-        where = f" {error.filename}" if error.filename else ""
-        print(f"normdrop {args.command}: error:{where}: {error.strerror or error}", file=sys.stderr)
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"normdrop {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     except sqlite3.Error as error:  # the run database: read-only, locked, damaged
         print(

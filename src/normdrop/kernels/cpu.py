@@ -273,8 +273,9 @@ def _float32_from_bits(typingctx, bits):
 @njit(**_INLINE)
 def _exp32(x):
     """``e^x`` in float32 for ``x <= 0`` or moderate (clamped to [-87, 88]); NaN gives NaN."""
-    x = min(max(x, _EXP_LO), _EXP_HI)
-    n = np.floor(x * _LOG2E + _HALF32)  # np.floor keeps float32 (math.floor gives an int)
+    x = min(max(x, _EXP_LO), _EXP_HI)  # NaN passes through, so the result is NaN
+    finite = x if x == x else _EXP_LO  # but the exponent's integer conversion never sees it
+    n = np.floor(finite * _LOG2E + _HALF32)  # np.floor keeps float32 (math.floor gives an int)
     r = (x - n * _LN2_HI) - n * _LN2_LO
     c = _TAYLOR
     poly = ((((((c[7] * r + c[6]) * r + c[5]) * r + c[4]) * r + c[3]) * r + c[2]) * r + c[1]) * r
@@ -288,7 +289,9 @@ def _erf32_gauss(x):
     exponential anyway, and that exponential (GELU's backward needs both)."""
     a = abs(x)
     s = a * a
-    gauss = _exp32(-s)
+    # 0 where e^(-s) is below float32's normal range (_exp32 would clamp it to ~1.7e-38,
+    # which GELU's z * gauss would scale back up for huge z)
+    gauss = _exp32(-s) if s <= -_EXP_LO else _ZERO32
     m = _MACLAURIN
     series = m[10]
     for k in range(9, -1, -1):

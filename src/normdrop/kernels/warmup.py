@@ -7,7 +7,13 @@ and backward kernels of the three layouts, and dropout, for each dtype asked for
 helper processes, one per usable CPU, so that an image build, a CI job or a cluster's shared
 ``NUMBA_CACHE_DIR`` pays the compilation once, outside training. The helpers import the
 kernels without torch, as the compile-ahead helper does (:mod:`normdrop.kernels.compile_ahead`);
-each prints one line per kernel, ``KIND LAYOUT DTYPE SECONDS``.
+each prints one line per kernel, ``KIND LAYOUT DTYPE SECONDS``. One dtype at a time: numba
+keeps one cache index per function (the kernels' and their compiled helpers') and rewrites it
+without a lock, so two processes adding different signatures of one function at once could
+lose an entry or point it at the other's code; the same signature twice writes the same.
+
+numba uses a cache directory only where it can write: a cache warmed at an image build must
+stay writable for the user who trains, or numba quietly compiles again elsewhere.
 """
 
 from __future__ import annotations
@@ -17,13 +23,14 @@ import os
 import subprocess
 import sys
 
-import numba
 import numpy as np
+from numba import config
+from numba.core.caching import UserProvidedCacheLocator
 
 from normdrop._cpus import usable_cpus
 from normdrop.kernels import compile_ahead, cpu
 
-__all__ = ["DTYPES", "Kernel", "cache_path", "kernels", "warm"]
+__all__ = ["DTYPES", "TIMEOUT_S", "Kernel", "cache_path", "kernels", "warm"]
 
 DTYPES = ("float32", "float64")
 _LAYOUTS = (cpu.CHANNELS, cpu.PLANAR, cpu.ROWS)
@@ -68,6 +75,7 @@ def kernels(dtypes: tuple[str, ...] = DTYPES) -> list[Kernel]:
     for dtype in dtypes:
         if dtype not in DTYPES:
             raise ValueError(f"dtypes: each must be one of {DTYPES}, got {dtype!r}")
+    dtypes = tuple(dict.fromkeys(dtypes))  # each once
     pairs = [
         Kernel(kind, layout, dtype)
         for dtype in dtypes
@@ -91,8 +99,9 @@ def warm(
     ``RuntimeError`` when a helper fails (with its error output)."""
     wanted = kernels(dtypes)
     path = cache_path()
-    chosen = numba.config.CACHE_DIR
-    if chosen and os.path.commonpath([os.path.abspath(chosen), path]) != os.path.abspath(chosen):
+    chosen = config.CACHE_DIR
+    locator = cpu.forward_kernel(cpu.PLANAR)._cache._impl.locator
+    if chosen and not isinstance(locator, UserProvidedCacheLocator):
         # numba falls back to another directory when NUMBA_CACHE_DIR cannot be used
         raise OSError(
             f"NUMBA_CACHE_DIR={chosen} is not a writable directory (numba would cache in "
@@ -102,26 +111,57 @@ def warm(
         raise OSError(f"numba's cache directory {path} is not writable: set NUMBA_CACHE_DIR")
     todo = [kernel for kernel in wanted if not kernel.cached()]
     seconds = dict.fromkeys(wanted)
-    shares = _shares(todo, max(1, min(processes or usable_cpus(), len(todo))))
-    helpers = [_launch(share) for share in shares if share]
+    for dtype in dict.fromkeys(kernel.dtype for kernel in todo):
+        batch = [kernel for kernel in todo if kernel.dtype == dtype]
+        seconds.update(_compile_in_helpers(batch, processes or usable_cpus()))
+    return list(seconds.items())
+
+
+# A helper compiles a few kernels of about 10 s each on a slow 2-core machine: one that has not
+# finished by then is stuck.
+TIMEOUT_S = 900.0
+
+
+def _compile_in_helpers(batch: list[Kernel], processes: int) -> dict[Kernel, float]:
+    """Compile ``batch`` (one dtype) over up to ``processes`` helpers; their timings."""
+    helpers: list[subprocess.Popen] = []
+    seconds: dict[Kernel, float] = {}
     errors = []
     try:
+        shares = _shares(batch, max(1, min(processes, len(batch))))
+        helpers += [_launch(share) for share in shares if share]
         for helper in helpers:
-            output, error = helper.communicate()
+            try:
+                output, error = helper.communicate(timeout=TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                errors.append(f"a helper was still compiling after {TIMEOUT_S:.0f} s")
+                continue
             if helper.returncode != 0:
                 errors.append(error.strip() or f"exit status {helper.returncode}")
                 continue
-            for line in output.splitlines():
-                kind, layout, dtype, elapsed = line.split()
-                seconds[Kernel(kind, layout, dtype)] = float(elapsed)
-    finally:  # interrupted: stop the helpers (what they finished stays in the cache)
+            seconds.update(_parse(output))
+    finally:  # interrupted or stuck: stop the helpers (what they finished stays in the cache)
         for helper in helpers:
             if helper.poll() is None:
                 helper.kill()
                 helper.wait()
     if errors:
         raise RuntimeError("a warm-up helper failed:\n" + "\n".join(errors))
-    return list(seconds.items())
+    return seconds
+
+
+def _parse(output: str) -> dict[Kernel, float]:
+    """A helper's ``KIND LAYOUT DTYPE SECONDS`` lines (anything else it printed is skipped)."""
+    seconds = {}
+    for line in output.splitlines():
+        fields = line.split()
+        if len(fields) != 4:
+            continue
+        try:
+            seconds[Kernel(*fields[:3])] = float(fields[3])
+        except ValueError:
+            continue
+    return seconds
 
 
 # Relative compile times (BENCHMARKS.md, first-call latency; the rows kernels take longest).

@@ -223,12 +223,22 @@ class _LazyBatchNorm(_LazyNormBase):
             return
         # the checks the forward makes, before dim 1 is read from the input
         name, ranks, shapes = type(self).__name__, self._input_ranks, self._input_shapes
+        if isinstance(input, fx.Proxy):
+            raise InputTypeError(
+                f"{name} learns num_features from its first input: run one batch through the "
+                "model before tracing it"
+            )
         if not isinstance(input, Tensor):
             raise InputTypeError(
                 f"{name}: input must be a torch.Tensor, got {type(input).__name__}"
             )
         check_input(name, input, input.shape[1] if input.dim() > 1 else 0, ranks, shapes)
-        super().initialize_parameters(input)  # materializes what is still uninitialized
+        if input.shape[1] == 0:
+            raise InputError(
+                f"{name} learns num_features from dim 1 of its first input, which has none: "
+                f"shape {tuple(input.shape)}"
+            )
+        super().initialize_parameters(input)  # materializes the parameters and buffers
         # Nothing to materialize (affine=False without running stats), or what a loaded
         # state_dict materialized: torch.nn leaves num_features at 0 there; the tensors'
         # length, else the input's channels (the forward then checks the input against it).
