@@ -19,26 +19,15 @@ from pathlib import Path
 import numba
 import torch
 
-import normdrop
-
 sys.path.insert(0, str(Path(__file__).parent))
-import run  # run.py's timing, allocator setting and machine line
-
-SHAPES = [(256, 1024), (64, 4096), (32, 64, 56, 56), (8, 256, 28, 28)]
-
-
-def _modules(shape, p: float):
-    channels, rank = shape[1], 1 if len(shape) == 2 else 2
-    batch_norm = getattr(torch.nn, f"BatchNorm{rank}d")(channels)
-    chain = torch.nn.Sequential(batch_norm, torch.nn.GELU(), torch.nn.Dropout(p))
-    fused = getattr(normdrop.nn, f"BatchNormAct{rank}d")(channels, "gelu", p)
-    return {"torch": chain, "normdrop": fused}
+import run  # run.py's shapes, chain, timing, allocator setting and machine line
 
 
 def _case(shape, p: float, repeats: int, rounds: int) -> dict[str, dict[str, float]]:
     x = torch.randn(shape, requires_grad=True)
     grad = torch.randn(shape)
-    modules = _modules(shape, p)
+    chain, fused = run._chain_modules(shape[1], len(shape) == 4, "gelu", p)
+    modules = {"torch": chain, "normdrop": fused}
 
     def forward(module):
         with torch.no_grad():
@@ -71,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"repeats, median over {args.rounds} rounds; float32; ms\n")
     print("| shape | p | pass | torch chain | normdrop BatchNormAct | speed-up |")
     print("| --- | ---: | --- | ---: | ---: | ---: |")
-    for shape in SHAPES:
+    for shape in run.SHAPES:
         for p in (0.0, 0.1):
             for name, t in _case(shape, p, args.repeats, args.rounds).items():
                 label = "x".join(map(str, shape))

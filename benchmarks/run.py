@@ -172,10 +172,17 @@ def _timed(make_output: Callable[[], torch.Tensor], mode: str, grad: torch.Tenso
     return _forward_backward(make_output, grad, inputs)
 
 
-def _chain_modules(channels: int, two_d: bool) -> tuple[nn.Module, nn.Module]:
+_TORCH_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+
+def _chain_modules(
+    channels: int, two_d: bool, activation: str = "relu", p: float = P
+) -> tuple[nn.Module, nn.Module]:
+    """torch.nn's BatchNorm -> activation -> Dropout chain and normdrop's BatchNormAct."""
     bn = nn.BatchNorm2d if two_d else nn.BatchNorm1d
     fused = normdrop.nn.BatchNormAct2d if two_d else normdrop.nn.BatchNormAct1d
-    return nn.Sequential(bn(channels), nn.ReLU(), nn.Dropout(P)), fused(channels, "relu", P)
+    chain = nn.Sequential(bn(channels), _TORCH_ACTIVATIONS[activation](), nn.Dropout(p))
+    return chain, fused(channels, activation, p)
 
 
 def op_cases(shape: tuple[int, ...], channels_last: bool = False):

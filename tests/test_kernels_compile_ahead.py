@@ -62,6 +62,14 @@ def test_kernel_signatures_are_the_ones_every_call_site_uses(kernel, signature):
         assert compiled <= expected, (layout, compiled - expected)
 
 
+def test_dropout_signature_is_the_one_its_call_site_uses():
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(70_000, dtype=dtype, requires_grad=True)
+        normdrop.nn.Dropout(0.3)(x).sum().backward()
+    expected = {cpu.dropout_signature(np.dtype(d)) for d in ("float32", "float64")}
+    assert set(cpu.dropout_flat.signatures) == expected
+
+
 _COLD_STEP = textwrap.dedent(
     """
     import sys, numpy as np, torch, normdrop

@@ -134,16 +134,25 @@ def start(layout: str, dtype: np.dtype) -> None:
 
 
 def _launch(layout: str, dtype: np.dtype) -> subprocess.Popen:
+    return helper_process(_HELPER, [layout, np.dtype(dtype).name, _SOURCE_STAMPS])
+
+
+def helper_process(code: str, arguments: list[str], output: bool = False) -> subprocess.Popen:
+    """A helper Python running ``code`` (which starts with :data:`HELPER_PRELUDE`) on
+    ``arguments`` (its ``sys.argv[2:]``), in :func:`_helper_environment`; its standard output
+    and error are pipes (text) with ``output``, else discarded. (The warm-up command's
+    helpers start here too: :mod:`normdrop.kernels.warmup`.)"""
     package = os.path.dirname(os.path.dirname(cpu.__file__))
-    arguments = [package, layout, np.dtype(dtype).name, _SOURCE_STAMPS]
     windows = {"creationflags": subprocess.CREATE_NO_WINDOW} if os.name == "nt" else {}
+    streams = subprocess.PIPE if output else subprocess.DEVNULL
     return subprocess.Popen(
         # -P: the working directory does not go first on the helper's sys.path.
-        [sys.executable, "-P", "-c", _HELPER, *arguments],
+        [sys.executable, "-P", "-c", code, package, *arguments],
         env=_helper_environment(),
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=streams,
+        stderr=streams,
+        text=True,
         **windows,
     )
 

@@ -285,8 +285,10 @@ def _exp32(x):
 
 @njit(**_INLINE)
 def _erf32_gauss(x):
-    """``(erf(x), e^(-x^2))`` in float32: :func:`_erf32`, whose A&S branch computes the
-    exponential anyway, and that exponential (GELU's backward needs both)."""
+    """``(erf(x), e^(-x^2))`` in float32 (GELU's backward needs both; A&S's branch computes
+    the exponential anyway). erf: its Maclaurin series below 1 (A&S's ``1 - ...`` would lose
+    the digits of small values), A&S 7.1.26 above; both are computed and one selected, so the
+    loop stays branch-free. NaN gives NaN."""
     a = abs(x)
     s = a * a
     # 0 where e^(-s) is below float32's normal range (_exp32 would clamp it to ~1.7e-38,
@@ -306,20 +308,13 @@ def _erf32_gauss(x):
 
 @njit(**_INLINE)
 def _erf32(x):
-    """``erf(x)`` in float32: its Maclaurin series below 1 (A&S's ``1 - ...`` would lose the
-    digits of small values), A&S 7.1.26 above; NaN gives NaN. Both are computed and one
-    selected, so the loop stays branch-free."""
+    """``erf(x)`` in float32: the first of :func:`_erf32_gauss`."""
     return _erf32_gauss(x)[0]
 
 
 def _erf(x):
     """``erf(x)``: :func:`_erf32` for float32, libm otherwise (see above)."""
     return math.erf(x)
-
-
-def _exp(x):
-    """``e^x``: :func:`_exp32` for float32, libm otherwise."""
-    return math.exp(x)
 
 
 def _erf_gauss(x, y):
@@ -340,13 +335,6 @@ def _erf_gauss_by_type(x, y):
     if x == types.float32:
         return lambda x, y: _erf32_gauss(x)
     return lambda x, y: (math.erf(x), math.exp(y))
-
-
-@overload(_exp, inline="always")
-def _exp_by_type(x):
-    if x == types.float32:
-        return lambda x: _exp32(x)
-    return lambda x: math.exp(x)
 
 
 @njit(**_INLINE)

@@ -85,9 +85,14 @@ def kernels(dtypes: tuple[str, ...] = DTYPES) -> list[Kernel]:
     return pairs + [Kernel("dropout", "flat", dtype) for dtype in dtypes]
 
 
+def _cache():
+    """numba's cache object of the kernels (they share one source file, so one directory)."""
+    return cpu.forward_kernel(cpu.PLANAR)._cache
+
+
 def cache_path() -> str:
     """The directory numba writes these kernels' cache to (``NUMBA_CACHE_DIR`` when set)."""
-    return cpu.forward_kernel(cpu.PLANAR)._cache._cache_path
+    return _cache()._cache_path
 
 
 def warm(
@@ -100,8 +105,7 @@ def warm(
     wanted = kernels(dtypes)
     path = cache_path()
     chosen = config.CACHE_DIR
-    locator = cpu.forward_kernel(cpu.PLANAR)._cache._impl.locator
-    if chosen and not isinstance(locator, UserProvidedCacheLocator):
+    if chosen and not isinstance(_cache()._impl.locator, UserProvidedCacheLocator):
         # numba falls back to another directory when NUMBA_CACHE_DIR cannot be used
         raise OSError(
             f"NUMBA_CACHE_DIR={chosen} is not a writable directory (numba would cache in "
@@ -185,16 +189,8 @@ def _shares(todo: list[Kernel], count: int) -> list[list[Kernel]]:
 
 
 def _launch(share: list[Kernel]) -> subprocess.Popen:
-    package = os.path.dirname(os.path.dirname(cpu.__file__))
     arguments = [f"{k.kind}:{k.layout}:{k.dtype}" for k in share]
-    return subprocess.Popen(
-        [sys.executable, "-P", "-c", _WORKER, package, *arguments],
-        env=compile_ahead._helper_environment(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return compile_ahead.helper_process(_WORKER, arguments, output=True)
 
 
 def main(argv: list[str]) -> int:

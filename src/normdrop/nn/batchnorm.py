@@ -52,10 +52,11 @@ def _check_batch_norm_config(num_features: int, eps: float, momentum: float | No
 
 
 def check_input(
-    name: str, input: Tensor, num_features: int, ranks: Container[int], shapes: str
+    name: str, input: Tensor, num_features: int | None, ranks: Container[int], shapes: str
 ) -> None:
     """What every BatchNorm-like module checks of its input: a tensor of one of ``ranks``
-    (described by ``shapes``, e.g. ``"(N, C, H, W)"``) with ``num_features`` channels in dim 1."""
+    (described by ``shapes``, e.g. ``"(N, C, H, W)"``) with ``num_features`` channels in dim 1
+    (None: any number, for a lazy module that has yet to learn it)."""
     if not isinstance(input, Tensor):
         raise InputTypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
     if input.dim() not in ranks:
@@ -63,7 +64,7 @@ def check_input(
             f"{name} expects input of shape {shapes}, got {input.dim()}-D input "
             f"of shape {tuple(input.shape)}"
         )
-    if input.shape[1] != num_features:
+    if num_features is not None and input.shape[1] != num_features:
         raise InputError(
             f"{name}(num_features={num_features}) got input with {input.shape[1]} "
             f"channels (dim 1) in shape {tuple(input.shape)}"
@@ -221,18 +222,14 @@ class _LazyBatchNorm(_LazyNormBase):
     def initialize_parameters(self, input: Tensor) -> None:
         if self.num_features:
             return
-        # the checks the forward makes, before dim 1 is read from the input
+        # the forward's checks, before dim 1 is read from the input
         name, ranks, shapes = type(self).__name__, self._input_ranks, self._input_shapes
         if isinstance(input, fx.Proxy):
             raise InputTypeError(
                 f"{name} learns num_features from its first input: run one batch through the "
                 "model before tracing it"
             )
-        if not isinstance(input, Tensor):
-            raise InputTypeError(
-                f"{name}: input must be a torch.Tensor, got {type(input).__name__}"
-            )
-        check_input(name, input, input.shape[1] if input.dim() > 1 else 0, ranks, shapes)
+        check_input(name, input, None, ranks, shapes)
         if input.shape[1] == 0:
             raise InputError(
                 f"{name} learns num_features from dim 1 of its first input, which has none: "
