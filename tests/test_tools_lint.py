@@ -360,3 +360,94 @@ def test_dropout_fused_into_batchnormact_before_a_batchnorm_is_seen():
     assert ("dropout-before-batchnorm", "3") in _found(model, x)
     model[1].p = 0.0
     assert all(rule != "dropout-before-batchnorm" for rule, _ in _found(model, x))
+
+
+class FunctionalDropout(torch.nn.Module):
+    """Calls a dropout function; ``how`` picks which and whether training is hard-coded."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.linear = torch.nn.Linear(6, 6, bias=False)
+        self.bn = torch.nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        F = torch.nn.functional
+        h = {
+            "default": lambda: F.dropout(x, 0.5),  # training defaults to True: the classic
+            "follows": lambda: F.dropout(x, 0.5, training=self.training),
+            "torch": lambda: torch.dropout(x, 0.5, True),
+            "alpha": lambda: F.alpha_dropout(x, 0.5, True),
+            "p0": lambda: F.dropout(x, 0.0),
+        }[self.how]()
+        return self.bn(self.linear(h))
+
+
+@pytest.mark.parametrize(
+    ("how", "in_eval", "tagged"),
+    [
+        ("default", True, True),
+        ("follows", False, True),
+        ("torch", True, True),
+        ("alpha", True, False),  # alpha dropout keeps the variance: not a variance shift
+        ("p0", False, False),
+    ],
+)
+def test_functional_dropout_is_a_dropout_and_hard_coded_training_is_found(how, in_eval, tagged):
+    model = FunctionalDropout(how)
+    x = torch.randn(8, 6)
+    train, evaluation = _rules(lint(model.train(), x)), _rules(lint(model.eval(), x))
+    assert ("functional-dropout-in-eval", "", "warning") not in train  # training: on purpose
+    assert (("functional-dropout-in-eval", "", "warning") in evaluation) == in_eval
+    for found in (train, evaluation):  # the data flow does not depend on the mode
+        assert (("dropout-before-batchnorm", "bn", "warning") in found) == tagged
+    if how == "default":
+        finding = next(f for f in lint(model, x) if f.rule == "functional-dropout-in-eval")
+        assert "torch.nn.functional.dropout(p=0.5)" in finding.message
+        assert "defaults to True" in finding.message and "self.training" in finding.fix
+
+
+def test_densenet_style_functional_dropout_reaches_the_next_layers_batchnorm():
+    """torchvision's _DenseLayer drops out its new features with F.dropout, then the next
+    layer's BatchNorm normalizes them, concatenated with the block's input."""
+
+    class DenseLayer(torch.nn.Module):
+        def __init__(self, channels, growth, drop_rate):
+            super().__init__()
+            self.norm = torch.nn.BatchNorm2d(channels)
+            self.conv = torch.nn.Conv2d(channels, growth, 3, padding=1, bias=False)
+            self.drop_rate = drop_rate
+
+        def forward(self, x):
+            new = self.conv(torch.relu(self.norm(x)))
+            new = torch.nn.functional.dropout(new, self.drop_rate, self.training)
+            return torch.cat([x, new], 1)
+
+    for drop_rate in (0.2, 0.0):
+        block = torch.nn.Sequential(DenseLayer(4, 2, drop_rate), DenseLayer(6, 2, drop_rate))
+        found = _rules(lint(block.eval(), torch.randn(2, 4, 5, 5)))
+        assert (("dropout-before-batchnorm", "1.norm", "warning") in found) == (drop_rate > 0)
+        assert ("dropout-before-batchnorm", "0.norm", "warning") not in found
+        assert not any(rule == "functional-dropout-in-eval" for rule, _, _ in found)
+
+
+def test_dropout_left_training_in_an_eval_model_and_momentum_zero():
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 4, bias=False),
+        torch.nn.BatchNorm1d(4, momentum=0.0),                            # 1: never moves
+        torch.nn.BatchNorm1d(4, momentum=0.0, track_running_stats=False), # 2: has none
+        torch.nn.Dropout(0.3),
+        ndnn.DropPath(0.2),
+        torch.nn.Dropout(0.0),
+    )  # fmt: skip
+    x = torch.randn(8, 4)
+    found = _rules(lint(model.train(), x, deployment=False))
+    assert found == {("batchnorm-momentum", "1", "warning"), ("dropout-p", "5", "info")}
+    model.eval()
+    model[3].train(), model[4].train(), model[5].train()
+    found = _rules(lint(model, x, deployment=False))
+    assert ("dropout-training-in-eval", "3", "warning") in found
+    assert ("dropout-training-in-eval", "4", "warning") in found
+    assert ("dropout-training-in-eval", "5", "warning") not in found  # p = 0 drops nothing
+    message = next(f.message for f in lint(model, x) if f.rule == "batchnorm-momentum")
+    assert "never move" in message

@@ -11,11 +11,17 @@ dropout-before-batchnorm    warning  a BatchNorm's input passed through a (unit-
                                      since the last normalization, directly or through Linear,
                                      Conv or activations: variance shift (Li et al. 2019)
 batchnorm-training-in-eval  error    the model is in eval mode but a BatchNorm is training
+dropout-training-in-eval    warning  the model is in eval mode but a dropout layer is training
+                                     (unless that is Monte Carlo dropout on purpose)
+functional-dropout-in-eval  warning  a module in eval mode called a dropout function with
+                                     training=True (``F.dropout(x, p)``: training defaults to
+                                     True)
 batch-of-one                error    a BatchNorm using batch statistics (training, or no
                                      running statistics) got 1 value per channel
 redundant-bias              info     BatchNorm right after a Linear/Conv that has a bias, whose
                                      output nothing else uses (nor returns)
-batchnorm-momentum          warning  momentum 1.0, or above 0.5 (a Keras momentum?)
+batchnorm-momentum          warning  momentum 0 (running statistics never move), 1.0, or
+                                     above 0.5 (a Keras momentum?)
 dropout2d-3d-input          warning  Dropout2d got 3-D input (read as (N, C, L))
 dropout-p                   info /   p = 0 (does nothing; not DropPath/DropBlock) /
                             warning  p >= 0.9 (almost everything dropped)
@@ -43,6 +49,7 @@ and the generators layers own are restored, and the forward runs without gradien
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +88,20 @@ _NORMALIZING_FUNCTIONS = frozenset(
 )
 _BIASED_LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
 _ALPHA = (torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+_F = torch.nn.functional
+# Dropout functions a forward may call directly; the unit-wise ones tag their output as a
+# dropout layer's output does. torch.nn.functional passes p and training by keyword to the
+# mode; torch's own take (input, p, train) as the caller wrote them.
+_UNIT_DROPOUT_FUNCTIONS = frozenset(
+    (_F.dropout, _F.dropout1d, _F.dropout2d, _F.dropout3d, torch.dropout, torch.feature_dropout)
+)
+_TRAINING_BY_DEFAULT = frozenset((_F.dropout, _F.dropout1d, _F.dropout2d, _F.dropout3d))
+_DROPOUT_FUNCTIONS = _UNIT_DROPOUT_FUNCTIONS | {
+    _F.alpha_dropout,
+    _F.feature_alpha_dropout,
+    torch.alpha_dropout,
+    torch.feature_alpha_dropout,
+}
 
 
 @dataclass(frozen=True)
@@ -109,6 +130,8 @@ def _static_findings(model: torch.nn.Module, deployment: bool) -> Iterator[Findi
             yield from _batchnorm_config(path, module, model.training, deployment)
         if isinstance(module, DROPOUT_LAYERS):
             yield from _dropout_rate(path, module)
+            if not model.training and module.training and module.p > 0:
+                yield _dropout_training_in_eval(path, module)
 
 
 def _batchnorm_config(
@@ -127,7 +150,17 @@ def _batchnorm_config(
             "Monte Carlo dropout use normdrop.tools.mc_dropout, which keeps BatchNorm in eval",
         )
     momentum = bn.momentum
-    if momentum is not None and momentum == 1.0:
+    if momentum is not None and momentum == 0 and bn.track_running_stats:
+        yield Finding(
+            "warning",
+            "batchnorm-momentum",
+            path,
+            f"{name}(momentum=0): the running statistics never move from their initial "
+            "values (mean 0, variance 1), so evaluation normalizes with those instead of the "
+            "data's statistics",
+            "use PyTorch's default momentum=0.1, or momentum=None for a cumulative average",
+        )
+    elif momentum is not None and momentum == 1.0:
         yield Finding(
             "warning",
             "batchnorm-momentum",
@@ -157,6 +190,20 @@ def _batchnorm_config(
             "construct it with track_running_stats=True; the statistics can then be computed "
             "from training data with normdrop.tools.recalibrate_batchnorm",
         )
+
+
+def _dropout_training_in_eval(path: str, module: torch.nn.Module) -> Finding:
+    name = type(module).__name__
+    return Finding(
+        "warning",
+        "dropout-training-in-eval",
+        path,
+        f"{name} is in training mode while the model is in eval mode: it keeps dropping "
+        "values at evaluation, so predictions are random and scaled",
+        "call model.eval() last, after anything that sets submodules to train mode; for "
+        "Monte Carlo dropout on purpose use normdrop.tools.mc_dropout (which turns it on only "
+        "inside its context)",
+    )
 
 
 def _dropout_rate(path: str, module: torch.nn.Module) -> Iterator[Finding]:
@@ -200,11 +247,25 @@ def _tensors(value: Any) -> Iterator[Tensor]:
             yield from _tensors(item)
 
 
+def _dropout_call(func: Any, args: tuple, kwargs: dict) -> tuple[float, bool]:
+    """``(p, training)`` of a call to one of ``_DROPOUT_FUNCTIONS``."""
+    if func in (torch.dropout, torch.feature_dropout, torch.alpha_dropout,
+                torch.feature_alpha_dropout):  # fmt: skip
+        named = dict(zip(("input", "p", "train"), args, strict=False)) | kwargs
+        return float(named.get("p", 0.0)), bool(named.get("train", False))
+    bound = inspect.signature(func).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return float(bound.arguments["p"]), bool(bound.arguments["training"])
+
+
 class _DropoutTags(TorchFunctionMode):
-    """Tags each tensor with the dropout layers it was computed from, through any torch op."""
+    """Tags each tensor with the dropout layers it was computed from, through any torch op;
+    ``on_dropout(func, p, training)`` hears of each dropout function called and returns the
+    tag for its output (an empty one: none)."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.on_dropout: Any = None
         self.tags: dict[int, frozenset[str]] = {}
         self._alive: list[Tensor] = []  # ids stay unique while the tensors live
         # Uses of watched tensors (a biased layer's outputs) by ops outside a BatchNorm call
@@ -230,6 +291,13 @@ class _DropoutTags(TorchFunctionMode):
             self.count_uses((args, kwargs))
         output = func(*args, **kwargs)
         tags = frozenset() if func in _NORMALIZING_FUNCTIONS else self.of((args, kwargs))
+        if func in _DROPOUT_FUNCTIONS and self.on_dropout is not None:
+            p, training = _dropout_call(func, args, kwargs)
+            own = self.on_dropout(func, p, training)
+            if own and isinstance(output, Tensor):
+                if not training and args and output is args[0]:
+                    output = output.view_as(output)  # returned its input: as for layers
+                tags |= own
         if tags:
             for tensor in _tensors(output):
                 self.tag(tensor, tags | self.tags.get(id(tensor), frozenset()))
@@ -251,6 +319,8 @@ class _Recorder:
 
     def install(self, model: torch.nn.Module) -> list[Any]:
         handles = []
+        self.dropout_tags.on_dropout = self.dropout_called
+        self.modules = dict(model.named_modules())
         for path, module in model.named_modules():
             handles.append(module.register_forward_pre_hook(functools.partial(self.pre, path)))
             handles.append(module.register_forward_hook(functools.partial(self.post, path)))
@@ -295,6 +365,33 @@ class _Recorder:
             self.producers[id(output)] = (path, module, output, output._version)
             self.dropout_tags.uses[id(output)] = 0
         return output
+
+    def dropout_called(self, func: Any, p: float, training: bool) -> frozenset[str]:
+        """A dropout function called from a module's forward: ``functional-dropout-in-eval``
+        if that module is in eval mode yet asked for training; the tag of its output."""
+        if not self.stack or p <= 0:
+            return frozenset()
+        path = self.stack[-1]
+        module = self.modules[path]
+        if isinstance(module, DROPOUT_LAYERS):
+            return frozenset()  # the layer's own call: its forward hook tags the output
+        name = f"{func.__module__}.{func.__name__}"
+        if training and not module.training:
+            default = (
+                " (its training argument defaults to True)" if func in _TRAINING_BY_DEFAULT else ""
+            )
+            self.findings.append(
+                Finding(
+                    "warning",
+                    "functional-dropout-in-eval",
+                    path,
+                    f"{type(module).__name__} is in eval mode but calls {name}(p={p:g}) with "
+                    f"training=True{default}, so it keeps dropping values at evaluation",
+                    "pass training=self.training, or use a dropout layer",
+                )
+            )
+        unit = func in _UNIT_DROPOUT_FUNCTIONS
+        return frozenset({f"{path or '<model>'} ({name})"}) if unit else frozenset()
 
     def _check_batchnorm_input(self, path: str, bn: torch.nn.Module, x: Tensor) -> None:
         name = type(bn).__name__
