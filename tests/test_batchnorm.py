@@ -223,6 +223,35 @@ def test_statistics_exact_for_large_offsets(backend):
     torch.testing.assert_close(bn.running_var.double(), 0.9 + 0.1 * unbiased, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.full((65536, 2, 2), 30000.0, dtype=torch.float16),  # constant channels
+        lambda: torch.full((65536, 2, 4), 96984.346)[:, :, ::2],  # strided: the reference
+        lambda: (
+            96984.35 + 0.5 * torch.randn(65536, 2, 2, generator=torch.Generator().manual_seed(3))
+        ),
+    ],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_statistics_of_many_values_at_a_large_offset(make, backend):
+    """(N, C, L) with N * L = 131072 values a channel at 3e4-1e5: float32 means over N and L
+    add up in float32 in PyTorch, and a two-pass formula built on them gave a negative
+    variance for constant channels (NaN output, running_var pulled below 0.9) and a variance
+    6% low on noisy ones; the statistics must equal float64 math on the same values."""
+    x = make()
+    x64 = x.double()
+    mean, var = NF.batch_statistics(x)
+    torch.testing.assert_close(mean.double(), x64.mean((0, 2)), rtol=1e-7, atol=0)
+    torch.testing.assert_close(var.double(), x64.var((0, 2), unbiased=False), rtol=1e-4, atol=1e-6)
+    bn = normdrop.nn.BatchNorm1d(2, momentum=1.0).to(x.dtype)
+    with normdrop.use_backend(backend):
+        y = bn(x)
+    assert torch.isfinite(y).all()
+    unbiased = x64.var((0, 2), unbiased=True)
+    torch.testing.assert_close(bn.running_var.double(), unbiased, rtol=2e-3, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_half_input_with_float32_parameters(dtype, backend):

@@ -211,23 +211,18 @@ def _values_per_channel(input: Tensor) -> int:
 
 
 def batch_statistics(input: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of an ``(N, C, *)`` input, by two passes.
+    """Per-channel mean and biased variance of an ``(N, C, *)`` input.
 
-    The corrected two-pass algorithm (Chan, Golub & LeVeque 1983): a first pass gives the mean,
-    the second the deviations ``d = x - mean``, their mean ``c`` (the rounding error of the first
-    pass) and ``var = mean(d^2) - c^2``. It stays exact for data with a large offset, where
-    ``E[x^2] - E[x]^2`` loses every significant digit in float32. float16/bfloat16 inputs give
-    float32 statistics. Returns two ``(C,)`` tensors.
+    ``torch.var_mean``: Welford's algorithm, which stays exact for data with a large offset,
+    where ``E[x^2] - E[x]^2`` loses every significant digit in float32 (on CPU it accumulates
+    float32 in float64). A two-pass formula over float32 means is not enough either: PyTorch's
+    mean over several dims (N and L of an ``(N, C, L)`` input) adds up in float32, and a
+    constant channel at 3e4 then came out with a negative variance. float16/bfloat16 inputs
+    give float32 statistics. Returns two ``(C,)`` tensors.
     """
     x = input.to(_compute_dtype(input))
-    dims = _reduction_dims(x)
-    mean = x.mean(dims)
-    centered = x - _per_channel(mean, x.dim())
-    correction = centered.mean(dims)
-    squares = (centered * centered).mean(dims)
-    # c^2 <= mean(d^2): where the squares overflow, so would c^2, and inf - inf would be NaN
-    var = torch.where(torch.isinf(squares), squares, squares - correction * correction)
-    return mean + correction, var
+    var, mean = torch.var_mean(x, _reduction_dims(x), correction=0)
+    return mean, var
 
 
 def _check_eps(eps: float, training: bool) -> None:
