@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import math
 import multiprocessing
+import subprocess
+import sys
 import warnings
 
 import numba
@@ -766,3 +768,33 @@ def test_statistics_op_updates_strided_running_buffers():
     torch.nn.functional.batch_norm(x, *theirs, training=True, momentum=0.1, eps=1e-5)
     for got, want in zip(ours, theirs, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+_THREADS = """
+import numba, torch
+import normdrop.nn as nd
+torch.set_num_threads(1)
+# numba's OpenMP pool starts at the first call, inside a compiled graph here, where its start-up
+# set the OpenMP thread count (torch's) to the pool's size and the next call recompiled
+compiled = torch.compile(nd.BatchNormAct2d(4, p=0.2), backend="aot_eager", fullgraph=True)
+for _ in range(2):
+    compiled(torch.randn(2, 4, 3, 3)).sum().backward()
+print(torch.get_num_threads(), numba.get_num_threads())
+print(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+torch.set_num_threads(2)
+nd.Dropout(0.3)(torch.randn(70000))  # over SERIAL_BELOW: a parallel launch
+print(torch.get_num_threads(), numba.get_num_threads())
+"""
+
+
+def test_the_kernels_keep_and_follow_torchs_thread_count():
+    """A fresh process (numba's pool not started): after torch.set_num_threads(1) the first
+    kernel call leaves torch at 1 thread (numba's start-up had set it to the CPU count, and a
+    compiled module then compiled again) and runs on 1; later calls follow torch's count."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 CPUs to tell 1 thread from the pool's size")
+    done = subprocess.run(
+        [sys.executable, "-c", _THREADS], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "1", "1", "2", "2"]

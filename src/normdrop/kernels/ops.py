@@ -37,10 +37,12 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numba
+import numba.np.ufunc.parallel
 import numpy as np
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -76,11 +78,24 @@ ROWS = cpu.ROWS
 # after kernels ran therefore takes the reference path (spawned processes are unaffected).
 _launched = False
 _forked_after_openmp = False
+# The thread count each calling thread last gave numba (numba's setting is per thread).
+_threads = threading.local()
 
 
 def _launching() -> None:
+    """Before each kernel call: the kernels run on as many threads as torch's ops
+    (``torch.set_num_threads``, ``OMP_NUM_THREADS``), up to numba's pool. numba's OpenMP pool
+    starts at the first call and sets the process's OpenMP thread count, which torch reads as
+    its own, to the size of the pool (the CPU count): torch's count is put back."""
     global _launched
-    _launched = True
+    wanted = torch.get_num_threads()
+    if not _launched:
+        numba.np.ufunc.parallel._launch_threads()
+        torch.set_num_threads(wanted)
+        _launched = True
+    if getattr(_threads, "count", 0) != wanted:
+        numba.set_num_threads(min(wanted, numba.config.NUMBA_NUM_THREADS))
+        _threads.count = wanted
 
 
 def _after_fork_in_child() -> None:
