@@ -7,6 +7,7 @@ were folded, since leaving everything unfolded would trivially pass the output c
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -336,3 +337,26 @@ def test_a_layer_whose_weight_forward_also_reads_is_not_folded():
     folded = fold_batchnorm(model)
     assert isinstance(folded.bn, torch.nn.BatchNorm2d)  # left alone
     torch.testing.assert_close(folded(x), model(x))
+
+
+def test_a_data_parallel_wrapper_folds_its_model_without_a_warning():
+    """DataParallel's forward(*inputs, **kwargs) does not trace; the model inside does."""
+    model = _randomize(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))
+    wrapped = torch.nn.DataParallel(model).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folded = fold_batchnorm(wrapped)
+    assert isinstance(folded.module[1], torch.nn.Identity)
+    torch.testing.assert_close(folded(x), wrapped(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [torch.nn.BatchNorm2d(3), torch.nn.Sequential(torch.nn.ReLU(), torch.nn.BatchNorm1d(3))],
+)
+def test_nothing_to_fold_into_is_no_warning(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # was: torch.fx could not trace BatchNorm2d
+        folded = fold_batchnorm(model)
+    assert type(folded) is type(model) and folded is not model

@@ -451,3 +451,8 @@ def test_dropout_left_training_in_an_eval_model_and_momentum_zero():
     assert ("dropout-training-in-eval", "5", "warning") not in found  # p = 0 drops nothing
     message = next(f.message for f in lint(model, x) if f.rule == "batchnorm-momentum")
     assert "never move" in message
+
+
+def test_a_dropout_with_p_zero_is_no_variance_shift():
+    model = torch.nn.Sequential(torch.nn.Dropout(0.0), torch.nn.BatchNorm1d(6))
+    assert _rules(lint(model.train(), torch.randn(8, 6))) == {("dropout-p", "0", "info")}

@@ -218,3 +218,62 @@ def test_seed_reproduces_layers_with_their_own_generator_and_leaves_it_as_it_was
     assert torch.equal(generator.get_state(), state)
     other = mc_predict(model, x, samples=5, seed=4)
     assert not torch.equal(first.mean, other.mean)
+
+
+def _transformer():
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.3, batch_first=True)
+    encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    return torch.nn.Sequential(encoder, torch.nn.Flatten(1), torch.nn.Linear(80, 3))
+
+
+class Attention(torch.nn.Module):
+    """Dropout only inside MultiheadAttention (a rate, no Dropout layer)."""
+
+    def __init__(self, dropout):
+        super().__init__()
+        self.attention = torch.nn.MultiheadAttention(8, 2, dropout=dropout, batch_first=True)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.attention(x, x, x, need_weights=False)[0].mean(1))
+
+
+class Recurrent(torch.nn.Module):
+    """Dropout only between the layers of an LSTM."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(5, 8, num_layers=2, dropout=0.5, batch_first=True)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+@pytest.mark.parametrize(
+    ("make", "x"),
+    [
+        (_transformer, torch.randn(4, 5, 16)),  # eval + no_grad: torch's fast path skipped
+        (lambda: Attention(0.5), torch.randn(4, 5, 8)),  # no Dropout layer: a rate
+        (Recurrent, torch.randn(4, 6, 5)),
+    ],
+)
+def test_dropout_that_torch_modules_apply_themselves_is_sampled(make, x):
+    model = make().eval()
+    modes = [m.training for m in model.modules()]
+    prediction = mc_predict(model, x, 8, seed=0)
+    assert prediction.variance.min() > 0  # every output varies across the samples
+    assert [m.training for m in model.modules()] == modes
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))  # and eval is deterministic again
+
+
+def test_a_model_whose_only_dropout_rate_is_zero_has_nothing_to_sample():
+    with pytest.raises(InputError, match="no dropout layer"):
+        mc_predict(Attention(0.0).eval(), torch.randn(2, 3, 8), 2)
+
+
+def test_the_input_must_be_a_tensor():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5))
+    with pytest.raises(InputError, match="mc_predict: x must be the input tensor, got list"):
+        mc_predict(model, [torch.randn(2, 4)], 2, seed=0)

@@ -158,8 +158,11 @@ def test_arguments_are_checked_and_num_batches_is_honoured():
         recalibrate_batchnorm(model, _data(), mode="exact")
     with pytest.raises(InputError, match="no batch"):
         recalibrate_batchnorm(model, [])
-    with pytest.raises(InputError, match="num_batches"):
-        recalibrate_batchnorm(model, _data(), num_batches=0)
+    for wrong in (0, 2.5, True):  # 2.5 was taken, and every batch used
+        with pytest.raises(InputError, match="num_batches must be a positive int"):
+            recalibrate_batchnorm(model, _data(), num_batches=wrong)
+    with pytest.raises(InputError, match=r"data must be an iterable of batches.*row by row"):
+        recalibrate_batchnorm(model, torch.cat([x for x, _ in _data()]))  # rows: not batches
     consumed = []
 
     def stream():

@@ -12,7 +12,6 @@ its own reasons and stays.
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
@@ -21,6 +20,7 @@ from normdrop import nn as ndnn
 from normdrop.errors import InputError
 from normdrop.nn.swap import swap_layers
 from normdrop.nn.sync_batchnorm import _move_state
+from normdrop.tools._model import check_model, deep_copy
 
 __all__ = ["convert"]
 
@@ -58,18 +58,6 @@ def _rebuild(module: torch.nn.Module, cls: type[torch.nn.Module]) -> torch.nn.Mo
     return new
 
 
-def _copy(model: torch.nn.Module, tool: str, way_out: str) -> torch.nn.Module:
-    """``copy.deepcopy(model)``, or an error that says why it cannot be copied (e.g. a cached
-    non-leaf tensor left by a forward with autograd on, as transformers' LeViT keeps)."""
-    try:
-        return copy.deepcopy(model)
-    except Exception as error:
-        raise InputError(
-            f"{tool} works on a deep copy of the model, and copying it failed "
-            f"({type(error).__name__}: {error}){way_out}"
-        ) from error
-
-
 def _is_layer(module: torch.nn.Module) -> bool:
     """A normdrop BatchNorm or dropout-like layer (as opposed to a container)."""
     from normdrop.nn.drop import DropBlock2d, DropConnect, DropPath, GaussianDropout
@@ -104,9 +92,8 @@ def convert(
     """
     if to not in _TARGETS:
         raise InputError(f"convert: to must be one of {tuple(_TARGETS)}, got {to!r}")
-    if not isinstance(model, torch.nn.Module):
-        raise InputError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
-    target = model if inplace else _copy(model, "convert", "; pass inplace=True to convert it")
+    check_model("convert", model)
+    target = model if inplace else deep_copy(model, "convert", "; pass inplace=True to convert it")
     table = _TARGETS[to]
     left: list[str] = []
 

@@ -38,7 +38,7 @@ from normdrop.nn.frozen_batchnorm import FrozenBatchNorm1d, FrozenBatchNorm2d, F
 from normdrop.nn.ghost_batchnorm import GhostBatchNorm1d, GhostBatchNorm2d
 from normdrop.nn.sync_batchnorm import _PLAIN_BATCHNORMS, SyncBatchNorm
 from normdrop.nn.tracing import record_call
-from normdrop.tools.convert import _copy
+from normdrop.tools._model import check_model, deep_copy
 
 __all__ = ["FoldedBatchNorm", "fold_batchnorm"]
 
@@ -74,6 +74,10 @@ _FOREIGN_FROZEN = frozenset(
         "detectron2.layers.batch_norm.FrozenBatchNorm2d",
     }
 )
+
+
+# Wrappers that only run ``.module`` (on several devices or processes).
+_WRAPPERS = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
 
 
 def _is_plain_batchnorm(module: torch.nn.Module) -> bool:
@@ -377,19 +381,23 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     the model, the pairs inside its submodules that it can trace fold, and consecutive pairs
     inside ``nn.Sequential`` containers, with a warning.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise InputError(f"fold_batchnorm: model must be a torch.nn.Module, got {type(model)}")
-    folded = _copy(
+    check_model("fold_batchnorm", model)
+    folded = deep_copy(
         model,
         "fold_batchnorm",
         "; copy.deepcopy(model) must work: run the model "
         "once under torch.no_grad() or clear its cached tensors",
     ).eval()
-    if not any(_is_batchnorm(m) for m in folded.modules()):
+    modules = list(folded.modules())
+    if not any(_is_batchnorm(m) for m in modules) or not any(
+        isinstance(m, torch.nn.Linear | torch.nn.modules.conv._ConvNd) for m in modules
+    ):
         return folded  # nothing to fold, nothing to trace
     refused: dict[str, str] = {}
+    # DataParallel's forward (*inputs, **kwargs) does not trace; the model it wraps may
+    root, prefix = (folded.module, "module.") if isinstance(folded, _WRAPPERS) else (folded, "")
     try:
-        pairs = _pairs_from_graph(folded, refused)
+        pairs = _pairs_from_graph(root, refused, prefix)
     except Exception as error:  # any tracing failure: fall back to what is safe without a graph
         warnings.warn(
             f"fold_batchnorm: torch.fx could not trace {type(model).__name__} "

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from normdrop.errors import InputError
 from normdrop.nn.drop import DropBlock2d, DropConnect, DropPath, GaussianDropout
+from normdrop.tools._model import check_model
 from normdrop.tools.rng import forked_rng
 
 __all__ = ["MCPrediction", "mc_dropout", "mc_predict"]
@@ -73,11 +74,15 @@ def mc_dropout(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     Dropout layers are ``torch.nn``'s and normdrop's dropout family, DropPath, DropBlock2d,
     DropConnect and GaussianDropout, and other libraries' stochastic depth and drop-block
     layers, known by class name (torchvision's ``StochasticDepth``, timm's ``DropPath`` and
-    ``DropBlock2d``, Hugging Face's ``...DropPath``). Every module's mode is restored on exit.
+    ``DropBlock2d``, Hugging Face's ``...DropPath``). So are the ``torch.nn`` modules whose
+    training mode changes nothing but dropout: ``MultiheadAttention`` (its attention dropout),
+    the RNNs (dropout between layers) and the Transformer layers and stacks (whose eval fast
+    path would skip their Dropout layers). Every module's mode is restored on exit.
     """
-    dropouts = [m for m in model.modules() if _is_sampled(m)]
+    check_model("mc_dropout", model)
+    dropouts = [m for m in model.modules() if _is_sampled(m) or isinstance(m, _GATED)]
     fused = _fused_dropouts(model)
-    if not dropouts:
+    if not any(_is_sampled(m) or _gated_rate(m) > 0 for m in dropouts):
         also = f" (the dropout fused into {', '.join(fused)} cannot be sampled)" if fused else ""
         raise InputError(
             f"mc_dropout: {type(model).__name__} has no dropout layer, so every Monte Carlo "
@@ -100,6 +105,25 @@ def mc_dropout(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         for m, training in modes.items():
             m.training = training
+
+
+# torch.nn modules that drop out by a rate their own training flag gates, or whose eval-mode
+# fast path (taken under no_grad) skips their Dropout layers; training mode changes nothing else.
+_GATED = (
+    torch.nn.MultiheadAttention,
+    torch.nn.modules.rnn.RNNBase,
+    torch.nn.TransformerEncoderLayer,
+    torch.nn.TransformerDecoderLayer,
+    torch.nn.TransformerEncoder,
+    torch.nn.TransformerDecoder,
+)
+
+
+def _gated_rate(module: torch.nn.Module) -> float:
+    """The dropout rate a ``_GATED`` module applies itself (not through a Dropout layer)."""
+    if isinstance(module, torch.nn.MultiheadAttention | torch.nn.modules.rnn.RNNBase):
+        return float(module.dropout)
+    return 0.0
 
 
 def _fused_dropouts(model: torch.nn.Module) -> list[str]:
@@ -161,6 +185,12 @@ def mc_predict(
     Returns:
         :class:`MCPrediction` in float64 (see the module docstring for the formulas).
     """
+    check_model("mc_predict", model)
+    if not isinstance(x, Tensor):
+        raise InputError(
+            f"mc_predict: x must be the input tensor, got {type(x).__name__}; for a model "
+            "with several inputs, wrap it in a Module whose forward takes one tensor"
+        )
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise InputError(f"mc_predict: samples must be an int >= 2, got {samples!r}")
     if activation not in _ACTIVATIONS:

@@ -49,6 +49,7 @@ from normdrop.functional import batch_statistics
 from normdrop.nn.batch_renorm import _BatchRenorm, stored_variance
 from normdrop.nn.norm_act import _BatchNormAct
 from normdrop.nn.sync_batchnorm import combine_batch_statistics
+from normdrop.tools._model import check_model
 
 __all__ = ["recalibrate_batchnorm"]
 
@@ -179,9 +180,18 @@ def recalibrate_batchnorm(
     statistics, with a warning.
     ``num_batches_tracked`` ends as the number of batches seen, as with ``update_bn``.
     """
+    check_model("recalibrate_batchnorm", model)
     if mode not in _MODES:
         raise InputError(f"recalibrate_batchnorm: mode must be one of {_MODES}, got {mode!r}")
-    if num_batches is not None and (isinstance(num_batches, bool) or num_batches < 1):
+    if isinstance(data, Tensor):
+        raise InputError(
+            "recalibrate_batchnorm: data must be an iterable of batches (a DataLoader, a list "
+            f"of tensors), got a tensor of shape {tuple(data.shape)}, which would be read row "
+            "by row; pass [tensor] for one batch, or tensor.split(batch_size) for several"
+        )
+    if num_batches is not None and (
+        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+    ):
         raise InputError(
             f"recalibrate_batchnorm: num_batches must be a positive int or None, got "
             f"{num_batches!r}"

@@ -60,6 +60,7 @@ from torch.overrides import TorchFunctionMode
 
 from normdrop.errors import InputError
 from normdrop.nn.norm_act import _BatchNormAct
+from normdrop.tools._model import check_model
 from normdrop.tools.mc_dropout import DROPOUT_LAYERS
 from normdrop.tools.rng import forked_rng
 
@@ -469,7 +470,7 @@ def _is_unit_dropout(module: torch.nn.Module) -> bool:
     from normdrop.nn.drop import GaussianDropout
 
     unit = isinstance(module, torch.nn.modules.dropout._DropoutNd | GaussianDropout)
-    return unit and not isinstance(module, _ALPHA)
+    return unit and not isinstance(module, _ALPHA) and module.p > 0
 
 
 def _aligned(layer: torch.nn.Module, output: Tensor) -> bool:
@@ -538,8 +539,7 @@ def lint(model: torch.nn.Module, example_input: Any, *, deployment: bool = True)
     Raises:
         InputError: the model fails on ``example_input`` (the message names the module).
     """
-    if not isinstance(model, torch.nn.Module):
-        raise InputError(f"lint: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model("lint", model)
     if not any(True for _ in _tensors(example_input)):
         raise InputError(
             "lint: example_input must be a tensor, or a tuple/list/dict holding tensors, got "
