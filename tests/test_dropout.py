@@ -427,3 +427,61 @@ def test_the_fast_keep_rate_bound_quoted_in_the_docs():
 
     assert abs(kept(1 - MIN_KEEP) / MIN_KEEP - 1) < 1e-4
     assert 0.25 < kept(1 - 1e-7) / 1e-7 < 0.35
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_weight_under_vmap_with_different_randomness_gets_a_mask_per_sample(backend):
+    """Dropout of a tensor the vmapped function closes over (a weight, as DropConnect drops):
+    torch's batching rule gives each sample its own mask; in-place noise on the unbatched
+    tensor was refused by vmap."""
+    weight = torch.randn(64)
+    with normdrop.use_backend(backend):
+        for function in (NF.dropout, NF.alpha_dropout):
+            out = torch.func.vmap(
+                lambda x, f=function: f(weight, 0.5, True) + 0 * x, randomness="different"
+            )(torch.randn(4, 64))
+            masks = out != (out[0] if function is NF.alpha_dropout else 0)
+            assert not all(torch.equal(masks[0], m) for m in masks[1:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_under_torch_func_the_mask_is_torchs_for_the_seed(backend):
+    x = torch.ones(1000)
+    torch.manual_seed(0)
+    expected = torch.nn.functional.dropout(x, 0.5)
+    with normdrop.use_backend(backend):
+        torch.manual_seed(0)
+        grad = torch.func.grad(lambda x: NF.dropout(x, 0.5).sum())(x)
+    assert torch.equal(grad, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jagged_nested_and_sparse_inputs_behave_as_in_torch(backend):
+    nested = torch.nested.nested_tensor(
+        [torch.randn(2, 300), torch.randn(4, 300)], layout=torch.jagged
+    )
+    with normdrop.use_backend(backend):
+        torch.manual_seed(0)
+        ours = normdrop.nn.Dropout(0.5)(nested)
+        sparse = torch.randn(4, 4).to_sparse()
+        with pytest.raises(NotImplementedError, match="Sparse"):  # torch's own error
+            normdrop.nn.Dropout(0.5)(sparse)
+    torch.manual_seed(0)
+    theirs = torch.nn.Dropout(0.5)(nested)
+    assert ours.is_nested and torch.equal(ours.values(), theirs.values())
+    with pytest.raises(NotImplementedError, match="Sparse"):
+        torch.nn.Dropout(0.5)(sparse)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("cls", "shape"), [("Dropout2d", (4, 8, 3)), ("Dropout2d", (4, 8)), ("Dropout3d", (8, 3, 2))]
+)
+def test_inputs_that_warn_compile_with_fullgraph(backend, cls, shape):
+    """dynamo cannot trace warnings.warn in our code: the warning is skipped in the graph."""
+    torch._dynamo.reset()
+    module = getattr(normdrop.nn, cls)(0.5)
+    compiled = torch.compile(module, fullgraph=True, backend="eager")
+    with normdrop.use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about the same ranks
+        assert compiled(torch.randn(shape)).shape == shape

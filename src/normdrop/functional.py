@@ -651,6 +651,8 @@ def _dropout(
     """
     if p == 0 or not training or input.numel() == 0:
         return input
+    if _needs_atens_dropout(input, generator):
+        return _atens_dropout(input, p, inplace, channelwise, alpha)
     if p == 1:  # input * 0, not zeros: NaN stays NaN, as in PyTorch
         return input.mul_(0) if inplace else input * 0
     if channelwise and input.dim() < 2:
@@ -675,6 +677,22 @@ def _dropout(
     return input.mul_(noise).add_(shift) if inplace else input * noise + shift
 
 
+def _needs_atens_dropout(input: Tensor, generator: torch.Generator | None) -> bool:
+    """Sparse and nested (jagged) tensors have no ``empty_like(...).bernoulli_``, and under
+    ``torch.func.vmap(randomness="different")`` a tensor the function closes over (a weight)
+    cannot take in-place noise: ATen's dropout ops have rules for both, and draw the same mask
+    as :func:`_dropout` (the same ``bernoulli_``). They take no generator."""
+    special = input.layout != torch.strided or input.is_nested
+    return generator is None and (special or torch._C._are_functorch_transforms_active())
+
+
+def _atens_dropout(
+    input: Tensor, p: float, inplace: bool, channelwise: bool, alpha: bool
+) -> Tensor:
+    name = ("feature_" if channelwise else "") + ("alpha_dropout" if alpha else "dropout")
+    return getattr(torch, name + ("_" if inplace else ""))(input, p, True)
+
+
 def dropout(
     input: Tensor,
     p: float = 0.5,
@@ -691,6 +709,13 @@ def dropout(
     """
     _check_dropout_args("dropout", input, p, training)
     return _dropout("dropout", input, p, training, inplace, generator, False, alpha=False)
+
+
+def _warn(message: str) -> None:
+    """A UserWarning at the caller of the public function; none inside a graph torch.compile
+    traces (dynamo cannot trace ``warnings.warn`` there: fullgraph would fail)."""
+    if not torch.compiler.is_compiling():
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _channelwise_dropout(
@@ -746,19 +771,15 @@ def dropout2d(
     """
     _check_dropout_args("dropout2d", input, p, training)
     if input.dim() not in (3, 4):
-        warnings.warn(
+        _warn(
             f"dropout2d: Received a {input.dim()}-D input to dropout2d, which is deprecated; it "
-            "expects (N, C, H, W). Use dropout for element-wise dropout.",
-            UserWarning,
-            stacklevel=2,
+            "expects (N, C, H, W). Use dropout for element-wise dropout."
         )
     if input.dim() == 3:
-        warnings.warn(
+        _warn(
             "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise 1D "
             "dropout behavior is desired: read it as (N, C, L), dropping whole channels as "
-            "dropout1d does (PyTorch's behaviour); use dropout1d to say so",
-            UserWarning,
-            stacklevel=2,
+            "dropout1d does (PyTorch's behaviour); use dropout1d to say so"
         )
     return _dropout("dropout2d", input, p, training, inplace, generator, True, alpha=False)
 
@@ -775,11 +796,9 @@ def dropout3d(
     probability ``p``."""
     _check_dropout_args("dropout3d", input, p, training)
     if input.dim() not in (4, 5):
-        warnings.warn(
+        _warn(
             f"dropout3d: Received a {input.dim()}-D input to dropout3d, which is deprecated; it "
-            "expects (N, C, D, H, W) or (C, D, H, W). Use dropout for element-wise dropout.",
-            UserWarning,
-            stacklevel=2,
+            "expects (N, C, D, H, W) or (C, D, H, W). Use dropout for element-wise dropout."
         )
     return _channelwise_dropout("dropout3d", input, p, training, inplace, generator, 5)
 

@@ -58,6 +58,8 @@ def _fast_tensor(input: object) -> bool:
         and ops is not None
         and ops.usable()
         and isinstance(input, Tensor)
+        and input.layout == torch.strided  # not sparse, not a jagged nested tensor
+        and not input.is_nested
         and input.is_cpu
         and input.dtype in _FAST_DTYPES
         and input.numel() > 0
