@@ -1086,3 +1086,23 @@ def test_variance_that_overflows_gives_torchs_zeros_not_nan(backend):
         torch.testing.assert_close(ours(x), theirs(x))
     mean, var = NF.batch_statistics(x)
     assert torch.isfinite(mean).all() and torch.isinf(var).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_in_training_with_unbatched_running_stats_is_named(backend):
+    """As torch's message: the in-place update of unbatched buffers cannot take a batched
+    input (vmap's own error asked the user to file a bug report)."""
+    with normdrop.use_backend(backend):
+        with pytest.raises(InputError, match=r"batched by torch\.func\.vmap.*track_running_stats"):
+            torch.func.vmap(normdrop.nn.BatchNorm2d(3))(torch.randn(5, 2, 3, 4, 4))
+        layer = normdrop.nn.BatchNorm2d(3, track_running_stats=False)
+        x = torch.randn(5, 2, 3, 4, 4)
+        torch.testing.assert_close(torch.func.vmap(layer)(x), torch.stack([layer(b) for b in x]))
+
+
+def test_a_negated_view_is_read_as_its_values():
+    """torch._neg_view's memory holds -x: the kernels, which read memory, must not take it."""
+    x = torch._neg_view(torch.randn(2, 3, 4, 4) + 1)
+    ours, theirs = normdrop.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)

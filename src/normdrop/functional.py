@@ -357,8 +357,18 @@ def _store_finite(
 ) -> None:
     """Write the new running statistics of the channels where ``finite``; warn (on CPU) when
     some channel kept its old ones."""
-    running_mean.copy_(torch.where(finite, new_mean, running_mean))
-    running_var.copy_(torch.where(finite, new_var, running_var))
+    try:
+        running_mean.copy_(torch.where(finite, new_mean, running_mean))
+        running_var.copy_(torch.where(finite, new_var, running_var))
+    except RuntimeError as error:
+        if "vmap" not in str(error):
+            raise
+        raise InputError(
+            f"{who}: got an input batched by torch.func.vmap while running_mean and "
+            "running_var, which training updates in place, are not batched: construct the "
+            "layer with track_running_stats=False, vmap over the buffers too, call it in eval "
+            "mode, or use torch.func.replace_all_batch_norm_modules_"
+        ) from error
     # On an accelerator the check would cost a host sync per layer per step, and a traced or
     # compiled graph cannot branch on data: the buffers are protected either way.
     tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()

@@ -60,11 +60,18 @@ def _fast_tensor(input: object) -> bool:
         and isinstance(input, Tensor)
         and input.layout == torch.strided  # not sparse, not a jagged nested tensor
         and not input.is_nested
+        and not _negated(input)
         and input.is_cpu
         and input.dtype in _FAST_DTYPES
         and input.numel() > 0
         and not _torch_func(input)
     )
+
+
+def _negated(tensor: Tensor) -> bool:
+    """A lazily negated view (``torch._neg_view``), whose memory holds ``-x``; not asked under
+    torch.compile, which cannot trace the question (its graphs hold no such views)."""
+    return not torch.compiler.is_compiling() and tensor.is_neg()
 
 
 def _torch_func(tensor: Tensor) -> bool:
