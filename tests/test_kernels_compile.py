@@ -126,3 +126,48 @@ def test_a_compiled_step_runs_one_kernel_pair(module, family, monkeypatch):
     compiled = torch.compile(copy.deepcopy(module), backend="aot_eager", fullgraph=True)
     train_step(compiled, torch.randn(5, 4, 6, 6), 0)
     assert set(forward_layouts) == set(backward_layouts) == set(helper_layouts) == {family}
+
+
+def _layouts(shape):
+    """The input in each memory layout the ops meet: contiguous, channels_last, a transposed
+    (N, C, H, W) view (neither: the ops copy it first) and a sliced view."""
+    n, c, h, w = shape
+    yield torch.randn(shape)
+    yield torch.randn(shape).to(memory_format=torch.channels_last)
+    yield torch.randn(n, h, c, w).transpose(1, 2)
+    yield torch.randn(n, c, h, 2 * w)[..., ::2]
+    yield torch.randn(1000).as_strided((3, 4, 1, 1), (4, 1, 100, 100))  # size-1 dims
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_opcheck_of_every_op_in_every_layout(p):
+    """torch.library.opcheck: schema, autograd registration and the fake kernels, whose
+    output strides must be the real op's (a transposed input's fake output kept its strides
+    while the op returned a contiguous copy's: inductor then failed on a stride assertion)."""
+    ops = torch.ops.normdrop
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    seed = torch.tensor(12345) if p > 0 else None
+    for x in _layouts((2, 4, 3, 5)):
+        channels = x.shape[1]
+        flat = x.detach().transpose(0, 1).reshape(channels, -1)
+        mean, invstd = flat.mean(1), torch.rsqrt(flat.var(1, unbiased=False) + 1e-5)
+        weight, bias = torch.randn(channels), torch.randn(channels)
+        args = (x, weight, bias, mean, invstd, True, 1e-5, "gelu", 0.01, p, seed, 0)
+        torch.library.opcheck(ops.bn_act_dropout.default, args, test_utils=checks)
+        grad_output = torch.randn(x.shape)
+        backward = (grad_output, x, weight, bias, mean, invstd, True, "gelu", 0.01, p, seed, 0)
+        torch.library.opcheck(
+            ops.bn_act_dropout_backward.default, (*backward, True), test_utils=checks
+        )
+        stats = (x, torch.zeros(channels), torch.ones(channels), 0.1, 1e-5, True)
+        torch.library.opcheck(ops.batch_norm_stats.default, stats, test_utils=checks)
+        if p > 0:
+            torch.library.opcheck(ops.dropout.default, (x, p, seed, 3), test_utils=checks)
+
+
+def test_compiled_outputs_have_atens_strides_for_size_one_dims():
+    x = torch.randn(1000).as_strided((3, 4, 1, 5), (20, 1, 7, 4))
+    for module in (normdrop.nn.BatchNorm2d(4), normdrop.nn.BatchNormAct2d(4, p=0.3)):
+        torch._dynamo.reset()
+        compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+        assert compiled(x).stride() == torch.nn.BatchNorm2d(4)(x).stride() == (20, 1, 20, 4)

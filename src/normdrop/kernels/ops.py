@@ -525,7 +525,7 @@ def _bn_act_dropout(
     stats = torch.empty((3, plan.channels), dtype=input.dtype)
     stats[0] = mean.detach()
     stats[1] = invstd.detach()
-    output = torch.empty_like(input)
+    output = _op_output(input)
     _run_forward(
         cpu.APPLY, input, output, None, None, 0.0, float(eps), stats.numpy(), weight, bias, plan
     )
@@ -541,7 +541,7 @@ _bn_act_dropout_op = torch.library.custom_op("normdrop::bn_act_dropout", mutates
 def _(
     input, weight, bias, mean, invstd, training, eps, activation, negative_slope, p, seed, offset
 ):
-    return torch.empty_like(input)
+    return _op_output(_prepared(input)[0])
 
 
 def _bn_act_dropout_backward(
@@ -600,7 +600,8 @@ def _(
     need_sums,
 ):
     channels = input.shape[1]
-    return torch.empty_like(input), input.new_empty(channels), input.new_empty(channels)
+    grad_input = torch.empty_like(_prepared(input)[0])  # as _run_backward allocates it
+    return grad_input, input.new_empty(channels), input.new_empty(channels)
 
 
 def dropout_factor(like: Tensor, p: float, seed: Tensor, offset: int = 0) -> Tensor:
@@ -743,6 +744,12 @@ def _empty_like_is_atens(input: Tensor) -> bool:
     if 1 not in input.shape:
         return input.is_contiguous(memory_format=output_format)
     return input.stride() == F._format_strides(input.shape, output_format)
+
+
+def _op_output(input: Tensor) -> Tensor:
+    """The fused op's output for a prepared ``input``, as ATen lays out BatchNorm's (also in
+    the op's fake, so that compiled graphs see the strides the op returns)."""
+    return _new_output(input, _empty_like_is_atens(input))
 
 
 def _new_output(input: Tensor, like_input: bool) -> Tensor:
