@@ -245,7 +245,11 @@ def test_command_line(tmp_path, capsys):
     reported = json.loads(capsys.readouterr().out)
     assert {f["rule"] for f in reported} == {"batchnorm-momentum", "redundant-bias"}
     assert cli_main([f"{path}:broken"]) == 2
-    assert "does not run on the example input" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not run on the example input" in err
+    assert "the input shape 8,3 was guessed from the first Linear/Conv; pass --input-shape" in err
+    assert cli_main([f"{path}:broken", "--input-shape", "8,3"]) == 2
+    assert "guessed" not in capsys.readouterr().err
     assert cli_main([f"{path}:not_a_model"]) == 2
     assert cli_main([f"{path}:missing"]) == 2
     assert cli_main(["no_such_module_xyz:f"]) == 2

@@ -184,7 +184,15 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
             model.eval()
         shape = args.input_shape or _guess_input_shape(model)
         example = _example_input(shape)
-        findings = lint(model, example, deployment=not args.train_only)
+        try:
+            findings = lint(model, example, deployment=not args.train_only)
+        except InputError as error:
+            if args.input_shape:
+                raise
+            raise InputError(
+                f"{error} (the input shape {','.join(map(str, shape))} was guessed from the "
+                "first Linear/Conv; pass --input-shape)"
+            ) from error
     except (InputError, ImportError, OSError, SyntaxError, TypeError) as error:
         print(f"normdrop lint: error: {error}", file=sys.stderr)
         return 2
