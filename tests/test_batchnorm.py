@@ -1106,3 +1106,14 @@ def test_a_negated_view_is_read_as_its_values():
     ours, theirs = normdrop.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
     torch.testing.assert_close(ours(x), theirs(x))
     torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 3, 3), (2, 3, 3)])  # wrong channels / wrong rank
+def test_a_refused_input_counts_a_batch_exactly_when_torch_counts_it(shape):
+    """torch.nn checks the rank, counts the batch, then F.batch_norm refuses the channels."""
+    ours, theirs = normdrop.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    for module in (ours, theirs):
+        with pytest.raises((ValueError, RuntimeError)):
+            module(torch.randn(shape))
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item()
+    assert theirs.num_batches_tracked.item() == (1 if len(shape) == 4 else 0)

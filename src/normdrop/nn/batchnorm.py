@@ -186,7 +186,12 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
             return record_call(self, input)
-        self._check_input_dim(input)
+        try:
+            self._check_input_dim(input)
+        except InputError:
+            if isinstance(input, Tensor) and input.dim() in self._input_ranks:
+                self._count_batch()  # torch.nn checks the channels after counting the batch
+            raise
         arguments = self._call_arguments()
         self._count_batch()
         return dispatch.batch_norm(input, *arguments, self.eps, cache=self._fast_path_cache())
