@@ -225,6 +225,10 @@ def test_integer_input_is_refused_only_where_values_would_change():
         for p, training in ((0.5, False), (0.0, True)):
             assert ours(x, p, training) is x, name
             assert reference(x, p, training) is x, name
+        # p = 1 multiplies by zero, which any dtype can: zeros of the input's dtype, as torch's
+        zeros = ours(x, 1.0, True)
+        assert zeros.dtype == x.dtype and torch.equal(zeros, reference(x, 1.0, True)), name
+        assert not zeros.any(), name
 
 
 @pytest.mark.parametrize("name", sorted(set(FUNCTIONS) - {"dropout1d"}))  # 4-D inputs

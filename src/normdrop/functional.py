@@ -628,12 +628,13 @@ def _check_dropout_p(name: str, p: float) -> None:
 
 
 def _check_dropout_args(name: str, input: Tensor, p: float, training: bool = True) -> None:
-    """The input must be floating point only where values change (training, ``p > 0``, not
-    empty): otherwise PyTorch returns the input itself, whatever its dtype."""
+    """The input must be floating point only where a mask scales it (training, ``0 < p <
+    1``, not empty): otherwise PyTorch returns the input itself, or multiplies it by zero (``p =
+    1``), whatever its dtype."""
     if not isinstance(input, Tensor):
         raise InputTypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
     _check_dropout_p(name, p)
-    if training and p > 0 and input.numel() > 0 and not input.is_floating_point():
+    if training and 0 < p < 1 and input.numel() > 0 and not input.is_floating_point():
         raise InputTypeError(
             f"{name}: input must be a floating-point tensor, got dtype {input.dtype}"
         )
