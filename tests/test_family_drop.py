@@ -373,3 +373,19 @@ def test_noise_does_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     for one, two in zip(*draws, strict=True):
         assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: ndnn.DropPath(0.2, generator=g),
+        lambda g: ndnn.DropBlock2d(0.2, 3, generator=g),
+        lambda g: ndnn.DropConnect(torch.nn.Linear(3, 3), 0.2, generator=g),
+        lambda g: ndnn.GaussianDropout(0.2, generator=g),
+    ],
+)
+def test_a_generator_that_is_not_one_is_named_at_construction(make):
+    """Not at the first training forward, by torch's bernoulli_ or normal_."""
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None, got int"):
+        make(0)
+    make(torch.Generator().manual_seed(0))

@@ -235,6 +235,8 @@ def test_eval_mode_drops_nothing_and_uses_running_statistics():
         ({"activation": "tanh"}, ValueError, "activation must be one of"),
         ({"p": 1.5}, ValueError, "between 0 and 1"),
         ({"negative_slope": "x"}, TypeError, "negative_slope"),
+        ({"negative_slope": float("nan")}, ValueError, "negative_slope must be finite"),
+        ({"negative_slope": float("inf")}, ValueError, "negative_slope must be finite"),
         ({"momentum": 2.0}, ValueError, "momentum"),
     ],
 )

@@ -7,6 +7,7 @@ functions; the kernels implement the same formulas, with the same conventions at
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -29,6 +30,8 @@ def check_activation(name: str, activation: str, negative_slope: float) -> None:
         raise InputTypeError(
             f"{name}: negative_slope must be a real number, got {negative_slope!r}"
         )
+    if not math.isfinite(negative_slope):  # NaN would turn every negative value into NaN
+        raise InputError(f"{name}: negative_slope must be finite, got {negative_slope!r}")
 
 
 def activate(z: Tensor, activation: str, negative_slope: float = 0.01) -> Tensor:

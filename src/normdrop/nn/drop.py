@@ -75,6 +75,13 @@ def _check_flag(name: str, argument: str, value: bool) -> None:
         raise InputTypeError(f"{name}: {argument} must be True or False, got {value!r}")
 
 
+def _check_generator(name: str, generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise InputTypeError(
+            f"{name}: generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+
+
 def _check_eps(name: str, eps: float) -> None:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise InputTypeError(f"{name}: eps must be a finite real number >= 0, got {eps!r}")
@@ -144,6 +151,7 @@ class DropPath(torch.nn.Module):
         if mode not in _DROP_PATH_MODES:
             raise InputError(f"DropPath: mode must be one of {_DROP_PATH_MODES}, got {mode!r}")
         _check_flag("DropPath", "scale_by_keep", scale_by_keep)
+        _check_generator("DropPath", generator)
         super().__init__()
         self.p, self.mode, self.scale_by_keep = p, mode, scale_by_keep
         self.generator = generator
@@ -268,6 +276,7 @@ class DropBlock2d(torch.nn.Module):
         _check_block_size("DropBlock2d", block_size)
         _check_flag("DropBlock2d", "per_channel", per_channel)
         _check_eps("DropBlock2d", eps)
+        _check_generator("DropBlock2d", generator)
         super().__init__()
         self.p, self.block_size, self.per_channel, self.eps = p, block_size, per_channel, eps
         self.generator = generator
@@ -318,6 +327,7 @@ class DropConnect(torch.nn.Module):
                 f"ConvTranspose1d/2d/3d, got {type(module).__name__}"
             )
         _check_dropout_p("DropConnect", p)
+        _check_generator("DropConnect", generator)
         super().__init__()
         self.module, self.p, self.generator = module, p, generator
 
@@ -399,6 +409,7 @@ class GaussianDropout(torch.nn.Module):
             raise InputError(
                 "GaussianDropout: p must be < 1 (the noise variance p / (1 - p) is infinite at 1)"
             )
+        _check_generator("GaussianDropout", generator)
         super().__init__()
         self.p, self.generator = p, generator
 

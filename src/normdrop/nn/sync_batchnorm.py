@@ -32,6 +32,8 @@ that class on CPU ("SyncBatchNorm layers only work with GPU modules"). It does s
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, fx
@@ -371,8 +373,13 @@ def convert_sync_batchnorm(
     them. :func:`revert_sync_batchnorm` undoes it.
     """
 
+    left: list[str] = []
+
     def synced(layer: torch.nn.Module, path: str) -> torch.nn.Module | None:
         if type(layer) not in _PLAIN_BATCHNORMS:
+            batch_statistics = isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)
+            if batch_statistics and not isinstance(layer, SyncBatchNorm):
+                left.append(f"'{path or '<model>'}' ({type(layer).__name__})")
             return None
         converted = SyncBatchNorm(
             layer.num_features,
@@ -386,7 +393,17 @@ def convert_sync_batchnorm(
         converted._unsynced_class = type(layer)
         return _move_state(layer, converted)
 
-    return swap_layers(module, synced)
+    converted = swap_layers(module, synced)
+    if left:
+        warnings.warn(
+            f"convert_sync_batchnorm: left {len(left)} BatchNorm subclass(es) unsynchronized, "
+            f"whose own forward a SyncBatchNorm would drop: {', '.join(left)}; their batch "
+            "statistics stay per process (torch.nn.SyncBatchNorm.convert_sync_batchnorm would "
+            "replace them by plain SyncBatchNorm, losing what they add)",
+            UserWarning,
+            stacklevel=2,
+        )
+    return converted
 
 
 def revert_sync_batchnorm(
