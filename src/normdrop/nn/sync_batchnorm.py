@@ -4,7 +4,7 @@ With data parallelism each of the ``R`` processes sees ``n_r`` of the batch's va
 channel. SyncBatchNorm normalizes every process's slice with the statistics of the *whole*
 batch, so R processes with batches of ``B / R`` train like one process with batch ``B``.
 
-Forward, per channel. Each rank computes its local mean and biased variance (two passes,
+Forward, per channel. Each rank computes its local mean and biased variance (Welford,
 :func:`normdrop.functional.batch_statistics`), the ranks all-gather ``(mean_r, var_r, n_r)``,
 and every rank combines them with the parallel formula of Chan, Golub & LeVeque (1979)::
 
