@@ -12,6 +12,7 @@ import optuna
 import pytest
 
 from normdrop.cli import build_parser, main, tune_config
+from normdrop.errors import InputError
 from normdrop.lab import tune
 from normdrop.lab.config import TrainSettings
 from normdrop.lab.store import owner_id
@@ -239,3 +240,39 @@ def test_a_rerun_after_sigterm_keeps_the_finished_trials_and_completes_the_study
     states = _trial_states(tmp_path)
     assert states[:2] == ["COMPLETE", "FAIL"] and len(states) == 5  # 3 trials more, not 4
     assert "FAIL" not in states[2:] and "RUNNING" not in states
+
+
+def test_a_name_taken_by_a_lab_experiment_is_refused_both_ways(tmp_path):
+    """A tune's report folder (its name) and its retraining (name-best) must not replace a lab
+    experiment's runs and report, nor a lab take a tune study's report folder."""
+    from normdrop.lab.config import LabConfig
+    from normdrop.lab.experiment import run_lab
+
+    lab = LabConfig(SETTINGS, variants=("plain",), seeds=1, out=str(tmp_path), name="mine-best")
+    run_lab(lab, progress=False)
+    report = (tmp_path / "mine-best" / "report.html").read_bytes()
+    with pytest.raises(InputError, match=r"--name mine: the study's retraining would replace"):
+        run_tune(_config(tmp_path, name="mine", trials=1), progress=False)
+    with pytest.raises(InputError, match=r"--name mine-best: the study's report folder"):
+        run_tune(_config(tmp_path, name="mine-best", trials=1), progress=False)
+    assert (tmp_path / "mine-best" / "report.html").read_bytes() == report
+    run_tune(_config(tmp_path, name="study", trials=1, seeds=1), progress=False)
+    taken = LabConfig(SETTINGS, variants=("plain",), seeds=1, out=str(tmp_path), name="study")
+    with pytest.raises(InputError, match=r"--name study: a tune study of that name exists"):
+        run_lab(taken, progress=False)
+    retrain = LabConfig(
+        SETTINGS, variants=("plain",), seeds=1, out=str(tmp_path), name="study-best"
+    )
+    with pytest.raises(InputError, match=r"--name study-best: a tune experiment of that name"):
+        run_lab(retrain, progress=False)
+    run_tune(_config(tmp_path, name="study", trials=2, seeds=1), progress=False)  # resumes
+
+
+def test_an_optuna_db_that_is_someone_elses_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "optuna.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE mine (x)")
+    before = path.read_bytes()
+    with pytest.raises(InputError, match=r"holds other tables \(mine\), not optuna studies"):
+        run_tune(_config(tmp_path, trials=1), progress=False)
+    assert path.read_bytes() == before

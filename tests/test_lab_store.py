@@ -53,8 +53,11 @@ def test_someone_elses_database_is_refused_and_left_alone(tmp_path):
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE customers (name TEXT)")
         db.execute("INSERT INTO customers VALUES ('ada')")
+    before = path.read_bytes()
     with pytest.raises(StoreError, match=r"holds other tables \(customers\)"):
         RunStore(path)
+    assert path.read_bytes() == before  # not even switched to WAL mode (its header bytes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]
     with sqlite3.connect(path) as db:
         names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
         assert names == {"customers"}

@@ -10,8 +10,10 @@ The steps, each resumable because the database is the only state:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,21 +194,44 @@ def write_outputs(
     return runs, summaries, statements, report, plots
 
 
-def _check_name_is_this_experiments(store: RunStore, config: LabConfig) -> None:
-    """A ``--name`` already given to an experiment with other settings would replace its run
-    list and its report: refused. The same settings resume it."""
+def _check_name_is_this_experiments(store: RunStore, config: LabConfig, kind: str) -> None:
+    """A ``--name`` already given to an experiment with other settings, or of another kind (a
+    lab's name for a tune's retraining), would replace its run list and its report: refused.
+    The same settings resume it; a tune's retraining replaces its own earlier one (more trials
+    may find another best). A tune study of that name would share the report folder: refused."""
+    report = Path(config.out) / config.name / "report.html"
+    if kind == "lab" and config.name in tune_study_names(Path(config.out)):
+        raise InputError(
+            f"--name {config.name}: a tune study of that name exists in {config.out}, whose "
+            f"report is {report}; choose another --name"
+        )
     try:
         existing = store.experiment(config.name)
     except StoreError:  # a new name
         return
+    if kind == "tune" and existing["kind"] == "tune":
+        return
     wanted = json.loads(json.dumps(config.to_dict(), sort_keys=True))
-    if json.loads(existing["config_json"]) != wanted:
+    if existing["kind"] != kind or json.loads(existing["config_json"]) != wanted:
         raise InputError(
-            f"--name {config.name}: an experiment of that name already exists with other "
-            f"settings ({existing['command']}); its report is "
-            f"{Path(config.out) / config.name / 'report.html'}. Choose another --name, or rerun "
-            "that command to resume it"
+            f"--name {config.name}: a {existing['kind']} experiment of that name already exists "
+            f"with other settings ({existing['command']}); its report is {report}. Choose "
+            "another --name, or rerun that command to resume it"
         )
+
+
+def tune_study_names(out: Path) -> set[str]:
+    """The studies in ``out``'s ``optuna.db`` (read only: the file is left as it is)."""
+    path = out / "optuna.db"
+    if not path.is_file():
+        return set()
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        ) as db:
+            return {row[0] for row in db.execute("SELECT study_name FROM studies")}
+    except sqlite3.Error:  # not optuna's: tune itself names the problem when it opens it
+        return set()
 
 
 def run_lab(config: LabConfig, *, progress: bool = True, kind: str = "lab") -> ExperimentResult:
@@ -218,8 +243,8 @@ def run_lab(config: LabConfig, *, progress: bool = True, kind: str = "lab") -> E
     check_models(config, splits)
     name = config.experiment_name(splits.fingerprint)
     with RunStore(config.db_path) as store, interrupt_as_keyboard():
-        if kind == "lab" and config.name:
-            _check_name_is_this_experiments(store, config)
+        if config.name:
+            _check_name_is_this_experiments(store, config, kind)
         experiment_id = store.add_experiment(name, kind, config.to_dict(), config.command())
         run_ids = store.add_runs(experiment_id, config.run_specs(splits.fingerprint))
         bar = _EpochProgress(store, run_ids, config.settings.epochs, name, progress)

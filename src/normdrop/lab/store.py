@@ -227,6 +227,7 @@ class RunStore:
     def _configure(self, readonly: bool) -> None:
         self.connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         if not readonly:
+            self._refuse_foreign()  # before WAL mode, which rewrites the file's header
             self.connection.execute("PRAGMA journal_mode = WAL")
             self.connection.execute("PRAGMA synchronous = NORMAL")
         self.connection.execute("PRAGMA foreign_keys = ON")
@@ -241,17 +242,21 @@ class RunStore:
         if readonly:
             raise StoreError(f"{self.path}: not a normdrop run database (no schema)")
         with self._write() as db:
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0 and tables - _TABLES:
-                raise StoreError(
-                    f"{self.path}: holds other tables ({', '.join(sorted(tables - _TABLES))}); "
-                    "refusing to write a run database into it"
-                )
+            self._refuse_foreign()  # again: another process may have written it meanwhile
             # executescript would commit the open transaction first; run statement by statement.
             for statement in filter(str.strip, SCHEMA.split(";")):
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _refuse_foreign(self) -> None:
+        """Raise if the file is an SQLite database that is not (and does not start as) ours."""
+        version = self.connection.execute("PRAGMA user_version").fetchone()[0]
+        tables = {row[0] for row in self.connection.execute("SELECT name FROM sqlite_master")}
+        if version == 0 and tables - _TABLES:
+            raise StoreError(
+                f"{self.path}: holds other tables ({', '.join(sorted(tables - _TABLES))}); "
+                "refusing to write a run database into it"
+            )
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

@@ -17,11 +17,13 @@ validation split, then measure the choice once on the test split.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import shlex
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ from normdrop.lab.experiment import ExperimentResult, check_models, load_splits,
 from normdrop.lab.plots import importance_plot, tune_history_plot
 from normdrop.lab.report import Table, write_report
 from normdrop.lab.scheduler import interrupt_as_keyboard
-from normdrop.lab.store import owner_alive, owner_id
+from normdrop.lab.store import RunStore, owner_alive, owner_id
 from normdrop.lab.summary import ACCURACY_COLUMNS, accuracy_rows
 from normdrop.lab.train import train_run
 
@@ -228,6 +230,7 @@ def _study(config: TuneConfig, name: str):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     Path(config.out).mkdir(parents=True, exist_ok=True)
+    _refuse_foreign_optuna_db(Path(config.out) / "optuna.db")
     storage = optuna.storages.RDBStorage(
         f"sqlite:///{Path(config.out).resolve() / 'optuna.db'}",
         engine_kwargs={"connect_args": {"timeout": 120}},
@@ -245,6 +248,24 @@ def _study(config: TuneConfig, name: str):
     sampler_seed = (config.tune_seed * 100_003 + len(study.trials)) % 2**32
     study.sampler = optuna.samplers.TPESampler(seed=sampler_seed)
     return study
+
+
+def _refuse_foreign_optuna_db(path: Path) -> None:
+    """An ``optuna.db`` holding tables but no optuna studies is someone else's: optuna would
+    add its tables to it."""
+    if not path.is_file():
+        return
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.Error as error:
+        raise InputError(f"{path}: not an optuna study database ({error})") from None
+    if tables and "studies" not in tables:
+        raise InputError(
+            f"{path}: holds other tables ({', '.join(sorted(tables))}), not optuna studies; "
+            "refusing to write tune's study into it: choose another --out"
+        )
 
 
 def _importances(study) -> dict[str, float]:
@@ -281,6 +302,23 @@ def _progress(trials: int, epochs: int, done: int, show: bool):
     return bar, bar.add_task("tuning", total=trials * epochs, completed=done * epochs)
 
 
+def _check_name_is_free(config: TuneConfig, name: str) -> None:
+    """The study's report folder ``out/name`` and its retraining's experiment ``name-best``
+    must not be a lab experiment's (their run lists and reports would be replaced)."""
+    db_path = LabConfig(config.settings, out=config.out).db_path
+    if not db_path.is_file():
+        return
+    with RunStore(db_path) as store:
+        kinds = {e["name"]: e["kind"] for e in store.experiments()}
+    for taken, why in ((name, "report folder"), (f"{name}-best", "retraining")):
+        if kinds.get(taken, "tune") != "tune":
+            raise InputError(
+                f"--name {name}: the study's {why} would replace the {kinds[taken]} experiment "
+                f"{taken!r} in {db_path} (its runs and {Path(config.out) / taken / 'report.html'})"
+                "; choose another --name"
+            )
+
+
 def run_tune(config: TuneConfig, *, progress: bool = True) -> TuneResult:
     """Search, resume if the study exists, retrain the best over seeds, write the report."""
     from optuna.trial import TrialState
@@ -288,6 +326,7 @@ def run_tune(config: TuneConfig, *, progress: bool = True) -> TuneResult:
     splits = load_splits(LabConfig(config.settings, cache_dir=config.cache_dir))
     check_models(LabConfig(config.settings, variants=(config.variant,)), splits)
     name = config.study_name(splits.fingerprint)
+    _check_name_is_free(config, name)
     study = _study(config, name)
     _fail_abandoned(study)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
