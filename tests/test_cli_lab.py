@@ -89,6 +89,10 @@ def test_reproduce_command_round_trips():
         (["--model", "cnn:small", "--data", "wine"], "needs image data"),
         (["--name", "../escape"], "--name must be"),
         (["--data", "nothing.csv", "--target", "y"], "no such file"),
+        (["--lr", "inf"], "--lr must be a positive finite number, got inf"),
+        (["--name", "normdrop.db"], "--name normdrop.db: taken by the lab's own files"),
+        (["--name", "normdrop.db-wal"], "taken by the lab's own files"),
+        (["--name", "checkpoints"], "--name checkpoints: taken by the lab's own files"),
         (["--out", ""], "--out must name a folder, got ''"),
         (["--tensorboard", ""], "--tensorboard must name a folder, got ''"),
         (["--cache-dir", ""], "--cache-dir must name a folder, got ''"),
@@ -276,3 +280,18 @@ def test_two_labs_on_one_database(tmp_path, uninterrupted):
 def test_python_dash_m_normdrop(tmp_path):
     done = subprocess.run(_normdrop("--help"), capture_output=True, text=True, check=True)
     assert all(command in done.stdout for command in ("lab", "tune", "runs", "seed"))
+
+
+def test_an_out_that_is_a_file_is_named(tmp_path, capsys):
+    existing = tmp_path / "results.csv"
+    existing.write_text("keep me")
+    assert main(["lab", *TINY, "--out", str(existing)]) == 2
+    assert f"--out {existing}: is a file; --out must name a folder" in capsys.readouterr().err
+    assert existing.read_text() == "keep me"
+
+
+def test_a_data_path_that_is_a_folder_is_named(tmp_path, capsys):
+    folder = tmp_path / "table.csv"
+    folder.mkdir()
+    assert main(["lab", *TINY, "--out", str(tmp_path), "--data", str(folder)]) == 2
+    assert f"--data {folder}: is a folder" in capsys.readouterr().err

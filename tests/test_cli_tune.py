@@ -165,7 +165,9 @@ def test_reproduce_command_round_trips():
             "^normdrop tune: error: --variant: unknown variant",
         ),  # abbreviated
         (["--out", ""], "--out must name a folder, got ''"),
-        (["--trials", "0"], "--trials and --seeds must be positive"),
+        (["--trials", "0"], "--trials must be a positive integer, got 0"),
+        (["--seeds", "0"], "--seeds must be a positive integer, got 0"),
+        (["--name", "optuna.db"], "--name optuna.db: taken by the lab's own files"),
         (["--model", "cnn:small"], "needs image data"),
         (["--tune-seed", "-1"], r"--tune-seed must be an integer in \[0, 2\^32\)"),
         (["--split-seed", "-1"], r"--split-seed must be an integer in \[0, 2\^32\)"),

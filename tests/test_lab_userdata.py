@@ -1,6 +1,7 @@
 """The user's own CSV, NPZ and Parquet files: read exactly, and every flaw named precisely."""
 
 import builtins
+import warnings
 
 import numpy as np
 import pytest
@@ -142,6 +143,19 @@ def test_corrupt_npz(tmp_path):
     path.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(InputError, match=r"not a valid \.npz"):
         read_user_file(path, None)
+    path.write_bytes(bytes(range(256)) * 4)  # numpy would call it pickled data
+    with pytest.raises(InputError, match=r"not a valid \.npz file \(not a zip of \.npy arrays\)$"):
+        read_user_file(path, None)
+
+
+def test_a_float16_npz_reads_without_numpy_warnings(tmp_path):
+    path = tmp_path / "half.npz"
+    X = np.arange(24, dtype=np.float16).reshape(6, 4)
+    np.savez(path, X=X, y=np.array([0, 1, 0, 1, 0, 1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # was: overflow encountered in cast (float32 max)
+        features, _, _ = read_user_file(path, None)
+    assert np.array_equal(features, X.astype(np.float32))
 
 
 def test_parquet_reads_and_names_flaws(tmp_path):

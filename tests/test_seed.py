@@ -80,8 +80,8 @@ def test_example_script_runs():
     ("argv", "message"),
     [
         (["--batch-size", "1"], "--batch-size must be >= 2"),
-        (["--lr", "0"], "--lr must be positive"),
-        (["--lr", "nan"], "--lr must be positive"),
+        (["--lr", "0"], "--lr must be a positive finite number"),
+        (["--lr", "nan"], "--lr must be a positive finite number"),
         (["--momentum", "2"], "--momentum must be in [0, 1)"),
     ],
 )

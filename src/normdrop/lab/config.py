@@ -73,7 +73,7 @@ def check_step_settings(batch_size: int, lr: float, momentum: float) -> None:
     least 2 (BatchNorm skips a batch of one: with 1 nothing would train), a positive learning
     rate, momentum in [0, 1)."""
     _require(batch_size >= 2, f"--batch-size must be >= 2, got {batch_size}")
-    _require(_finite(lr) and lr > 0, f"--lr must be positive, got {lr}")
+    _require(_finite(lr) and lr > 0, f"--lr must be a positive finite number, got {lr}")
     _require(0 <= momentum < 1, f"--momentum must be in [0, 1), got {momentum}")
 
 
@@ -84,6 +84,29 @@ def check_path_options(**paths: str | None) -> None:
     for name, value in paths.items():
         option = f"--{name.replace('_', '-')}"
         _require(value is None or str(value) != "", f"{option} must name a folder, got ''")
+
+
+# What the lab keeps beside the experiments' folders in --out.
+_RESERVED_NAMES = ("normdrop.db", "optuna.db", "checkpoints")
+
+
+def check_name(name: str | None) -> None:
+    """``--name`` (None: derived from the settings) becomes a folder in ``--out``."""
+    if name is None:
+        return
+    _require(
+        re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name) is not None,
+        f"--name must be letters, digits, '.', '_' or '-' (a directory name), got {name!r}",
+    )
+    _require(
+        name.split("-")[0] not in _RESERVED_NAMES[:2] and name != _RESERVED_NAMES[2],
+        f"--name {name}: taken by the lab's own files in --out ({', '.join(_RESERVED_NAMES)})",
+    )
+
+
+def check_out_folder(out: str) -> None:
+    """``--out`` is a folder (created if missing), not a file."""
+    _require(not Path(out).is_file(), f"--out {out}: is a file; --out must name a folder")
 
 
 def _finite(value: float) -> bool:
@@ -234,12 +257,8 @@ class LabConfig:
         object.__setattr__(self, "variants", names)
         _require(self.workers is None or self.workers >= 1, "--workers must be >= 1")
         check_path_options(out=self.out, cache_dir=self.cache_dir, tensorboard=self.tensorboard)
-        if self.name is not None:
-            _require(
-                re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.name) is not None,
-                "--name must be letters, digits, '.', '_' or '-' (a directory name), "
-                f"got {self.name!r}",
-            )
+        check_out_folder(self.out)
+        check_name(self.name)
 
     @property
     def db_path(self) -> Path:

@@ -14,7 +14,7 @@ no date, so the same results give the same bytes.
 
 from __future__ import annotations
 
-import os
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from normdrop.lab.files import replace_atomically
 from normdrop.lab.stats import mean_interval
 from normdrop.lab.summary import VariantSummary
 
@@ -59,9 +60,8 @@ def _save(figure: Figure, out_dir: Path, name: str, title: str, caption: str) ->
             (png, {"dpi": 110, "metadata": {"Software": None}}),
             (svg, {"metadata": {"Date": None, "Creator": None}}),
         ):
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            figure.savefig(temporary, format=path.suffix[1:], **options)
-            os.replace(temporary, path)
+            save = functools.partial(figure.savefig, format=path.suffix[1:], **options)
+            replace_atomically(path, save)
     return Plot(name, title, caption, png, svg)
 
 

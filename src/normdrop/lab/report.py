@@ -9,13 +9,13 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from normdrop.lab.files import replace_atomically
 from normdrop.lab.plots import Plot
 
 __all__ = ["Table", "library_versions", "write_report"]
@@ -117,7 +117,5 @@ def write_report(
 </body></html>
 """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(page, encoding="utf-8")
-    temporary.replace(path)  # a reader never sees half a page
+    replace_atomically(path, lambda temporary: temporary.write_text(page, encoding="utf-8"))
     return path

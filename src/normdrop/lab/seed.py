@@ -171,8 +171,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.epochs < 1 or args.test_size < 1:
-        _parser().error("--epochs and --test-size must be positive")
+    for option, value in (("--epochs", args.epochs), ("--test-size", args.test_size)):
+        if value < 1:
+            _parser().error(f"{option} must be a positive integer, got {value}")
     try:
         check_step_settings(args.batch_size, args.lr, args.momentum)
     except InputError as error:

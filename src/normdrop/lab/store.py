@@ -33,6 +33,7 @@ from pathlib import Path
 
 from normdrop.errors import InputError
 from normdrop.lab.config import RunSpec
+from normdrop.lab.files import replace_atomically
 from normdrop.lab.train import EpochRecord, RunResult
 
 __all__ = ["RunStore", "StoreError", "owner_id"]
@@ -364,9 +365,7 @@ class RunStore:
         """Put the checkpoint after an epoch in place, then commit the epoch's row."""
         path = self.checkpoint_path(run_id)
         path.parent.mkdir(exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temporary.write_bytes(checkpoint)
-        os.replace(temporary, path)  # a reader sees the old checkpoint or the new, never half
+        replace_atomically(path, lambda temporary: temporary.write_bytes(checkpoint))
         with self._write() as db:
             self._insert_epoch(db, run_id, record)
             db.execute("UPDATE runs SET heartbeat = ? WHERE id = ?", (time.time(), run_id))

@@ -36,6 +36,8 @@ from normdrop.lab.config import (
     RunSpec,
     TrainSettings,
     Variant,
+    check_name,
+    check_out_folder,
     check_path_options,
     slug,
 )
@@ -91,8 +93,11 @@ class TuneConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "variant", Variant.parse(self.variant, "--variant").name)
         check_path_options(out=self.out, cache_dir=self.cache_dir)
-        if self.trials < 1 or self.seeds < 1:
-            raise InputError("--trials and --seeds must be positive integers")
+        check_out_folder(self.out)
+        check_name(self.name)
+        for option, value in (("--trials", self.trials), ("--seeds", self.seeds)):
+            if value < 1:
+                raise InputError(f"{option} must be a positive integer, got {value}")
         if not 0 <= self.tune_seed < 2**32:
             raise InputError(f"--tune-seed must be an integer in [0, 2^32), got {self.tune_seed}")
         unknown = set(self.ranges) - set(PARAMETERS)

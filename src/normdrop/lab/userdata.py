@@ -33,6 +33,8 @@ def read_user_file(
     ``target`` names the label column (CSV, Parquet) or array (NPZ, default ``"y"``).
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"--data {path}: is a folder; give a .csv, .npz or .parquet file")
     if not path.is_file():
         raise InputError(f"--data {path}: no such file")
     suffix = path.suffix.lower()
@@ -192,7 +194,9 @@ def _read_npz(path: Path, target: str | None) -> tuple[np.ndarray, np.ndarray]:
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        raise InputError(f"{path}: not a valid .npz file ({error})") from None
+        # numpy reads a file that is neither a zip nor a .npy array as a pickle, and says so
+        why = "not a zip of .npy arrays" if "pickled" in str(error) else str(error)
+        raise InputError(f"{path}: not a valid .npz file ({why})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise InputError(f"{path}: holds a single array; save X and y with np.savez(path, X=, y=)")
     with archive:
@@ -232,7 +236,10 @@ def _check_npz_arrays(path: Path, features: np.ndarray, labels: np.ndarray, key:
         bad = int(np.flatnonzero(~np.isfinite(labels))[0])
         raise InputError(f"{path}: {key}[{bad}] is {labels[bad]}; every label must be given")
     # Checked in X's own dtype: after the float32 cast, 1e300 would read as inf.
-    unusable = ~np.isfinite(features) | (np.abs(features) > _FLOAT32_MAX)
+    unusable = ~np.isfinite(features)
+    wide = np.issubdtype(features.dtype, np.floating) and features.dtype.itemsize > 4
+    if wide:
+        unusable |= np.abs(features) > _FLOAT32_MAX  # finite float16/32 never exceed it
     if unusable.any():
         bad = tuple(int(i) for i in np.argwhere(unusable)[0])
         value = features[bad]
