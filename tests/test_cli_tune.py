@@ -166,6 +166,8 @@ def test_reproduce_command_round_trips():
         ),  # abbreviated
         (["--out", ""], "--out must name a folder, got ''"),
         (["--trials", "0"], "--trials must be a positive integer, got 0"),
+        (["--dropout-p", "0.3"], r"--dropout-p 0\.3: tune searches dropout_p .*--dropout-p-range"),
+        (["--lr", "0.5"], r"--lr 0\.5: tune searches lr"),
         (["--seeds", "0"], "--seeds must be a positive integer, got 0"),
         (["--name", "optuna.db"], "--name optuna.db: taken by the lab's own files"),
         (["--model", "cnn:small"], "needs image data"),

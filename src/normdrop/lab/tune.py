@@ -107,6 +107,15 @@ class TuneConfig:
             )
         for name, bounds in self.ranges.items():
             _check_range(name, tuple(bounds), PARAMETERS[name][0])
+        defaults = TrainSettings()
+        for name in self.searched():  # the search sets these: a value given would be ignored
+            value = getattr(self.settings, name)
+            if value != getattr(defaults, name):
+                option = "--" + name.replace("_", "-")
+                raise InputError(
+                    f"{option} {value}: tune searches {name} (over {option}-range, "
+                    f"{list(self.searched()[name])}); give a range instead, or leave it out"
+                )
 
     def searched(self) -> dict[str, tuple[float, float]]:
         """The ranges of the parameters this variant uses."""
