@@ -93,6 +93,35 @@ def test_resuming_runs_only_the_missing_trials(tmp_path, monkeypatch):
     assert len(set(params)) == len(params)  # a resumed sampler does not replay old trials
 
 
+def test_trials_another_process_finishes_count_toward_trials(tmp_path, monkeypatch):
+    """Two identical tunes at once: optimize(n_trials=...) counts one process's trials only,
+    so each ran --trials of its own. Here 'another process' finishes 4 trials while this one
+    runs its first: the study stops at 6 finished, not 10."""
+    real = tune.train_run
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def with_a_neighbour(spec, splits, **kwargs):
+        if not kwargs.get("score_test", True) and not getattr(with_a_neighbour, "done", False):
+            with_a_neighbour.done = True
+            other = optuna.load_study(study_name="study", storage=storage)
+            config = _config(tmp_path)
+            distributions = {
+                name: optuna.distributions.FloatDistribution(*bounds, log=tune.PARAMETERS[name][0])
+                for name, bounds in config.searched().items()
+            }
+            for k in range(4):
+                params = {name: d.low * (1 + 0.1 * k) for name, d in distributions.items()}
+                trial = optuna.trial.create_trial(
+                    params=params, distributions=distributions, value=0.5
+                )
+                other.add_trial(trial)
+        return real(spec, splits, **kwargs)
+
+    monkeypatch.setattr(tune, "train_run", with_a_neighbour)
+    result = run_tune(_config(tmp_path, trials=6), progress=False)
+    assert len(result.trials) == 6
+
+
 def test_interrupted_tune_resumes(tmp_path, monkeypatch):
     real = tune.train_run
     started = []

@@ -335,6 +335,7 @@ def _check_name_is_free(config: TuneConfig, name: str) -> None:
 
 def run_tune(config: TuneConfig, *, progress: bool = True) -> TuneResult:
     """Search, resume if the study exists, retrain the best over seeds, write the report."""
+    import optuna
     from optuna.trial import TrialState
 
     splits = load_splits(LabConfig(config.settings, cache_dir=config.cache_dir))
@@ -356,10 +357,13 @@ def run_tune(config: TuneConfig, *, progress: bool = True) -> TuneResult:
     # than the process dying with the trial left running.
     with bar, _quiet_after_interrupt() as quiet, interrupt_as_keyboard():
         if done < config.trials:
+            # Another process running the same study counts too: stop at --trials finished
+            # (n_trials alone counts this process's trials only: two would run twice as many).
+            enough = optuna.study.MaxTrialsCallback(config.trials, states=finished)
             study.optimize(
                 _objective(config, splits, lambda: bar.advance(task), quiet),
                 n_trials=config.trials - done,
-                callbacks=[trial_done],
+                callbacks=[trial_done, enough],
             )
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
