@@ -30,7 +30,9 @@ def check_activation(name: str, activation: str, negative_slope: float) -> None:
         raise InputTypeError(
             f"{name}: negative_slope must be a real number, got {negative_slope!r}"
         )
-    if not math.isfinite(negative_slope):  # NaN would turn every negative value into NaN
+    # NaN would turn every negative value into NaN. Comparisons, not math.isfinite: under
+    # torch.compile(dynamic=True) the slope is a symbolic float, which dynamo compares only.
+    if negative_slope != negative_slope or abs(negative_slope) == math.inf:
         raise InputError(f"{name}: negative_slope must be finite, got {negative_slope!r}")
 
 
