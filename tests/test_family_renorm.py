@@ -179,6 +179,10 @@ def test_bad_configuration_is_rejected_with_a_clear_message():
         ndnn.BatchRenorm1d(3, rmax=0.5)
     with pytest.raises(InputError, match="dmax must be a number >= 0"):
         ndnn.BatchRenorm2d(3, dmax=-1.0)
+    with pytest.raises(InputTypeError, match="rmax must be a number >= 1"):
+        ndnn.BatchRenorm2d(3, rmax="3")
+    with pytest.raises(InputTypeError, match="dmax must be a number >= 0"):
+        ndnn.BatchRenorm2d(3, dmax=None)
     with pytest.raises(InputError, match="track_running_stats must be True"):
         ndnn.BatchRenorm1d(3, track_running_stats=False)
     with pytest.raises(InputTypeError, match="warmup_steps"):

@@ -128,10 +128,13 @@ def update_renorm_stats(
 def _check_renorm_config(
     rmax: float, dmax: float, warmup_steps: int, rmax_ramp_steps: int, dmax_ramp_steps: int
 ) -> None:
-    if not isinstance(rmax, numbers.Real) or math.isnan(rmax) or rmax < 1:
-        raise InputError(f"rmax must be a number >= 1 (1 means no r correction), got {rmax!r}")
-    if not isinstance(dmax, numbers.Real) or math.isnan(dmax) or dmax < 0:
-        raise InputError(f"dmax must be a number >= 0 (0 means no d correction), got {dmax!r}")
+    for name, value, low, meaning in (("rmax", rmax, 1, "1 means no r correction"),
+                                      ("dmax", dmax, 0, "0 means no d correction")):  # fmt: skip
+        message = f"{name} must be a number >= {low} ({meaning}), got {value!r}"
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise InputTypeError(message)
+        if math.isnan(value) or value < low:
+            raise InputError(message)
     steps = {
         "warmup_steps": warmup_steps,
         "rmax_ramp_steps": rmax_ramp_steps,
