@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import warnings
 
 import pytest
@@ -1117,3 +1118,17 @@ def test_a_refused_input_counts_a_batch_exactly_when_torch_counts_it(shape):
             module(torch.randn(shape))
     assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item()
     assert theirs.num_batches_tracked.item() == (1 if len(shape) == 4 else 0)
+
+
+@pytest.mark.parametrize("shape", [(1, 0), (1, 0, 5), (2, 0), (0, 3)])
+def test_empty_inputs_in_training_follow_torchs_batch_size_rule(shape):
+    """torch checks N times the spatial size before ATen answers an empty input: (1, 0) is a
+    batch of one value per channel, (1, 0, 5) and (2, 0) are not."""
+    x = torch.randn(shape)
+    try:
+        expected = torch.nn.functional.batch_norm(x, None, None, training=True)
+    except ValueError as error:
+        with pytest.raises(InputError, match=re.escape(str(error))):
+            NF.batch_norm(x, None, None, training=True)
+    else:
+        assert NF.batch_norm(x, None, None, training=True).shape == expected.shape

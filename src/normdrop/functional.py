@@ -202,7 +202,8 @@ def _in_input_grad_layout(grad_input: Tensor, input: Tensor, grad_output: Tensor
 
 
 def _values_per_channel(input: Tensor) -> int:
-    return input.numel() // input.shape[1] if input.shape[1] else 0
+    """N times the spatial size (PyTorch's ``_verify_batch_size``), also with zero channels."""
+    return math.prod((input.shape[0], *input.shape[2:]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,6 +224,15 @@ def batch_statistics(input: Tensor) -> tuple[Tensor, Tensor]:
     x = input.to(_compute_dtype(input))
     var, mean = torch.var_mean(x, _reduction_dims(x), correction=0)
     return mean, var
+
+
+def _check_batch_size(input: Tensor) -> None:
+    """Same rule and message as torch.nn.functional.batch_norm in training: the variance of
+    one value is 0 and the output would be all beta."""
+    if _values_per_channel(input) == 1:
+        raise InputError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
 
 
 def _check_eps(eps: float, training: bool) -> None:
@@ -258,8 +268,11 @@ def _check_batch_norm_args(
             f"batch_norm: input must be a torch.Tensor, got {type(input).__name__}"
         )
     if input.numel() == 0:
-        # As in PyTorch: only eps is checked (by its Python layer) before ATen answers an input
-        # without values, whatever the other tensors' dtype or size (see _empty_batch_norm).
+        # As in PyTorch: only the batch size and eps are checked (by its Python layer) before
+        # ATen answers an input without values, whatever the other tensors' dtype or size (see
+        # _empty_batch_norm); a (1, 0) input is one value per (absent) channel.
+        if training and input.dim() >= 2:
+            _check_batch_size(input)
         _check_eps(eps, training)
         return
     if not input.is_floating_point():
@@ -307,13 +320,7 @@ def _check_batch_norm_args(
         raise InputError("batch_norm: pass both running_mean and running_var, or neither")
     _check_eps(eps, training)
     if training:
-        if _values_per_channel(input) == 1:
-            # Same rule and message as torch.nn.functional.batch_norm: the variance of one
-            # value is 0 and the output would be all beta.
-            raise InputError(
-                "Expected more than 1 value per channel when training, "
-                f"got input size {input.size()}"
-            )
+        _check_batch_size(input)
         if running_mean is not None:
             _check_momentum(momentum)
     elif running_mean is None:
