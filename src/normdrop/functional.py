@@ -367,8 +367,8 @@ def _store_finite(
     try:
         running_mean.copy_(torch.where(finite, new_mean, running_mean))
         running_var.copy_(torch.where(finite, new_var, running_var))
-    except RuntimeError as error:
-        if "vmap" not in str(error):
+    except RuntimeError as error:  # vmap refuses to write batched values into them
+        if not torch._C._are_functorch_transforms_active():
             raise
         raise InputError(
             f"{who}: got an input batched by torch.func.vmap while running_mean and "

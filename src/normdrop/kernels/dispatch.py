@@ -60,24 +60,19 @@ def _fast_tensor(input: object) -> bool:
         and isinstance(input, Tensor)
         and input.layout == torch.strided  # not sparse, not a jagged nested tensor
         and not input.is_nested
-        and not _negated(input)
         and input.is_cpu
         and input.dtype in _FAST_DTYPES
         and input.numel() > 0
-        and not _torch_func(input)
+        and not _memory_unlike_values(input)
     )
 
 
-def _negated(tensor: Tensor) -> bool:
-    """A lazily negated view (``torch._neg_view``), whose memory holds ``-x``; not asked under
-    torch.compile, which cannot trace the question (its graphs hold no such views)."""
-    return not torch.compiler.is_compiling() and tensor.is_neg()
-
-
-def _torch_func(tensor: Tensor) -> bool:
-    """:func:`normdrop.kernels.ops.under_transform`, skipped under torch.compile: dynamo cannot
-    trace it, and traced tensors are fake tensors, which the ops handle."""
-    return not torch.compiler.is_compiling() and ops.under_transform(tensor)
+def _memory_unlike_values(tensor: Tensor) -> bool:
+    """Memory the kernels would misread: a ``torch.func`` wrapper
+    (:func:`normdrop.kernels.ops.under_transform`) or a lazily negated view
+    (``torch._neg_view``, whose memory holds ``-x``). Not asked under torch.compile, which
+    cannot trace the questions: its fake tensors are neither, and the ops handle them."""
+    return not torch.compiler.is_compiling() and (tensor.is_neg() or ops.under_transform(tensor))
 
 
 def _in_torchs_layout(input: Tensor) -> Tensor:
@@ -113,7 +108,7 @@ def _fast_batch_norm(input: Tensor, *tensors: Tensor | None) -> bool:
             and tensor.is_cpu
             # the kernels take dense (C,) arrays: a strided one would compile a variant of them
             and tensor.is_contiguous()
-            and not _torch_func(tensor)
+            and not _memory_unlike_values(tensor)
         ):
             return False
     return True

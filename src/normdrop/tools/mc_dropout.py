@@ -80,9 +80,10 @@ def mc_dropout(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     path would skip their Dropout layers). Every module's mode is restored on exit.
     """
     check_model("mc_dropout", model)
-    dropouts = [m for m in model.modules() if _is_sampled(m) or isinstance(m, _GATED)]
+    dropouts = [m for m in model.modules() if _is_sampled(m)]
+    gated = [m for m in model.modules() if isinstance(m, _GATED)]
     fused = _fused_dropouts(model)
-    if not any(_is_sampled(m) or _gated_rate(m) > 0 for m in dropouts):
+    if not dropouts and not any(_gated_rate(m) > 0 for m in gated):
         also = f" (the dropout fused into {', '.join(fused)} cannot be sampled)" if fused else ""
         raise InputError(
             f"mc_dropout: {type(model).__name__} has no dropout layer, so every Monte Carlo "
@@ -99,7 +100,7 @@ def mc_dropout(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        for m in dropouts:
+        for m in dropouts + gated:
             m.training = True  # not m.train(): that would recurse into DropConnect's layer
         yield model
     finally:

@@ -93,16 +93,12 @@ _F = torch.nn.functional
 # Dropout functions a forward may call directly; the unit-wise ones tag their output as a
 # dropout layer's output does. torch.nn.functional passes p and training by keyword to the
 # mode; torch's own take (input, p, train) as the caller wrote them.
-_UNIT_DROPOUT_FUNCTIONS = frozenset(
-    (_F.dropout, _F.dropout1d, _F.dropout2d, _F.dropout3d, torch.dropout, torch.feature_dropout)
-)
 _TRAINING_BY_DEFAULT = frozenset((_F.dropout, _F.dropout1d, _F.dropout2d, _F.dropout3d))
-_DROPOUT_FUNCTIONS = _UNIT_DROPOUT_FUNCTIONS | {
-    _F.alpha_dropout,
-    _F.feature_alpha_dropout,
-    torch.alpha_dropout,
-    torch.feature_alpha_dropout,
-}
+_ATENS = frozenset(
+    (torch.dropout, torch.feature_dropout, torch.alpha_dropout, torch.feature_alpha_dropout)
+)
+_UNIT_DROPOUT_FUNCTIONS = _TRAINING_BY_DEFAULT | {torch.dropout, torch.feature_dropout}
+_DROPOUT_FUNCTIONS = _UNIT_DROPOUT_FUNCTIONS | _ATENS | {_F.alpha_dropout, _F.feature_alpha_dropout}
 
 
 @dataclass(frozen=True)
@@ -250,8 +246,7 @@ def _tensors(value: Any) -> Iterator[Tensor]:
 
 def _dropout_call(func: Any, args: tuple, kwargs: dict) -> tuple[float, bool]:
     """``(p, training)`` of a call to one of ``_DROPOUT_FUNCTIONS``."""
-    if func in (torch.dropout, torch.feature_dropout, torch.alpha_dropout,
-                torch.feature_alpha_dropout):  # fmt: skip
+    if func in _ATENS:
         named = dict(zip(("input", "p", "train"), args, strict=False)) | kwargs
         return float(named.get("p", 0.0)), bool(named.get("train", False))
     bound = inspect.signature(func).bind(*args, **kwargs)
@@ -322,7 +317,7 @@ class _Recorder:
         handles = []
         self.dropout_tags.on_dropout = self.dropout_called
         self.modules = dict(model.named_modules())
-        for path, module in model.named_modules():
+        for path, module in self.modules.items():
             handles.append(module.register_forward_pre_hook(functools.partial(self.pre, path)))
             handles.append(module.register_forward_hook(functools.partial(self.post, path)))
         return handles
