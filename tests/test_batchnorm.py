@@ -16,6 +16,7 @@ import normdrop
 from normdrop import functional as NF
 from normdrop.backend import BACKENDS
 from normdrop.errors import InputError, InputTypeError
+from normdrop.kernels import dispatch
 
 from _helpers import assert_close_scaled, tolerance
 
@@ -1107,6 +1108,11 @@ def test_a_negated_view_is_read_as_its_values():
     ours, theirs = normdrop.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
     torch.testing.assert_close(ours(x), theirs(x))
     torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    weight = torch._neg_view(torch.full((3,), -2.0))  # a (C,) one: .numpy() refused it
+    plain = x.resolve_neg()
+    expected = torch.nn.functional.batch_norm(plain, None, None, weight.clone(), training=True)
+    ours = dispatch.batch_norm(plain, None, None, weight, None, True, 0.1, 1e-5)  # the modules'
+    torch.testing.assert_close(ours, expected)
 
 
 @pytest.mark.parametrize("shape", [(4, 5, 3, 3), (2, 3, 3)])  # wrong channels / wrong rank
