@@ -421,11 +421,13 @@ def _kept(args: argparse.Namespace) -> str:
     """What an interrupted command has stored for its rerun to continue from."""
     from pathlib import Path
 
+    from normdrop.lab.config import RUN_DB, STUDY_DB
+
     if args.command == "tune":  # a trial cut short is failed in the study; a rerun replaces it
         out = Path(args.out)
         return (
-            f"every finished trial is in the study ({out / 'optuna.db'}) and every completed "
-            f"epoch of the retraining in {out / 'normdrop.db'}: rerun the same command to resume"
+            f"every finished trial is in the study ({out / STUDY_DB}) and every completed "
+            f"epoch of the retraining in {out / RUN_DB}: rerun the same command to resume"
         )
     if args.command == "lab":
         return "every completed epoch is in the database: rerun the same command to resume"

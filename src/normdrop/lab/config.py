@@ -86,8 +86,8 @@ def check_path_options(**paths: str | None) -> None:
         _require(value is None or str(value) != "", f"{option} must name a folder, got ''")
 
 
-# What the lab keeps beside the experiments' folders in --out.
-_RESERVED_NAMES = ("normdrop.db", "optuna.db", "checkpoints")
+# What the lab keeps in --out beside the experiments' folders (SQLite adds NAME-wal, NAME-shm).
+RUN_DB, STUDY_DB, CHECKPOINTS = "normdrop.db", "optuna.db", "checkpoints"
 
 
 def check_name(name: str | None) -> None:
@@ -98,9 +98,10 @@ def check_name(name: str | None) -> None:
         re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name) is not None,
         f"--name must be letters, digits, '.', '_' or '-' (a directory name), got {name!r}",
     )
+    files = (RUN_DB, STUDY_DB, CHECKPOINTS)
     _require(
-        name.split("-")[0] not in _RESERVED_NAMES[:2] and name != _RESERVED_NAMES[2],
-        f"--name {name}: taken by the lab's own files in --out ({', '.join(_RESERVED_NAMES)})",
+        name not in files and not name.startswith((f"{RUN_DB}-", f"{STUDY_DB}-")),
+        f"--name {name}: taken by the lab's own files in --out ({', '.join(files)})",
     )
 
 
@@ -262,7 +263,7 @@ class LabConfig:
 
     @property
     def db_path(self) -> Path:
-        return Path(self.out) / "normdrop.db"
+        return Path(self.out) / RUN_DB
 
     def run_specs(self, data_fingerprint: str) -> list[RunSpec]:
         return [

@@ -10,7 +10,6 @@ The steps, each resumable because the database is the only state:
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import sqlite3
@@ -29,14 +28,14 @@ from rich.progress import (
 )
 
 from normdrop.errors import InputError
-from normdrop.lab.config import LabConfig, Variant
+from normdrop.lab.config import STUDY_DB, LabConfig, Variant
 from normdrop.lab.data import Splits, prepare
 from normdrop.lab.models import build_model
 from normdrop.lab.norms import norm_factory
 from normdrop.lab.plots import Plot, gap_plot, learning_curves, preactivation_plot
 from normdrop.lab.report import Table, write_report
 from normdrop.lab.scheduler import execute, interrupt_as_keyboard
-from normdrop.lab.store import RunStore, StoreError
+from normdrop.lab.store import RunStore, StoreError, read_only_rows
 from normdrop.lab.summary import (
     ACCURACY_COLUMNS,
     LOSS_COLUMNS,
@@ -221,15 +220,12 @@ def _check_name_is_this_experiments(store: RunStore, config: LabConfig, kind: st
 
 
 def tune_study_names(out: Path) -> set[str]:
-    """The studies in ``out``'s ``optuna.db`` (read only: the file is left as it is)."""
-    path = out / "optuna.db"
+    """The studies in ``out``'s optuna database (read only)."""
+    path = out / STUDY_DB
     if not path.is_file():
         return set()
     try:
-        with contextlib.closing(
-            sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        ) as db:
-            return {row[0] for row in db.execute("SELECT study_name FROM studies")}
+        return {row[0] for row in read_only_rows(path, "SELECT study_name FROM studies")}
     except sqlite3.Error:  # not optuna's: tune itself names the problem when it opens it
         return set()
 

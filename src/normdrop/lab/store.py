@@ -27,16 +27,16 @@ import sqlite3
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 from normdrop.errors import InputError
-from normdrop.lab.config import RunSpec
+from normdrop.lab.config import CHECKPOINTS, RunSpec
 from normdrop.lab.files import replace_atomically
 from normdrop.lab.train import EpochRecord, RunResult
 
-__all__ = ["RunStore", "StoreError", "owner_id"]
+__all__ = ["RunStore", "StoreError", "owner_id", "read_only_rows"]
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 120_000
@@ -149,6 +149,15 @@ def owner_alive(owner: str | None, heartbeat: float | None) -> bool:
         reused = heartbeat is not None and _started_after(int(pid), heartbeat)
         return _pid_alive(int(pid)) and not reused
     return heartbeat is not None and time.time() - heartbeat < STALE_SECONDS
+
+
+def read_only_rows(path: Path, sql: str) -> list[tuple]:
+    """The rows ``sql`` selects from the SQLite file ``path``, opened read-only: the file is
+    left byte for byte as it was (no journal mode switched, no table created). Raises
+    ``sqlite3.Error`` for a file that is not SQLite or lacks the tables."""
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    with closing(sqlite3.connect(uri, uri=True)) as db:
+        return db.execute(sql).fetchall()
 
 
 class RunStore:
@@ -336,7 +345,7 @@ class RunStore:
             return True
 
     def checkpoint_path(self, run_id: int) -> Path:
-        return self.path.parent / "checkpoints" / f"run-{run_id}.pt"
+        return self.path.parent / CHECKPOINTS / f"run-{run_id}.pt"
 
     def load_checkpoint(self, run_id: int) -> bytes | None:
         """The checkpoint of the run's last completed epoch, if it has one."""

@@ -17,7 +17,6 @@ validation split, then measure the choice once on the test split.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,6 +30,8 @@ from pathlib import Path
 
 from normdrop.errors import InputError
 from normdrop.lab.config import (
+    RUN_DB,
+    STUDY_DB,
     TUNE_RANGES,
     LabConfig,
     RunSpec,
@@ -45,7 +46,7 @@ from normdrop.lab.experiment import ExperimentResult, check_models, load_splits,
 from normdrop.lab.plots import importance_plot, tune_history_plot
 from normdrop.lab.report import Table, write_report
 from normdrop.lab.scheduler import interrupt_as_keyboard
-from normdrop.lab.store import RunStore, owner_alive, owner_id
+from normdrop.lab.store import owner_alive, owner_id, read_only_rows
 from normdrop.lab.summary import ACCURACY_COLUMNS, accuracy_rows
 from normdrop.lab.train import train_run
 
@@ -108,13 +109,13 @@ class TuneConfig:
         for name, bounds in self.ranges.items():
             _check_range(name, tuple(bounds), PARAMETERS[name][0])
         defaults = TrainSettings()
-        for name in self.searched():  # the search sets these: a value given would be ignored
+        for name, bounds in self.searched().items():  # a value given would be ignored
             value = getattr(self.settings, name)
             if value != getattr(defaults, name):
                 option = "--" + name.replace("_", "-")
                 raise InputError(
                     f"{option} {value}: tune searches {name} (over {option}-range, "
-                    f"{list(self.searched()[name])}); give a range instead, or leave it out"
+                    f"{list(bounds)}); give a range instead, or leave it out"
                 )
 
     def searched(self) -> dict[str, tuple[float, float]]:
@@ -243,10 +244,11 @@ def _study(config: TuneConfig, name: str):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    Path(config.out).mkdir(parents=True, exist_ok=True)
-    _refuse_foreign_optuna_db(Path(config.out) / "optuna.db")
+    path = Path(config.out) / STUDY_DB
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _refuse_foreign_optuna_db(path)
     storage = optuna.storages.RDBStorage(
-        f"sqlite:///{Path(config.out).resolve() / 'optuna.db'}",
+        f"sqlite:///{path.resolve()}",
         engine_kwargs={"connect_args": {"timeout": 120}},
     )
     study = optuna.create_study(
@@ -269,10 +271,8 @@ def _refuse_foreign_optuna_db(path: Path) -> None:
     add its tables to it."""
     if not path.is_file():
         return
-    uri = f"{path.resolve().as_uri()}?mode=ro"
     try:
-        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        tables = {row[0] for row in read_only_rows(path, "SELECT name FROM sqlite_master")}
     except sqlite3.Error as error:
         raise InputError(f"{path}: not an optuna study database ({error})") from None
     if tables and "studies" not in tables:
@@ -319,11 +319,13 @@ def _progress(trials: int, epochs: int, done: int, show: bool):
 def _check_name_is_free(config: TuneConfig, name: str) -> None:
     """The study's report folder ``out/name`` and its retraining's experiment ``name-best``
     must not be a lab experiment's (their run lists and reports would be replaced)."""
-    db_path = LabConfig(config.settings, out=config.out).db_path
+    db_path = Path(config.out) / RUN_DB
     if not db_path.is_file():
         return
-    with RunStore(db_path) as store:
-        kinds = {e["name"]: e["kind"] for e in store.experiments()}
+    try:
+        kinds = dict(read_only_rows(db_path, "SELECT name, kind FROM experiments"))
+    except sqlite3.Error:  # not a run database (yet): the retraining names the problem
+        return
     for taken, why in ((name, "report folder"), (f"{name}-best", "retraining")):
         if kinds.get(taken, "tune") != "tune":
             raise InputError(
