@@ -6,24 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from normdrop import tools
 from normdrop.errors import InputError
-from normdrop.tools import (
-    convert,
-    fold_batchnorm,
-    lint,
-    mc_dropout,
-    mc_predict,
-    recalibrate_batchnorm,
-)
 
 X = torch.randn(4, 6)
 TOOLS = {
-    "fold_batchnorm": lambda model: fold_batchnorm(model),
-    "convert": lambda model: convert(model),
-    "lint": lambda model: lint(model, X),
-    "recalibrate_batchnorm": lambda model: recalibrate_batchnorm(model, [X]),
-    "mc_predict": lambda model: mc_predict(model, X, 2),
-    "mc_dropout": lambda model: mc_dropout(model).__enter__(),
+    "fold_batchnorm": lambda model: tools.fold_batchnorm(model),
+    "convert": lambda model: tools.convert(model),
+    "lint": lambda model: tools.lint(model, X),
+    "recalibrate_batchnorm": lambda model: tools.recalibrate_batchnorm(model, [X]),
+    "mc_predict": lambda model: tools.mc_predict(model, X, 2),
+    "mc_dropout": lambda model: tools.mc_dropout(model).__enter__(),
 }
 
 
