@@ -604,6 +604,62 @@ def test_cached_calls_check_what_can_change_between_calls():
         module(x)
 
 
+def test_cached_calls_see_parameters_restrided_or_negated_in_place():
+    """``set_`` can give a parameter or buffer other strides over the same memory, and
+    ``torch._neg_view`` a view whose memory holds the negated values: a cached call must read
+    the values, as the first call and torch do."""
+    x = torch.randn(4, 3, 5, 5)
+    ours, theirs = normdrop.nn.BatchNorm2d(3).eval(), torch.nn.BatchNorm2d(3).eval()
+    for module in (ours, theirs):
+        with torch.no_grad():
+            module.weight.copy_(torch.tensor([1.0, 2.0, 3.0]))
+            module.running_mean.copy_(torch.tensor([0.5, -0.5, 1.0]))
+    torch.testing.assert_close(ours(x), theirs(x))  # fills the cache
+    for module in (ours, theirs):
+        with torch.no_grad():  # every channel now reads weight[0], running_mean[0]
+            module.weight.set_(module.weight.untyped_storage(), 0, (3,), (0,))
+            module.running_mean.set_(module.running_mean.untyped_storage(), 0, (3,), (0,))
+    torch.testing.assert_close(ours(x), theirs(x))
+    negated = torch._neg_view(-x)  # holds -x, reads as x
+    ours(x)  # the cache holds x's entry
+    torch.testing.assert_close(ours(negated), theirs(x))
+
+
+@pytest.mark.parametrize(
+    "module", [normdrop.nn.BatchNorm2d(3), normdrop.nn.BatchNormAct2d(3, "identity", p=0.0)]
+)
+def test_bias_changed_in_place_before_the_backward(kernel_calls, module):
+    """torch's BatchNorm does not save the bias (no gradient depends on its value): an
+    optimizer step on it before the backward is allowed, and the gradients are those of the
+    forward. The same with normdrop's, the identity included."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, 5, 5, generator=generator)
+    grad = torch.randn(x.shape, generator=generator)
+    results = []
+    for layer in (module, torch.nn.BatchNorm2d(3)):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        with torch.no_grad():
+            layer.bias.add_(1.0)
+        results.append(torch.autograd.grad(y, [xi, layer.weight, layer.bias], grad))
+    assert kernel_calls
+    for ours, theirs in zip(*results, strict=True):
+        assert_close_scaled(ours, theirs, tolerance(torch.float32))
+
+
+def test_an_activation_guards_the_bias_it_recomputes_from(kernel_calls):
+    """The fused backward recomputes the activation's input from the bias: a bias changed in
+    place before it is refused by autograd's version check, not read silently."""
+    module = normdrop.nn.BatchNormAct2d(3, "relu")
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    y = module(x)
+    with torch.no_grad():
+        module.bias.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    assert kernel_calls
+
+
 def test_module_cache_refilled_during_a_lookup(monkeypatch):
     """The module cache is one snapshot, read once per call: another thread refilling it with
     another shape in the middle of a call (simulated here, deterministically, from inside the

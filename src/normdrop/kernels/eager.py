@@ -141,6 +141,7 @@ def _lookup(cache, input, running_mean, running_var, weight, bias, training, eps
         or state[0] != (input.shape, input.stride(), input.dtype, training, eps)
         or type(input) not in _PLAIN
         or not input.is_cpu
+        or input.is_neg()
         or get_backend() != "fast"
         or not ops.usable()
         or ops.under_transform(input)
@@ -154,11 +155,17 @@ def _lookup(cache, input, running_mean, running_var, weight, bias, training, eps
         or running_var is not tensors[3]
     ):
         return None
-    # The same objects, but maybe over new memory (``param.data = ...``, ``module.to(...)``)
-    # or resized in place (``resize_``: the same memory, fewer values).
+    # The same objects, but maybe over new memory (``param.data = ...``, ``module.to(...)``),
+    # resized or re-strided in place (``resize_``, ``set_``: the same memory, other values) or
+    # a lazily negated view (``torch._neg_view``): the entry's numpy views would misread them.
     channels = entry.channels
     for tensor, pointer in zip(tensors, pointers, strict=True):
-        if tensor is not None and (tensor.data_ptr() != pointer or tensor.numel() != channels):
+        if tensor is not None and (
+            tensor.data_ptr() != pointer
+            or tensor.numel() != channels
+            or tensor.stride() != (1,)
+            or tensor.is_neg()
+        ):
             return None
     return entry
 
@@ -257,20 +264,22 @@ def _weight_now(entry: _Entry, weight: Tensor | None) -> np.ndarray | None:
 
 class _BatchNormFunction(torch.autograd.Function):
     """BatchNorm training or inference step on the kernels: one kernel call forward, one
-    backward. Saves the input, weight and bias (so autograd's version checks apply) and the
-    ``(3, C)`` statistics as numpy (tensors only for a double backward)."""
+    backward. Saves the input and weight (so autograd's version checks apply) and the
+    ``(3, C)`` statistics as numpy (tensors only for a double backward). Not the bias: no
+    gradient depends on its value, and, as with torch's BatchNorm, it may change in place
+    before the backward."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, entry, momentum):
         output, stats = _forward(entry, input, momentum)
-        ctx.save_for_backward(input, weight, bias)
-        ctx.entry, ctx.stats = entry, stats
+        ctx.save_for_backward(input, weight)
+        ctx.bias, ctx.entry, ctx.stats = bias, entry, stats
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight, bias = ctx.saved_tensors
-        entry, stats = ctx.entry, ctx.stats
+        input, weight = ctx.saved_tensors
+        bias, entry, stats = ctx.bias, ctx.entry, ctx.stats
         needs = ctx.needs_input_grad
         weight_now = _weight_now(entry, weight)
         if (
