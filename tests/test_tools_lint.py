@@ -460,3 +460,60 @@ def test_dropout_left_training_in_an_eval_model_and_momentum_zero():
 def test_a_dropout_with_p_zero_is_no_variance_shift():
     model = torch.nn.Sequential(torch.nn.Dropout(0.0), torch.nn.BatchNorm1d(6))
     assert _rules(lint(model.train(), torch.randn(8, 6))) == {("dropout-p", "0", "info")}
+
+
+class DropoutUse(torch.nn.Module):
+    """A dropout layer or function whose result is used (or kept in place), or thrown away."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.drop = torch.nn.Dropout(0.3, inplace=how == "layer in place")
+        self.identity = torch.nn.Identity()
+        self.linear = torch.nn.Linear(6, 6, bias=False)
+        self.bn = ndnn.BatchNorm1d(6)
+
+    def forward(self, x):
+        F = torch.nn.functional
+        h = self.linear(x)
+        if self.how == "function, result dropped":
+            F.dropout(h, 0.5, self.training)  # the classic: no assignment
+        elif self.how == "layer, output dropped":
+            self.drop(h)
+        elif self.how == "function in place":
+            F.dropout(h, 0.5, self.training, inplace=True)
+        elif self.how == "layer in place":
+            self.drop(h)
+        elif self.how == "returned through Identity":
+            return self.identity(self.drop(h)), h
+        elif self.how == "into a BatchNorm":
+            return self.bn(F.dropout(h, 0.5, self.training))
+        elif self.how == "in a dict":
+            return {"out": F.dropout(h, 0.5, self.training)}
+        return h
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    ("how", "where"),
+    [
+        ("function, result dropped", ""),
+        ("layer, output dropped", "drop"),
+        ("function in place", None),
+        ("layer in place", None),
+        ("returned through Identity", None),
+        ("into a BatchNorm", None),
+        ("in a dict", None),
+    ],
+)
+def test_a_dropout_result_that_goes_nowhere_is_found(how, where, training):
+    """Out of place, a dropout whose result is not used drops nothing: found in training and
+    in eval mode alike (the line is wrong in both); a result that an op takes, that the model
+    returns (also through a layer that returns its input), or that is kept in place is fine."""
+    model = DropoutUse(how).train(training)
+    found = [f for f in lint(model, torch.randn(8, 6)) if f.rule == "dropout-output-unused"]
+    assert [f.path for f in found] == ([] if where is None else [where])
+    for finding in found:
+        assert finding.severity == "warning"
+        assert "never used" in finding.message
+        assert ("x = F.dropout(x, p, self.training)" in finding.fix) == (where == "")

@@ -49,8 +49,9 @@ _THIRD_PARTY_SUFFIX = "DropPath"
 _ACTIVATIONS = ("softmax", "sigmoid", None)
 
 
-def _is_sampled(module: torch.nn.Module) -> bool:
-    """A layer :func:`mc_dropout` puts in training mode."""
+def is_dropout_layer(module: torch.nn.Module) -> bool:
+    """A dropout layer of normdrop, torch or a known third-party library (by class name): the
+    layers :func:`mc_dropout` puts in training mode."""
     if isinstance(module, DROPOUT_LAYERS):
         return True
     name = type(module).__name__
@@ -80,7 +81,7 @@ def mc_dropout(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     path would skip their Dropout layers). Every module's mode is restored on exit.
     """
     check_model("mc_dropout", model)
-    dropouts = [m for m in model.modules() if _is_sampled(m)]
+    dropouts = [m for m in model.modules() if is_dropout_layer(m)]
     gated = [m for m in model.modules() if isinstance(m, _GATED)]
     fused = _fused_dropouts(model)
     if not dropouts and not any(_gated_rate(m) > 0 for m in gated):

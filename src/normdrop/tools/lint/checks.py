@@ -16,6 +16,9 @@ dropout-training-in-eval    warning  the model is in eval mode but a dropout lay
 functional-dropout-in-eval  warning  a module in eval mode called a dropout function with
                                      training=True (``F.dropout(x, p)``: training defaults to
                                      True)
+dropout-output-unused       warning  a dropout layer's or function's result went nowhere
+                                     (``F.dropout(x, p, self.training)`` on a line of its own:
+                                     not in place, so it drops nothing)
 batch-of-one                error    a BatchNorm using batch statistics (training, or no
                                      running statistics) got 1 value per channel
 redundant-bias              info     BatchNorm right after a Linear/Conv that has a bias, whose
@@ -37,7 +40,10 @@ normalization functions (``F.layer_norm``, ``F.group_norm``...), which normaliza
 other libraries call. A hand-written normalization (mean and variance by hand) keeps the tag.
 No tracing is needed, so models with Python control flow work. Alpha dropout, DropPath and
 DropBlock are not tags: alpha dropout keeps the variance by design, and the other two are meant
-for residual branches.
+for residual branches. ``dropout-output-unused`` watches each out-of-place dropout result (of a
+dropout layer, or of a dropout function a module calls) for a torch operation that takes it,
+or the model returning it; a layer that passes it on without any torch operation
+(``nn.Identity``) passes the same tensor on, so its later use still counts.
 
 The model is left exactly as it was: modes, buffers (running statistics), the global RNG state
 and the generators layers own are restored, and the forward runs without gradients.
@@ -61,7 +67,7 @@ from torch.overrides import TorchFunctionMode
 from normdrop.errors import InputError
 from normdrop.nn.norm_act import _BatchNormAct
 from normdrop.tools._model import check_model
-from normdrop.tools.mc_dropout import DROPOUT_LAYERS
+from normdrop.tools.mc_dropout import DROPOUT_LAYERS, is_dropout_layer
 from normdrop.tools.rng import forked_rng
 
 __all__ = ["SEVERITIES", "Finding", "lint"]
@@ -254,6 +260,14 @@ def _dropout_call(func: Any, args: tuple, kwargs: dict) -> tuple[float, bool]:
     return float(bound.arguments["p"]), bool(bound.arguments["training"])
 
 
+def _in_place(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Was a call to one of ``_DROPOUT_FUNCTIONS`` asked to work in place?"""
+    if func in _ATENS:
+        return False  # torch.dropout_ and the like are other functions
+    bound = inspect.signature(func).bind(*args, **kwargs)
+    return bool(bound.arguments.get("inplace", False))
+
+
 class _DropoutTags(TorchFunctionMode):
     """Tags each tensor with the dropout layers it was computed from, through any torch op;
     ``on_dropout(func, p, training)`` hears of each dropout function called and returns the
@@ -268,6 +282,17 @@ class _DropoutTags(TorchFunctionMode):
         # (``paused`` counts the BatchNorm calls in progress).
         self.uses: dict[int, int] = {}
         self.paused = 0
+        # Out-of-place dropout results not yet used by any op: id -> (module path, what)
+        self.unused_dropouts: dict[int, tuple[str, str]] = {}
+
+    def watch_dropout(self, output: Any, path: str, what: str) -> None:
+        if isinstance(output, Tensor):
+            self._alive.append(output)
+            self.unused_dropouts[id(output)] = (path, what)
+
+    def mark_used(self, value: Any) -> None:
+        for tensor in _tensors(value):
+            self.unused_dropouts.pop(id(tensor), None)
 
     def tag(self, tensor: Tensor, tags: frozenset[str]) -> None:
         self.tags[id(tensor)] = tags
@@ -285,14 +310,22 @@ class _DropoutTags(TorchFunctionMode):
         kwargs = kwargs or {}
         if not self.paused and self.uses:
             self.count_uses((args, kwargs))
+        if self.unused_dropouts:
+            self.mark_used((args, kwargs))
         output = func(*args, **kwargs)
         tags = frozenset() if func in _NORMALIZING_FUNCTIONS else self.of((args, kwargs))
         if func in _DROPOUT_FUNCTIONS and self.on_dropout is not None:
             p, training = _dropout_call(func, args, kwargs)
-            own = self.on_dropout(func, p, training)
-            if own and isinstance(output, Tensor):
-                if not training and args and output is args[0]:
+            own, caller = self.on_dropout(func, p, training)
+            returned_input = bool(args) and output is args[0]
+            if (own or caller is not None) and isinstance(output, Tensor) and returned_input:
+                if _in_place(func, args, kwargs):
+                    caller = None  # a result kept in its input: nothing to assign
+                else:
                     output = output.view_as(output)  # returned its input: as for layers
+            if caller is not None:
+                self.watch_dropout(output, caller, f"{func.__module__}.{func.__name__}")
+            if own and isinstance(output, Tensor):
                 tags |= own
         if tags:
             for tensor in _tensors(output):
@@ -360,17 +393,29 @@ class _Recorder:
         elif isinstance(output, Tensor) and isinstance(module, _BIASED_LAYERS):
             self.producers[id(output)] = (path, module, output, output._version)
             self.dropout_tags.uses[id(output)] = 0
+        # an in-place layer's result is its input, which needs no assigning
+        in_place = getattr(module, "inplace", False)
+        if isinstance(output, Tensor) and is_dropout_layer(module) and not in_place:
+            if args and output is args[0]:
+                output = output.view_as(output)
+            self.dropout_tags.watch_dropout(output, path, type(module).__name__)
         return output
 
-    def dropout_called(self, func: Any, p: float, training: bool) -> frozenset[str]:
+    def dropout_called(
+        self, func: Any, p: float, training: bool
+    ) -> tuple[frozenset[str], str | None]:
         """A dropout function called from a module's forward: ``functional-dropout-in-eval``
-        if that module is in eval mode yet asked for training; the tag of its output."""
-        if not self.stack or p <= 0:
-            return frozenset()
+        if that module is in eval mode yet asked for training. Returns the tag of its output
+        and the path of the module whose forward called it (None: not a module's own call,
+        or p = 0), whose result :class:`_DropoutTags` watches for a use."""
+        if not self.stack:
+            return frozenset(), None
         path = self.stack[-1]
         module = self.modules[path]
-        if isinstance(module, DROPOUT_LAYERS):
-            return frozenset()  # the layer's own call: its forward hook tags the output
+        if is_dropout_layer(module):
+            return frozenset(), None  # the layer's own call: its forward hook sees the output
+        if p <= 0:
+            return frozenset(), None
         name = f"{func.__module__}.{func.__name__}"
         if training and not module.training:
             default = (
@@ -387,7 +432,26 @@ class _Recorder:
                 )
             )
         unit = func in _UNIT_DROPOUT_FUNCTIONS
-        return frozenset({f"{path or '<model>'} ({name})"}) if unit else frozenset()
+        return (frozenset({f"{path or '<model>'} ({name})"}) if unit else frozenset()), path
+
+    def unused_dropout_findings(self) -> Iterator[Finding]:
+        """``dropout-output-unused``: dropout results that no op took nor the model returned."""
+        for path, what in self.dropout_tags.unused_dropouts.values():
+            layer = is_dropout_layer(self.modules[path])
+            whose = f"the output of {what}" if layer else f"the result of {what} in its forward"
+            fix = (
+                "use the layer's output (x = self.dropout(x)) or remove the layer"
+                if layer
+                else "assign the result (x = F.dropout(x, p, self.training)) or pass inplace=True"
+            )
+            yield Finding(
+                "warning",
+                "dropout-output-unused",
+                path,
+                f"{whose} is never used: dropout works out of place, so the values that go on "
+                "were not dropped and this dropout does nothing",
+                fix,
+            )
 
     def _check_batchnorm_input(self, path: str, bn: torch.nn.Module, x: Tensor) -> None:
         name = type(bn).__name__
@@ -502,6 +566,7 @@ def _run_example(model: torch.nn.Module, example_input: Any) -> list[Finding]:
         with tags:
             output = _call(model, example_input)
         tags.count_uses(output)  # a layer output the model returns is used
+        tags.mark_used(output)
     except Exception as error:
         where = recorder.stack[-1] if recorder.stack else ""
         failing = model.get_submodule(where) if where else model
@@ -515,7 +580,11 @@ def _run_example(model: torch.nn.Module, example_input: Any) -> list[Finding]:
             handle.remove()
         for bn in recorder.lent_statistics:
             bn.running_mean = bn.running_var = None
-    return recorder.findings + list(recorder.bias_findings())
+    return (
+        recorder.findings
+        + list(recorder.bias_findings())
+        + list(recorder.unused_dropout_findings())
+    )
 
 
 def lint(model: torch.nn.Module, example_input: Any, *, deployment: bool = True) -> list[Finding]:
