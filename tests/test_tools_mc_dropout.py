@@ -277,3 +277,54 @@ def test_the_input_must_be_a_tensor():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5))
     with pytest.raises(InputError, match="mc_predict: x must be the input tensor, got list"):
         mc_predict(model, [torch.randn(2, 4)], 2, seed=0)
+
+
+class FusedAttention(torch.nn.Module):
+    """timm's Attention pattern: the dropout layer's rate goes to a fused kernel, and only in
+    the module's own training mode; the layer itself never runs."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.attn_drop = torch.nn.Dropout(0.5)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        rate = self.attn_drop.p if self.training else 0.0
+        return self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=rate))
+
+
+class Classifier(torch.nn.Module):
+    def __init__(self, drop_head):
+        super().__init__()
+        self.attention = FusedAttention()
+        self.head_drop = torch.nn.Dropout(0.3) if drop_head else torch.nn.Identity()
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.head_drop(self.attention(x).mean(1))).squeeze(-1)
+
+
+@pytest.mark.parametrize("drop_head", [True, False])
+def test_a_dropout_layer_that_never_runs_is_named(drop_head):
+    """Switched on but never called: its rate is not sampled, and the user hears of it (with
+    only that dropout the samples would all be equal)."""
+    model = Classifier(drop_head)
+    x = torch.randn(4, 5, 8)
+    with pytest.warns(UserWarning, match=r"never ran.*'attention\.attn_drop' \(Dropout\)"):
+        prediction = mc_predict(model, x, samples=4, seed=0)
+    assert (prediction.variance.max() > 0) == drop_head
+    with pytest.warns(UserWarning, match="fused_attn = False"), mc_dropout(model):
+        model(x)
+
+
+def test_no_warning_when_every_dropout_layer_runs_or_the_model_did_not():
+    model = Classifier(drop_head=True)
+    model.attention.forward = lambda x: model.attention.proj(model.attention.attn_drop(x))
+    x = torch.randn(4, 5, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mc_predict(model, x, samples=3, seed=0)
+        with mc_dropout(model):
+            model.head(x)  # a part only: the model itself did not run, nothing to judge

@@ -79,6 +79,11 @@ def mc_dropout(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     training mode changes nothing but dropout: ``MultiheadAttention`` (its attention dropout),
     the RNNs (dropout between layers) and the Transformer layers and stacks (whose eval fast
     path would skip their Dropout layers). Every module's mode is restored on exit.
+
+    A dropout layer switched on that never runs while the model runs in the block is not
+    sampled: its parent may apply the layer's rate itself, and only in its own training mode
+    (timm's ``Attention`` passes ``attn_drop.p`` to ``F.scaled_dot_product_attention`` only
+    when training). On leaving the block, such layers are named in a warning.
     """
     check_model("mc_dropout", model)
     dropouts = [m for m in model.modules() if is_dropout_layer(m)]
@@ -99,14 +104,47 @@ def mc_dropout(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             stacklevel=3,
         )
     modes = {m: m.training for m in model.modules()}
+    ran: set[torch.nn.Module] = set()
+
+    def record(module: torch.nn.Module, args: Any, output: Any) -> None:
+        ran.add(module)
+
+    handles = [m.register_forward_hook(record) for m in [model, *dropouts]]
     try:
         model.eval()
         for m in dropouts + gated:
             m.training = True  # not m.train(): that would recurse into DropConnect's layer
         yield model
+        if model in ran:
+            _warn_unsampled(model, [m for m in dropouts if m not in ran and _rate(m) != 0])
     finally:
+        for handle in handles:
+            handle.remove()
         for m, training in modes.items():
             m.training = training
+
+
+def _rate(module: torch.nn.Module) -> float | None:
+    """A dropout layer's rate (``p``, or timm's ``drop_prob``); None where it has neither."""
+    rate = getattr(module, "p", getattr(module, "drop_prob", None))
+    return float(rate) if isinstance(rate, int | float) else None
+
+
+def _warn_unsampled(model: torch.nn.Module, idle: list[torch.nn.Module]) -> None:
+    """Warn about dropout layers switched on that did not run while the model did."""
+    if not idle:
+        return
+    paths = {m: path for path, m in model.named_modules()}
+    names = ", ".join(f"'{paths[m] or '<model>'}' ({type(m).__name__})" for m in idle)
+    warnings.warn(
+        f"mc_dropout: dropout layers switched on never ran while the model did, so their "
+        f"dropout is not sampled: {names}. Their parent may apply their rate itself, and only "
+        "in its own training mode (timm's Attention passes attn_drop.p to "
+        "F.scaled_dot_product_attention only when training: set its fused_attn = False so "
+        "that attn_drop runs)",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 # torch.nn modules that drop out by a rate their own training flag gates, or whose eval-mode
