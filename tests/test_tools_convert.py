@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -122,7 +124,8 @@ def test_layers_without_counterpart_and_user_subclasses_stay():
     model = torch.nn.Sequential(
         MyBatchNorm(3), ndnn.GhostBatchNorm1d(3, virtual_batch_size=2), ndnn.DropPath(0.1)
     )
-    assert type(convert(model)[0]) is MyBatchNorm
+    with pytest.warns(UserWarning, match=r"not exactly torch.nn's.*MyBatchNorm x1 \('0'\)"):
+        assert type(convert(model)[0]) is MyBatchNorm
     with pytest.warns(UserWarning, match=r"1 \(GhostBatchNorm1d\), 2 \(DropPath\)"):
         back = convert(model, to="torch")
     assert type(back[1]) is ndnn.GhostBatchNorm1d
@@ -199,7 +202,6 @@ def test_training_mode_trace_uses_each_batchs_own_statistics(backend):
     """jit.trace in training mode must record the statistics computation, not bake in the
     example batch's (at commit dce2dad the fast path did: silently wrong on any other batch)."""
     import copy
-    import warnings
 
     torch.manual_seed(0)
     reference = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
@@ -326,3 +328,36 @@ def test_a_model_that_cannot_be_copied_gets_a_clear_error_from_convert_and_fold(
     with pytest.raises(InputError, match="fold_batchnorm works on a deep copy"):
         fold_batchnorm(model.eval())
     assert type(convert(model, inplace=True).bn) is ndnn.BatchNorm2d
+
+
+class _Positive(torch.nn.Module):
+    def forward(self, weight):
+        return weight.abs()
+
+
+def test_layers_convert_leaves_are_named_and_exact_ones_convert_silently():
+    """A parametrized BatchNorm is a subclass made on the fly, a lazy one becomes BatchNorm2d
+    at its first forward: both stay as they are, named in one warning with the count per
+    class; a model of exact classes converts without a word."""
+    from torch.nn.utils import parametrize
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, bias=False),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.LazyBatchNorm2d(),
+        *[torch.nn.BatchNorm2d(4) for _ in range(4)],
+    )
+    for layer in model[3:]:
+        parametrize.register_parametrization(layer, "weight", _Positive())
+    pattern = r"LazyBatchNorm2d x1 \('2'\); ParametrizedBatchNorm2d x4 \('3', '4', '5', \.\.\.\)"
+    with pytest.warns(UserWarning, match=pattern):
+        convert(model, inplace=True)  # an uninitialized lazy layer cannot be deep-copied
+    assert type(model[1]) is ndnn.BatchNorm2d
+    assert type(model[2]) is torch.nn.LazyBatchNorm2d
+    assert all(type(layer).__name__ == "ParametrizedBatchNorm2d" for layer in model[3:])
+    model(torch.randn(2, 3, 5, 5))  # the lazy layer is a BatchNorm2d now
+    del model[3:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted = convert(model)
+    assert type(converted[2]) is ndnn.BatchNorm2d

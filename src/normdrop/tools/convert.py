@@ -6,8 +6,9 @@ back out. Each layer keeps its parameters and buffers (the very tensors, same na
 its mode, device, dtype, hyperparameters, other instance attributes and hooks (forward,
 backward and state_dict ones, in the same hook tables: handles still remove them), so
 ``state_dict`` is unchanged and a round trip is the identity; a layer shared by two parents
-stays one layer. Only exact classes are swapped: a user's subclass of ``torch.nn.BatchNorm2d`` has
-its own reasons and stays.
+stays one layer. Only exact classes are swapped: a user's subclass of ``torch.nn.BatchNorm2d``
+(timm's ``BatchNormAct2d``, a parametrized layer) has its own reasons and stays, named in a
+warning.
 """
 
 from __future__ import annotations
@@ -96,12 +97,16 @@ def convert(
     target = model if inplace else deep_copy(model, "convert", "; pass inplace=True to convert it")
     table = _TARGETS[to]
     left: list[str] = []
+    kept: dict[str, list[str]] = {}  # class name -> paths of torch.nn layers left as they are
 
     def twin(layer: torch.nn.Module, path: str) -> torch.nn.Module | None:
         if type(layer) in table:
             return _rebuild(layer, table[type(layer)])
-        if type(layer).__module__.startswith("normdrop.") and _is_layer(layer):
+        ours = type(layer).__module__.startswith("normdrop.")
+        if ours and _is_layer(layer):
             left.append(f"{path or '<root>'} ({type(layer).__name__})")
+        elif to == "normdrop" and not ours and isinstance(layer, _TORCH_LAYERS):
+            kept.setdefault(type(layer).__name__, []).append(f"'{path or '<root>'}'")
         return None
 
     converted = swap_layers(target, twin)
@@ -112,4 +117,21 @@ def convert(
             UserWarning,
             stacklevel=2,
         )
+    if kept:
+        classes = "; ".join(
+            f"{name} x{len(paths)} ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''})"
+            for name, paths in kept.items()
+        )
+        warnings.warn(
+            "convert(to='normdrop'): these BatchNorm/Dropout layers are not exactly torch.nn's "
+            "classes and were kept as they are: a subclass with code of its own, a "
+            "parametrized layer (torch.nn.utils.parametrize), or a lazy layer not yet "
+            f"initialized (run one forward first): {classes}",
+            UserWarning,
+            stacklevel=2,
+        )
     return converted
+
+
+# torch.nn's kinds of layer whose subclasses convert leaves, with a warning.
+_TORCH_LAYERS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
