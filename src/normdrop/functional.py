@@ -217,8 +217,9 @@ def batch_statistics(input: Tensor) -> tuple[Tensor, Tensor]:
     ``torch.var_mean``: Welford's algorithm, which stays exact for data with a large offset,
     where ``E[x^2] - E[x]^2`` loses every significant digit in float32 (on CPU it accumulates
     float32 in float64). A two-pass formula over float32 means is not enough either: PyTorch's
-    mean over several dims (N and L of an ``(N, C, L)`` input) adds up in float32, and a
-    constant channel at 3e4 then came out with a negative variance. float16/bfloat16 inputs
+    mean over several dims (N and L of an ``(N, C, L)`` input) adds up in float32: a constant
+    channel of 131072 values at 3e4 gets a mean 15 too low, a two-pass variance of 232 instead
+    of 0 (negative in the corrected two-pass form). float16/bfloat16 inputs
     give float32 statistics. Returns two ``(C,)`` tensors.
     """
     x = input.to(_compute_dtype(input))
@@ -592,8 +593,10 @@ def batch_norm(
         weight, bias: ``(C,)`` affine parameters gamma and beta, or ``None`` (1 and 0).
         training: normalize with the batch statistics (and update the running ones) if True,
             with the running statistics if False.
-        momentum: weight of the new batch in the running averages, in [0, 1].
-        eps: added to the variance before the square root; positive.
+        momentum: weight of the new batch in the running averages; any real number, as
+            torch's (the modules require [0, 1], see docs/math.md).
+        eps: added to the variance before the square root; positive in training, >= 0 in
+            evaluation.
 
     Returns:
         A tensor of the input's shape, dtype and memory format.

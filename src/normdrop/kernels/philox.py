@@ -34,8 +34,10 @@ so elements go in groups of ``GROUP = 4 * LANES = 256``: element ``j`` reads wor
 
 Dropout keeps element ``j`` when that uniform is ``> p``. Because the float conversion is
 monotone, the test is done on the folded integer: ``keep <=> f > keep_threshold(p)``, the
-threshold being found once per call by bisection with exact float32 arithmetic. The keep
-probability is ``1 - p`` up to the ``2^-31`` grid of the uniform.
+threshold being found once per call by bisection with exact float32 arithmetic. The uniforms
+are float32, so near 1 they step by ``2^-24``, and the threshold rounds ``p`` to float32: the
+keep probability is ``1 - p`` within about two such steps, 1.2e-7 absolute (see
+``masks.MIN_KEEP`` for where that stops being small next to ``1 - p``).
 """
 
 from __future__ import annotations
