@@ -162,6 +162,21 @@ def test_plain_tunes_learning_rate_and_weight_decay_only(tmp_path):
     assert {name for t in result.trials for name in t["params"]} == {"lr", "weight_decay"}
 
 
+@pytest.mark.parametrize("variant", ["bn+dropout", "bn"])
+def test_tune_with_adam_searches_its_learning_rate(variant):
+    """The learning rate left out is Adam's default, not a value given: tune searches it (it
+    refused every --optimizer adam, blaming a --lr 0.001 nobody gave); with a variant that has
+    no dropout, a dropout rate given is not searched, and stays."""
+    argv = ["tune", "--optimizer", "adam", "--variant", variant, "--dropout-p", "0.3"]
+    if variant == "bn+dropout":
+        with pytest.raises(InputError, match=r"--dropout-p 0\.3: tune searches dropout_p"):
+            tune_config(build_parser().parse_args(argv))
+        argv = argv[:-2]
+    config = tune_config(build_parser().parse_args(argv))
+    assert config.settings.optimizer == "adam" and "lr" in config.searched()
+    assert config.settings.dropout_p == (0.3 if variant == "bn" else 0.5)
+
+
 def test_reproduce_command_round_trips():
     config = TuneConfig(
         TrainSettings(data="digits", model="mlp:1x32", epochs=4),
@@ -197,6 +212,8 @@ def test_reproduce_command_round_trips():
         (["--trials", "0"], "--trials must be a positive integer, got 0"),
         (["--dropout-p", "0.3"], r"--dropout-p 0\.3: tune searches dropout_p .*--dropout-p-range"),
         (["--lr", "0.5"], r"--lr 0\.5: tune searches lr"),
+        (["--lr", "0.01"], r"--lr 0\.01: tune searches lr"),  # SGD's default, given: not ignored
+        (["--weight-decay", "0"], r"--weight-decay 0\.0: tune searches weight_decay"),
         (["--seeds", "0"], "--seeds must be a positive integer, got 0"),
         (["--name", "optuna.db"], "--name optuna.db: taken by the lab's own files"),
         (["--model", "cnn:small"], "needs image data"),

@@ -249,6 +249,8 @@ def _add_tune(sub) -> None:
             help=f"default: {low},{high}",
         )
     _add_settings_arguments(parser)
+    # None: not given, so that a searched value given (even the default) is refused, not ignored
+    parser.set_defaults(**dict.fromkeys(defaults))
     _add_run_arguments(parser)
     parser.set_defaults(run=_tune)
 
@@ -256,10 +258,12 @@ def _add_tune(sub) -> None:
 def tune_config(args: argparse.Namespace):
     """The :class:`~normdrop.lab.tune.TuneConfig` that ``normdrop tune`` arguments describe."""
     from normdrop.lab.config import TUNE_RANGES
-    from normdrop.lab.tune import TuneConfig
+    from normdrop.lab.tune import TuneConfig, searched_value_error
 
-    return TuneConfig(
-        _settings(args),
+    given = {name: getattr(args, name) for name in TUNE_RANGES}
+    settings = _settings(args, skip=[name for name, value in given.items() if value is None])
+    config = TuneConfig(
+        settings,
         variant=args.variant,
         trials=args.trials,
         seeds=args.seeds,
@@ -270,6 +274,10 @@ def tune_config(args: argparse.Namespace):
         workers=args.workers,
         cache_dir=args.cache_dir,
     )
+    for name, bounds in config.searched().items():
+        if given[name] is not None:  # given, even as the default value: it would be ignored
+            raise searched_value_error(name, given[name], bounds)
+    return config
 
 
 def _tune(args: argparse.Namespace) -> int:

@@ -61,6 +61,15 @@ PARAMETERS = {
 }
 
 
+def searched_value_error(name: str, value: float, bounds: tuple[float, float]) -> InputError:
+    """The error for a value given to a parameter that tune searches (it would be ignored)."""
+    option = "--" + name.replace("_", "-")
+    return InputError(
+        f"{option} {value}: tune searches {name} (over {option}-range, {list(bounds)}); give a "
+        "range instead, or leave it out"
+    )
+
+
 def _check_range(name: str, bounds: tuple[float, float], log: bool) -> None:
     low, high = bounds
     option = f"--{name.replace('_', '-')}-range"
@@ -108,15 +117,12 @@ class TuneConfig:
             )
         for name, bounds in self.ranges.items():
             _check_range(name, tuple(bounds), PARAMETERS[name][0])
-        defaults = TrainSettings()
-        for name, bounds in self.searched().items():  # a value given would be ignored
+        # a value given would be ignored; the defaults are the optimizer's (Adam's lr is 0.001)
+        defaults = TrainSettings(optimizer=self.settings.optimizer)
+        for name, bounds in self.searched().items():
             value = getattr(self.settings, name)
             if value != getattr(defaults, name):
-                option = "--" + name.replace("_", "-")
-                raise InputError(
-                    f"{option} {value}: tune searches {name} (over {option}-range, "
-                    f"{list(bounds)}); give a range instead, or leave it out"
-                )
+                raise searched_value_error(name, value, bounds)
 
     def searched(self) -> dict[str, tuple[float, float]]:
         """The ranges of the parameters this variant uses."""
