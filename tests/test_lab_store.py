@@ -48,13 +48,19 @@ def test_a_file_that_is_not_sqlite_is_refused(tmp_path):
     assert path.read_text() == "my precious notes " * 100
 
 
-def test_someone_elses_database_is_refused_and_left_alone(tmp_path):
+@pytest.mark.parametrize("user_version", [0, 1, 7])
+def test_someone_elses_database_is_refused_and_left_alone(tmp_path, user_version):
+    """Whatever schema version it claims (our 1, a newer 7): only its tables tell."""
     path = tmp_path / "other.db"
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE customers (name TEXT)")
         db.execute("INSERT INTO customers VALUES ('ada')")
+        db.execute(f"PRAGMA user_version = {user_version}")
     before = path.read_bytes()
-    with pytest.raises(StoreError, match=r"holds other tables \(customers\)"):
+    pattern = (
+        rf"not a normdrop run database \(schema version {user_version}, other tables \(customers\)"
+    )
+    with pytest.raises(StoreError, match=pattern):
         RunStore(path)
     assert path.read_bytes() == before  # not even switched to WAL mode (its header bytes)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]
@@ -63,6 +69,19 @@ def test_someone_elses_database_is_refused_and_left_alone(tmp_path):
         assert names == {"customers"}
     with pytest.raises(StoreError, match="not a normdrop run database"):
         RunStore(path, readonly=True)
+    assert path.read_bytes() == before
+
+
+def test_a_newer_normdrops_database_is_left_as_it_was(tmp_path):
+    path = tmp_path / "normdrop.db"
+    RunStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA journal_mode = DELETE")  # as a newer normdrop might leave it
+        db.execute("PRAGMA user_version = 99")
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="schema version 99 is newer"):
+        RunStore(path)
+    assert path.read_bytes() == before
 
 
 def test_a_read_only_folder_is_named_not_called_another_database(tmp_path, monkeypatch):

@@ -236,19 +236,21 @@ class RunStore:
 
     def _configure(self, readonly: bool) -> None:
         self.connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        if not readonly:
-            self._refuse_foreign()  # before WAL mode, which rewrites the file's header
-            self.connection.execute("PRAGMA journal_mode = WAL")
-            self.connection.execute("PRAGMA synchronous = NORMAL")
-        self.connection.execute("PRAGMA foreign_keys = ON")
+        # Every check before WAL mode, which rewrites the file's header: a file that is not
+        # ours, or is a newer normdrop's, is left byte for byte as it was.
+        self._refuse_foreign()
         version = self.connection.execute("PRAGMA user_version").fetchone()[0]
-        if version == SCHEMA_VERSION:
-            return
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path}: schema version {version} is newer than this normdrop's "
                 f"({SCHEMA_VERSION}); upgrade normdrop to read it"
             )
+        if not readonly:
+            self.connection.execute("PRAGMA journal_mode = WAL")
+            self.connection.execute("PRAGMA synchronous = NORMAL")
+        self.connection.execute("PRAGMA foreign_keys = ON")
+        if version == SCHEMA_VERSION:
+            return
         if readonly:
             raise StoreError(f"{self.path}: not a normdrop run database (no schema)")
         with self._write() as db:
@@ -259,13 +261,17 @@ class RunStore:
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _refuse_foreign(self) -> None:
-        """Raise if the file is an SQLite database that is not (and does not start as) ours."""
+        """Raise if the file is an SQLite database that is not (and does not start as) ours:
+        without a schema version, other tables than ours; with one (ours set it with the
+        tables), no ``experiments`` table."""
         version = self.connection.execute("PRAGMA user_version").fetchone()[0]
         tables = {row[0] for row in self.connection.execute("SELECT name FROM sqlite_master")}
-        if version == 0 and tables - _TABLES:
+        others = tables - _TABLES
+        if (version == 0 and others) or (version != 0 and "experiments" not in tables):
+            described = f"other tables ({', '.join(sorted(others))})" if others else "no run tables"
             raise StoreError(
-                f"{self.path}: holds other tables ({', '.join(sorted(tables - _TABLES))}); "
-                "refusing to write a run database into it"
+                f"{self.path}: not a normdrop run database (schema version {version}, "
+                f"{described}); refusing to write a run database into it"
             )
 
     @contextmanager
