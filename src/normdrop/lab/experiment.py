@@ -157,7 +157,8 @@ def _description(config: LabConfig, splits: Splits, runs: list[dict]) -> str:
         f"{len(splits.classes)} classes); {s.epochs} epochs, batch {s.batch_size}, "
         f"{s.optimizer} lr {s.lr}, weight decay {s.weight_decay}; the reported model of each run "
         f"is its {s.select} validation epoch's. Accuracies in %, mean ± 95% confidence interval "
-        "half-width over seeds (Student t); Δ and p: paired t-test against plain on the same seeds."
+        "half-width over seeds (Student t); Δ and p: paired t-test against plain on the same seeds "
+        "(the exact sign test where every seed differs by the same amount)."
     )
 
 
