@@ -238,8 +238,13 @@ def test_tensorboard_scalars(tmp_path):
     runs, epochs = _rows(config, result.name)
     expected = [row["val_acc"] for row in epochs[runs[0]["id"]]]
     assert values == pytest.approx(expected)
+    theirs = run_dir / "events.out.tfevents.1700000000.myhost.123.0"  # not ours: kept
+    theirs.write_bytes(b"a user's own events")
     run_lab(config, progress=False)  # exported again: each epoch still once
-    assert len(EventAccumulator(str(run_dir)).Reload().Scalars("val/acc")) == 3
+    assert theirs.read_bytes() == b"a user's own events"
+    ours = list(run_dir.glob("events.out.tfevents.*.normdrop"))
+    assert len(ours) == 1
+    assert len(EventAccumulator(str(ours[0])).Reload().Scalars("val/acc")) == 3
 
 
 def test_one_seed_gives_numbers_without_intervals_or_claims_of_significance(tmp_path):

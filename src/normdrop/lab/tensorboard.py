@@ -2,7 +2,8 @@
 
 Written from the database once the runs are complete, so runs reused from earlier experiments
 or resumed after an interruption appear whole, each epoch exactly once. One event directory per
-run, ``DIR/<experiment>/<variant>-seed<k>``; view with ``tensorboard --logdir DIR``.
+run, ``DIR/<experiment>/<variant>-seed<k>``; view with ``tensorboard --logdir DIR``. The event
+files end in ``SUFFIX``: an export replaces its own earlier files, and no other event file.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from pathlib import Path
 
 from normdrop.lab.store import RunStore
 
-__all__ = ["SCALARS", "export_scalars"]
+__all__ = ["SCALARS", "SUFFIX", "export_scalars"]
+
+SUFFIX = ".normdrop"
 
 SCALARS = (
     "train_loss",
@@ -34,9 +37,9 @@ def export_scalars(store: RunStore, runs: Sequence[dict], log_dir: Path) -> list
         if run["status"] != "complete":
             continue
         directory = Path(log_dir) / f"{run['variant']}-seed{run['seed']}"
-        for old in directory.glob("events.out.tfevents.*"):
+        for old in directory.glob(f"events.out.tfevents.*{SUFFIX}"):
             old.unlink()  # our earlier export of this run: rewritten whole, no epoch twice
-        with SummaryWriter(str(directory)) as writer:
+        with SummaryWriter(str(directory), filename_suffix=SUFFIX) as writer:
             for row in store.epochs(run["id"]):
                 for name in SCALARS:
                     if row[name] is not None:
