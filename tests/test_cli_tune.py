@@ -326,3 +326,13 @@ def test_an_optuna_db_that_is_someone_elses_is_refused_and_left_alone(tmp_path):
     with pytest.raises(InputError, match=r"holds other tables \(mine\), not optuna studies"):
         run_tune(_config(tmp_path, trials=1), progress=False)
     assert path.read_bytes() == before
+
+
+def test_a_users_folder_under_the_study_name_is_not_overwritten(tmp_path, monkeypatch):
+    calls = _counting(monkeypatch)
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"holds files, and no experiment or study.*'study'"):
+        run_tune(_config(tmp_path, trials=1, seeds=1), progress=False)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"] and not calls

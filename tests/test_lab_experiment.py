@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from normdrop.errors import InputError
 from normdrop.lab import scheduler
 from normdrop.lab.config import LabConfig, TrainSettings
 from normdrop.lab.experiment import run_lab
@@ -253,3 +254,23 @@ def test_one_seed_gives_numbers_without_intervals_or_claims_of_significance(tmp_
     assert math.isnan(bn.metrics["test_acc"].half_width) and math.isnan(bn.test_vs_plain.p_value)
     assert "not testable with fewer than 2 paired seeds" in result.claims[0]
     assert "significantly" not in result.claims[0]
+
+
+def test_a_users_folder_under_the_report_name_is_not_overwritten(tmp_path):
+    """OUT/NAME receives the report: a folder there with files that no experiment of the
+    database wrote is refused, its files untouched; once the experiment is recorded, its
+    reruns rewrite its own report as before (also with a derived name)."""
+    config = _config(tmp_path, variants=("bn",), seeds=1, name="results")
+    folder = tmp_path / "runs" / "results"
+    folder.mkdir(parents=True)
+    (folder / "report.html").write_text("<html>my own report</html>")
+    with pytest.raises(InputError, match=r"holds files, and no experiment or study.*'results'"):
+        run_lab(config, progress=False)
+    assert (folder / "report.html").read_text() == "<html>my own report</html>"
+    assert sorted(p.name for p in folder.iterdir()) == ["report.html"]
+    (folder / "report.html").unlink()  # an empty folder is fine
+    first = run_lab(config, progress=False).report.read_text()
+    assert run_lab(config, progress=False).report.read_text() == first  # its own: rewritten
+    derived = _config(tmp_path, variants=("bn",), seeds=1)
+    name = run_lab(derived, progress=False).name
+    assert run_lab(derived, progress=False).name == name

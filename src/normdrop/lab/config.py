@@ -105,6 +105,20 @@ def check_name(name: str | None) -> None:
     )
 
 
+def check_report_folder(out: str, name: str, ours: bool) -> None:
+    """``out/name`` receives a report and plots: a folder there that holds files must be one
+    the lab wrote (``ours``: the run database or the study database knows ``name``), or its
+    files would be overwritten."""
+    folder = Path(out) / name
+    if ours or not folder.is_dir() or not any(folder.iterdir()):
+        return
+    raise InputError(
+        f"{folder}: this folder holds files, and no experiment or study of the name {name!r} "
+        f"is recorded in {out}, so they are not the lab's: its report and plots would "
+        "overwrite them. Choose another --name, or move the folder"
+    )
+
+
 def check_out_folder(out: str) -> None:
     """``--out`` is a folder (created if missing), not a file."""
     _require(not Path(out).is_file(), f"--out {out}: is a file; --out must name a folder")

@@ -28,7 +28,7 @@ from rich.progress import (
 )
 
 from normdrop.errors import InputError
-from normdrop.lab.config import STUDY_DB, LabConfig, Variant
+from normdrop.lab.config import STUDY_DB, LabConfig, Variant, check_report_folder
 from normdrop.lab.data import Splits, prepare
 from normdrop.lab.models import build_model
 from normdrop.lab.norms import norm_factory
@@ -242,6 +242,7 @@ def run_lab(config: LabConfig, *, progress: bool = True, kind: str = "lab") -> E
     with RunStore(config.db_path) as store, interrupt_as_keyboard():
         if config.name:
             _check_name_is_this_experiments(store, config, kind)
+        check_report_folder(config.out, name, ours=name in store.experiment_names())
         experiment_id = store.add_experiment(name, kind, config.to_dict(), config.command())
         run_ids = store.add_runs(experiment_id, config.run_specs(splits.fingerprint))
         bar = _EpochProgress(store, run_ids, config.settings.epochs, name, progress)

@@ -40,9 +40,16 @@ from normdrop.lab.config import (
     check_name,
     check_out_folder,
     check_path_options,
+    check_report_folder,
     slug,
 )
-from normdrop.lab.experiment import ExperimentResult, check_models, load_splits, run_lab
+from normdrop.lab.experiment import (
+    ExperimentResult,
+    check_models,
+    load_splits,
+    run_lab,
+    tune_study_names,
+)
 from normdrop.lab.plots import importance_plot, tune_history_plot
 from normdrop.lab.report import Table, write_report
 from normdrop.lab.scheduler import interrupt_as_keyboard
@@ -350,6 +357,7 @@ def run_tune(config: TuneConfig, *, progress: bool = True) -> TuneResult:
     check_models(LabConfig(config.settings, variants=(config.variant,)), splits)
     name = config.study_name(splits.fingerprint)
     _check_name_is_free(config, name)
+    check_report_folder(config.out, name, ours=name in tune_study_names(Path(config.out)))
     study = _study(config, name)
     _fail_abandoned(study)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
