@@ -85,6 +85,64 @@ def test_bad_data_specs_are_named(spec, message):
         load_dataset(spec)
 
 
+SEED_RANGE = r"option seed must be an integer in \[0, 2\^32\), got "
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("seed:seed=-1", SEED_RANGE + "-1$"),  # was accepted, while synthetic:seed=-1 was not
+        ("seed:seed=18446744073709551616", SEED_RANGE + "18446744073709551616$"),  # ValueError
+        ("synthetic:seed=-1", "--data synthetic: " + SEED_RANGE + "-1$"),
+        ("synthetic:seed=4294967296", SEED_RANGE + "4294967296$"),
+        (
+            "synthetic:features=100000000",  # was numpy's _ArrayMemoryError (745 GiB)
+            r"--data synthetic: samples=1000 x features=100000000 would take 372\.6 GiB of "
+            r"float32 features; the limit is 2 GiB: lower samples or features$",
+        ),
+        (
+            "seed:samples=100000000000",  # was torch's "can't allocate 4 TB"
+            r"--data seed: samples=100000000000 x features=10 would take 3,725\.3 GiB",
+        ),
+        ("seed:samples=" + "9" * 400, "GiB of float32 features"),  # beyond float's range
+        (
+            "synthetic:samples=10,features=100000,informative=100000",  # a 74.6 GiB matrix
+            r"informative=100000 would take 74\.6 GiB .*: lower informative$",
+        ),
+        ("synthetic:samples=10,classes=20,informative=6", "classes=20 is more than samples=10"),
+    ],
+)
+def test_generated_data_out_of_range_is_refused_before_generating(spec, message, monkeypatch):
+    import sklearn.datasets
+
+    import normdrop.lab.seed
+
+    def generate(*args, **kwargs):
+        raise AssertionError("the generator ran: the options were not checked first")
+
+    monkeypatch.setattr(normdrop.lab.seed, "make_seed_data", generate)
+    monkeypatch.setattr(sklearn.datasets, "make_classification", generate)
+    with pytest.raises(InputError, match=message):
+        load_dataset(spec)
+
+
+def test_seeds_at_the_ends_of_the_range_are_accepted():
+    assert load_dataset("seed:samples=10,features=1,seed=4294967295").features.shape == (10, 1)
+    assert load_dataset("synthetic:samples=10,seed=4294967295").features.shape == (10, 20)
+
+
+def test_a_file_named_like_a_dataset_does_not_hide_the_dataset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").write_text("x\n")
+    (tmp_path / "seed:samples=20").write_text("x\n")
+    assert load_dataset("digits").features.shape == (1797, 1, 8, 8)  # was: unknown file type
+    assert load_dataset("seed:samples=20").features.shape == (20, 10)
+    with pytest.raises(InputError, match=r"--data digits: unknown file type"):
+        load_dataset("./digits")  # a path names the file
+    (tmp_path / "wine.csv").write_text("a,y\n1,0\n2,1\n3,0\n")
+    assert load_dataset("wine.csv", target="y").features.shape == (3, 1)
+
+
 def test_target_is_only_for_files():
     with pytest.raises(InputError, match="--target"):
         load_dataset("wine", target="class")

@@ -1,7 +1,10 @@
 """The user's own CSV, NPZ and Parquet files: read exactly, and every flaw named precisely."""
 
 import builtins
+import io
+import struct
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -76,6 +79,10 @@ def test_csv_integer_labels_sort_numerically(tmp_path):
         ("a,y\n1,0.5\n2,1\n", "y", "non-integer numbers"),
         ("a,a,y\n1,2,0\n", "y", "column 'a' appears twice"),
         ("y\n1\n2\n", "y", "no feature columns"),
+        # Python's float() reads these; no other tool writes them as numbers
+        ("a,y\n1,0\n1_000,1\n", "y", r"line 3, column 'a': '1_000' is not a number \(expected"),
+        ("a,y\n1,0\n\uff11,1\n", "y", "line 3, column 'a': '\uff11' is not a number"),
+        ("a,y\n1,0\n-Infinity,1\n", "y", "line 3, column 'a': -Infinity is not a finite number"),
     ],
 )
 def test_csv_flaws_are_named(tmp_path, text, target, message):
@@ -146,6 +153,75 @@ def test_corrupt_npz(tmp_path):
     path.write_bytes(bytes(range(256)) * 4)  # numpy would call it pickled data
     with pytest.raises(InputError, match=r"not a valid \.npz file \(not a zip of \.npy arrays\)$"):
         read_user_file(path, None)
+
+
+def _npy(array) -> bytes:
+    stream = io.BytesIO()
+    np.save(stream, array)
+    return stream.getvalue()
+
+
+def test_damaged_npz_members_are_named_not_a_traceback(tmp_path):
+    X, y = np.arange(40, dtype=np.float32).reshape(10, 4), np.arange(10) % 2
+    path = tmp_path / "bad.npz"
+    np.savez(path, X=X, y=y)  # stored: X's data is in the file as is
+    data = bytearray(path.read_bytes())
+    data[data.index(_npy(X)) + len(_npy(X)) - 1] ^= 0xFF  # X's last value
+    path.write_bytes(bytes(data))
+    with pytest.raises(
+        InputError, match=r"bad\.npz: not a valid \.npz file \(array 'X' is damaged: Bad CRC-32"
+    ):
+        read_user_file(path, None)  # was zipfile.BadZipFile
+    with zipfile.ZipFile(path, "w") as archive:  # numpy hands back a non-.npy member as bytes
+        archive.writestr("X.npy", b"garbage" * 10)
+        archive.writestr("y.npy", _npy(y))
+    with pytest.raises(InputError, match=r"array 'X' is damaged: not a \.npy array\)$"):
+        read_user_file(path, None)  # was AttributeError: 'bytes' object has no attribute 'dtype'
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("X.npy", _npy(X)[:-8])
+        archive.writestr("y.npy", _npy(y))
+    with pytest.raises(
+        InputError, match=r"array 'X' is damaged: EOF.*expected 160 bytes got 152\)$"
+    ):
+        read_user_file(path, None)
+
+
+def test_damaged_compressed_npz_is_named_wherever_the_damage_is(tmp_path):
+    # A flipped byte in deflate data: zipfile's BadZipFile or zlib.error, or a short member.
+    X = np.random.default_rng(0).normal(size=(10, 4))
+    good = tmp_path / "good.npz"
+    np.savez_compressed(good, X=X, y=np.arange(10) % 2)
+    with zipfile.ZipFile(good) as archive:
+        info = archive.getinfo("X.npy")
+    header = good.read_bytes()[info.header_offset : info.header_offset + 30]
+    name_size, extra_size = struct.unpack("<HH", header[26:30])  # the local header's own
+    start = info.header_offset + 30 + name_size + extra_size
+    path = tmp_path / "bad.npz"
+    for offset in range(start, start + info.compress_size):
+        data = bytearray(good.read_bytes())
+        data[offset] ^= 0xFF
+        path.write_bytes(bytes(data))
+        with pytest.raises(InputError, match=r"not a valid \.npz file \(array 'X' is damaged: "):
+            read_user_file(path, None)
+
+
+def test_npz_byte_string_labels_are_text(tmp_path):
+    path = tmp_path / "bytes.npz"
+    np.savez(path, X=np.zeros((4, 2)), y=np.array([b"cat", b"dog", b"cat", b"dog"]))
+    _, labels, classes = read_user_file(path, None)
+    assert classes == ("cat", "dog")  # was ("b'cat'", "b'dog'")
+    assert labels.tolist() == [0, 1, 0, 1]
+    np.savez(path, X=np.zeros((4, 2)), y=np.array([b"2", b"10", b"2", b"10"]))
+    assert read_user_file(path, None)[2] == ("2", "10")  # numbers, as in a CSV
+    np.savez(path, X=np.zeros((4, 2)), y=np.array([b"\xff", b"a", b"a", b"b"]))
+    with pytest.raises(InputError, match=r"label b'\\xff' is not UTF-8 text"):
+        read_user_file(path, None)
+
+
+def test_labels_in_python_only_spellings_are_names():
+    # "1_000" is not the number 1000 (nor is it for the features): a name, kept as written
+    labels, classes = encode_labels(["1_000", "2", "1000"], "w")
+    assert classes == ("1000", "1_000", "2") and labels.tolist() == [1, 2, 0]
 
 
 def test_a_float16_npz_reads_without_numpy_warnings(tmp_path):

@@ -139,11 +139,43 @@ def _mnist5k(options: dict) -> Dataset:
     return Dataset("mnist5k", images, labels.astype(np.int64), classes, _fingerprint("mnist5k", {}))
 
 
+# A generated dataset's float32 features may take at most this much memory (CIFAR-10's take
+# 0.6 GiB): a mistyped size is refused before anything is allocated, not a numpy or torch
+# allocation traceback. Generating and standardizing takes a few times more, in float64.
+_MAX_GENERATED_BYTES = 2 * 2**30
+
+
+def _check_generated(name: str, options: dict) -> None:
+    """Refuse seeds outside [0, 2^32) (numpy's range, as for ``--split-seed``) and data too large
+    to hold, before any generator runs."""
+    seed = options["seed"]
+    if not 0 <= seed < 2**32:
+        raise InputError(f"--data {name}: option seed must be an integer in [0, 2^32), got {seed}")
+    samples, features = options["samples"], options["features"]
+    _check_size(
+        name,
+        f"samples={samples} x features={features}",
+        max(samples, 0) * max(features, 0) * np.dtype(np.float32).itemsize,
+        "float32 features",
+        "samples or features",
+    )
+
+
+def _check_size(name: str, what: str, size: int, kind: str, lower: str) -> None:
+    if size > _MAX_GENERATED_BYTES:
+        tenths = -(-size * 10 // 2**30)  # rounded up, in integers: sizes beyond float's range
+        raise InputError(
+            f"--data {name}: {what} would take {tenths // 10:,}.{tenths % 10} GiB of {kind}; "
+            f"the limit is {_MAX_GENERATED_BYTES // 2**30} GiB: lower {lower}"
+        )
+
+
 def _seed(options: dict) -> Dataset:
     from normdrop.lab.seed import make_seed_data
 
     if options["samples"] < 10 or options["features"] < 1:
         raise InputError("--data seed: samples must be >= 10 and features >= 1")
+    _check_generated("seed", options)
     features, labels = make_seed_data(options["samples"], options["features"], options["seed"])
     return Dataset(
         "seed",
@@ -161,6 +193,20 @@ def _synthetic(options: dict) -> Dataset:
         raise InputError(f"--data synthetic: flip must be in [0, 1], got {options['flip']}")
     if options["classes"] < 2:  # as for user files: one class is nothing to classify
         raise InputError(f"--data synthetic: classes must be >= 2, got {options['classes']}")
+    _check_generated("synthetic", options)
+    if 0 < options["samples"] < options["classes"]:  # samples < 1: make_classification says
+        raise InputError(
+            f"--data synthetic: classes={options['classes']} is more than "
+            f"samples={options['samples']}; every class needs samples"
+        )
+    informative = options["informative"]  # make_classification draws a matrix of this side
+    _check_size(
+        "synthetic",
+        f"informative={informative}",
+        max(informative, 0) ** 2 * np.dtype(np.float64).itemsize,
+        "make_classification's informative x informative float64 matrix",
+        "informative",
+    )
     try:
         features, labels = make_classification(
             n_samples=options["samples"],
@@ -299,8 +345,15 @@ def _parse_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def is_file_spec(spec: str) -> bool:
-    """Whether ``--data`` names a file rather than a dataset."""
-    return Path(spec).suffix.lower() in FILE_SUFFIXES or Path(spec).is_file()
+    """Whether ``--data`` names a file rather than a dataset.
+
+    A file suffix (``.csv``, ...) means a file. Otherwise a dataset's name (``digits``,
+    ``seed:samples=50``) means the dataset even if a file of that name is in the working folder;
+    ``./digits`` names that file.
+    """
+    if Path(spec).suffix.lower() in FILE_SUFFIXES:
+        return True
+    return spec.partition(":")[0].strip() not in DATASETS and Path(spec).is_file()
 
 
 def load_dataset(

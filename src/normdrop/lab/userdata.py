@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import zipfile
+import zlib
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -57,7 +59,7 @@ def encode_labels(values: Sequence | np.ndarray, where: str) -> tuple[np.ndarray
     (a regression target) and a single class are errors: the lab classifies. Numbers are read
     exactly, so labels beyond 2^53 (ids) that float64 would merge stay distinct classes.
     """
-    raw = np.asarray(values).tolist()
+    raw = [_text_if_bytes(value, where) for value in np.asarray(values).tolist()]
     texts = [str(value).strip() for value in raw]
     numbers = [_label_number(value, text) for value, text in zip(raw, texts, strict=True)]
     if all(number is not None for number in numbers):
@@ -83,6 +85,18 @@ def encode_labels(values: Sequence | np.ndarray, where: str) -> tuple[np.ndarray
     return labels, tuple(str(key) for key in ordered)
 
 
+def _text_if_bytes(value: object, where: str) -> object:
+    """NPZ byte-string labels (dtype ``S``) as text: class ``a``, not ``b'a'``."""
+    if not isinstance(value, bytes):
+        return value
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(
+            f"{where}: label {value!r} is not UTF-8 text; save labels as integers or strings"
+        ) from None
+
+
 def _label_number(value: object, text: str) -> int | Fraction | None:
     """A numeric label's exact value (``denominator`` 1 if whole), or None for a name."""
     if isinstance(value, bool):  # numpy's bools arrive as Python bools: names, as ever
@@ -91,6 +105,8 @@ def _label_number(value: object, text: str) -> int | Fraction | None:
         return value
     if isinstance(value, float):
         return Fraction(value) if math.isfinite(value) else None
+    if not _PLAIN_NUMBER.fullmatch(text):  # "1_000", "１": names, as the features refuse them
+        return None
     try:  # float() rounds beyond 2^53: "9007199254740993" would be "9007199254740992"
         return int(text)
     except ValueError:
@@ -101,6 +117,12 @@ def _label_number(value: object, text: str) -> int | Fraction | None:
         return Fraction(text)
     except ValueError:  # a spelling float() reads and Fraction does not
         return Fraction(float(text))
+
+
+# The spellings of a number in a file: Python's float() also takes "1_000", non-ASCII digits and
+# "infinity", which no other tool writes or reads as numbers.
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_NON_FINITE = re.compile(r"[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
 
 
 def _as_float(text: str) -> float | None:
@@ -132,10 +154,12 @@ def _cell_number(cell: str, where: str) -> float:
     text = cell.strip()
     if not text:
         raise InputError(f"{where}: empty value; every feature must be a number")
-    try:
-        value = float(text)
-    except ValueError:
-        raise InputError(f"{where}: {text!r} is not a number") from None
+    if not (_PLAIN_NUMBER.fullmatch(text) or _NON_FINITE.fullmatch(text)):
+        raise InputError(
+            f"{where}: {text!r} is not a number (expected a decimal number such as 1000, -2.5 "
+            "or 1e-3)"
+        )
+    value = float(text)
     if not math.isfinite(value):
         raise InputError(f"{where}: {text} is not a finite number; remove or impute it")
     if abs(value) > _FLOAT32_MAX:
@@ -193,7 +217,7 @@ def _read_npz(path: Path, target: str | None) -> tuple[np.ndarray, np.ndarray]:
     label_key = target or "y"
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError) as error:
         # numpy reads a file that is neither a zip nor a .npy array as a pickle, and says so
         why = "not a zip of .npy arrays" if "pickled" in str(error) else str(error)
         raise InputError(f"{path}: not a valid .npz file ({why})") from None
@@ -206,11 +230,42 @@ def _read_npz(path: Path, target: str | None) -> tuple[np.ndarray, np.ndarray]:
                     f"{path}: no array {key!r} (arrays: {', '.join(archive.files) or 'none'}); "
                     "save features as X and labels as y: np.savez(path, X=X, y=y)"
                 )
-        try:
-            features, labels = archive["X"], archive[label_key]
-        except ValueError as error:  # object arrays need pickle, which we refuse
-            raise InputError(f"{path}: {error}; save plain numeric arrays") from None
+        features, labels = _npz_member(path, archive, "X"), _npz_member(path, archive, label_key)
     return _check_npz_arrays(path, features, labels, label_key), labels
+
+
+def _npz_member(path: Path, archive, key: str) -> np.ndarray:
+    """One array of an open NPZ; a damaged member (bad CRC or compressed data, a truncated or
+    non-.npy member) is an InputError naming the array, not zipfile's or zlib's traceback."""
+    try:
+        value = archive[key]
+    except ValueError as error:
+        if "allow_pickle" in str(error):  # object arrays need pickle, which we refuse
+            raise InputError(f"{path}: {error}; save plain numeric arrays") from None
+        raise _damaged_npz(path, key, error) from None
+    except MemoryError as error:  # a header declaring a huge shape, or an array too large
+        raise InputError(
+            f"{path}: cannot load array {key!r} ({error}); the file is damaged or too large "
+            "for this machine's memory"
+        ) from None
+    # zipfile: BadZipFile (bad CRC), RuntimeError (encrypted), NotImplementedError (compression
+    # method); zlib.error (damaged deflate data); EOFError and OSError (truncated member).
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        OSError,
+        RuntimeError,
+        NotImplementedError,
+    ) as error:
+        raise _damaged_npz(path, key, error) from None
+    if not isinstance(value, np.ndarray):  # numpy hands back the raw bytes of a non-.npy member
+        raise _damaged_npz(path, key, "not a .npy array")
+    return value
+
+
+def _damaged_npz(path: Path, key: str, why: object) -> InputError:
+    return InputError(f"{path}: not a valid .npz file (array {key!r} is damaged: {why})")
 
 
 def _check_npz_arrays(path: Path, features: np.ndarray, labels: np.ndarray, key: str) -> np.ndarray:
