@@ -97,9 +97,11 @@ def test_reproduce_command_round_trips():
         (["--tensorboard", ""], "--tensorboard must name a folder, got ''"),
         (["--cache-dir", ""], "--cache-dir must name a folder, got ''"),
         (["--data", "synthetic:seed=1,seed=2"], "option 'seed' is given twice"),
+        (["--model", "mlp:2x65536"], r"--model mlp:2x65536: 4,29\d,\d{3},\d{3} parameters"),
     ],
 )
 def test_bad_options_exit_2_naming_the_option(tmp_path, capsys, argv, message):
+    # (the too large model is refused before allocating: built on the meta device)
     assert main(["lab", *TINY, "--out", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("normdrop lab: error:")
@@ -295,3 +297,30 @@ def test_a_data_path_that_is_a_folder_is_named(tmp_path, capsys):
     folder.mkdir()
     assert main(["lab", *TINY, "--out", str(tmp_path), "--data", str(folder)]) == 2
     assert f"--data {folder}: is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "error", [MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory: 17 GB")]
+)
+def test_running_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch, error):
+    from normdrop.lab import experiment
+
+    def allocate(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(experiment, "load_splits", allocate)
+    assert main(["lab", *TINY, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("normdrop lab: error: out of memory (") and "--batch-size" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_other_runtime_errors_are_not_taken_for_memory(tmp_path, monkeypatch):
+    from normdrop.lab import experiment
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(experiment, "load_splits", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["lab", *TINY, "--out", str(tmp_path)])

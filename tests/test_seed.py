@@ -83,6 +83,8 @@ def test_example_script_runs():
         (["--lr", "0"], "--lr must be a positive finite number"),
         (["--lr", "nan"], "--lr must be a positive finite number"),
         (["--momentum", "2"], "--momentum must be in [0, 1)"),
+        (["--seed", str(2**64)], "--seed must be an integer in [0, 2^32)"),
+        (["--seed", "-1"], "--seed must be an integer in [0, 2^32)"),
     ],
 )
 def test_settings_that_would_train_nothing_are_refused(argv, message, capsys):

@@ -539,6 +539,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{error.filename}: " if error.filename else ""
         print(f"normdrop {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as error:
+        # torch's allocator raises RuntimeError ("DefaultCPUAllocator: can't allocate memory")
+        if isinstance(error, RuntimeError) and "can't allocate memory" not in str(error):
+            raise
+        why = str(error).strip() or type(error).__name__
+        print(
+            f"normdrop {args.command}: error: out of memory ({why}); lower --batch-size, the "
+            "--model widths or the data size",
+            file=sys.stderr,
+        )
+        return 2
     except sqlite3.Error as error:  # the run database: read-only, locked, damaged
         print(
             f"normdrop {args.command}: error: the run database: {error} (check that the --out "

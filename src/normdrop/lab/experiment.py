@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -74,19 +75,34 @@ def load_splits(config: LabConfig) -> Splits:
     )
 
 
+# The largest model the lab trains: 2^28 float32 parameters take 1 GiB, and training keeps
+# their gradients and the optimizer's state too. A mistyped width (mlp:2x65536: 4.3e9) is
+# refused before any memory is allocated, not a traceback from torch's allocator.
+MAX_PARAMETERS = 2**28
+
+
 def check_models(config: LabConfig, splits: Splits) -> None:
-    """Build each variant's model once, so a bad option fails before any training."""
+    """Build each variant's model once, on the meta device (no memory), so a bad option or a
+    model too large fails before any training."""
     s = config.settings
     norm = norm_factory(s.bn_type, s.bn_momentum, s.virtual_batch_size)
     for variant in config.variants:
-        build_model(
-            s.model,
-            Variant.parse(variant),
-            splits.sample_shape,
-            splits.n_outputs,
-            s.dropout_p,
-            norm,
-        )
+        with torch.device("meta"):
+            model = build_model(
+                s.model,
+                Variant.parse(variant),
+                splits.sample_shape,
+                splits.n_outputs,
+                s.dropout_p,
+                norm,
+            )
+        parameters = sum(p.numel() for p in model.parameters())
+        if parameters > MAX_PARAMETERS:
+            raise InputError(
+                f"--model {s.model}: {parameters:,} parameters on this data "
+                f"({4 * parameters / 2**30:.1f} GiB in float32, before gradients and the "
+                f"optimizer's state); the lab trains at most {MAX_PARAMETERS:,}: use smaller widths"
+            )
 
 
 class _EpochProgress:

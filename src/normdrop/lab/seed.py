@@ -180,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _parser().error(str(error))
     if not 0.0 <= args.dropout < 1.0:
         _parser().error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not 0 <= args.seed < 2**32:  # the lab's seed range (numpy's)
+        _parser().error(f"--seed must be an integer in [0, 2^32), got {args.seed}")
     common = dict(
         epochs=args.epochs,
         lr=args.lr,
