@@ -336,3 +336,24 @@ def test_a_users_folder_under_the_study_name_is_not_overwritten(tmp_path, monkey
     with pytest.raises(InputError, match=r"holds files, and no experiment or study.*'study'"):
         run_tune(_config(tmp_path, trials=1, seeds=1), progress=False)
     assert [p.name for p in folder.iterdir()] == ["notes.txt"] and not calls
+
+
+def test_ctrl_c_turned_into_another_error_is_still_an_interruption(tmp_path, monkeypatch, capsys):
+    """SQLAlchemy, interrupted inside a commit (optuna's trial.report), raises AssertionError
+    instead of the KeyboardInterrupt: still "interrupted", exit status 130, one line, and no
+    optuna traceback in the log."""
+    import signal
+
+    def interrupted_in_a_commit(spec, splits, **kwargs):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            raise AssertionError from None  # what SQLAlchemy raised
+        return None
+
+    monkeypatch.setattr(tune, "train_run", interrupted_in_a_commit)
+    argv = ["tune", "--data", "wine", "--model", "mlp:1x8", "--epochs", "1", "--trials", "2"]
+    assert main([*argv, "--no-progress", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err and "AssertionError" not in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

@@ -26,7 +26,6 @@ import os
 import signal
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 
 from normdrop._cpus import usable_cpus
 from normdrop.errors import InputError
@@ -228,23 +227,33 @@ def execute(
     return used
 
 
-def interrupt_as_keyboard():
-    """Within the block, SIGTERM behaves like Ctrl-C (main thread only; elsewhere a no-op)."""
+def interrupt_as_keyboard() -> _Interrupts:
+    """Within the block, SIGTERM behaves like Ctrl-C, and the returned object's ``seen`` says
+    whether either arrived: a library may turn the KeyboardInterrupt raised inside it into
+    another error (SQLAlchemy, interrupted in a commit, raises AssertionError). Main thread
+    only; elsewhere the signals are left alone and ``seen`` stays False."""
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        return nullcontext()
-    return _SigtermAsInterrupt()
+    return _Interrupts(threading.current_thread() is threading.main_thread())
 
 
-class _SigtermAsInterrupt:
-    def __enter__(self):
-        self.previous = signal.signal(signal.SIGTERM, self._handler)
+class _Interrupts:
+    def __init__(self, handle: bool) -> None:
+        self.handle, self.seen = handle, False
+
+    def __enter__(self) -> _Interrupts:
+        self.previous = {}
+        if self.handle:
+            self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handler)
+            # Ctrl-C as Python's own handler has it (not where it is ignored or handled)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handler)
         return self
 
-    @staticmethod
-    def _handler(signum, frame):
+    def _handler(self, signum, frame):
+        self.seen = True
         raise KeyboardInterrupt
 
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.previous)
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)

@@ -209,9 +209,11 @@ class _QuietAfterInterrupt(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self.interrupted = False
+        self.interrupts = None  # the run's interrupt_as_keyboard(): its seen counts too
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not self.interrupted
+        seen = self.interrupts is not None and self.interrupts.seen
+        return not (self.interrupted or seen)
 
 
 @contextmanager
@@ -371,16 +373,22 @@ def run_tune(config: TuneConfig, *, progress: bool = True) -> TuneResult:
 
     # SIGTERM as Ctrl-C: optuna marks the trial in flight failed (a rerun replaces it) rather
     # than the process dying with the trial left running.
-    with bar, _quiet_after_interrupt() as quiet, interrupt_as_keyboard():
+    with bar, _quiet_after_interrupt() as quiet, interrupt_as_keyboard() as interrupts:
+        quiet.interrupts = interrupts
         if done < config.trials:
             # Another process running the same study counts too: stop at --trials finished
             # (n_trials alone counts this process's trials only: two would run twice as many).
             enough = optuna.study.MaxTrialsCallback(config.trials, states=finished)
-            study.optimize(
-                _objective(config, splits, lambda: bar.advance(task), quiet),
-                n_trials=config.trials - done,
-                callbacks=[trial_done, enough],
-            )
+            try:
+                study.optimize(
+                    _objective(config, splits, lambda: bar.advance(task), quiet),
+                    n_trials=config.trials - done,
+                    callbacks=[trial_done, enough],
+                )
+            except Exception as error:
+                if interrupts.seen:  # turned into another error where it landed (SQLAlchemy)
+                    raise KeyboardInterrupt from error
+                raise
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise InputError(f"study {name}: no trial completed (all pruned or failed); add --trials")
