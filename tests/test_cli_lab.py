@@ -324,3 +324,11 @@ def test_other_runtime_errors_are_not_taken_for_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(experiment, "load_splits", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["lab", *TINY, "--out", str(tmp_path)])
+
+
+def test_a_file_where_the_checkpoints_folder_goes_is_refused_up_front(tmp_path, capsys):
+    (tmp_path / "checkpoints").write_text("mine")
+    assert main(["lab", *TINY, "--out", str(tmp_path)]) == 2
+    assert "checkpoints is not a folder" in capsys.readouterr().err
+    assert (tmp_path / "checkpoints").read_text() == "mine"
+    assert not (tmp_path / "normdrop.db").exists()

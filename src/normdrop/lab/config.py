@@ -120,8 +120,14 @@ def check_report_folder(out: str, name: str, ours: bool) -> None:
 
 
 def check_out_folder(out: str) -> None:
-    """``--out`` is a folder (created if missing), not a file."""
+    """``--out`` is a folder (created if missing), not a file; its ``checkpoints`` too."""
     _require(not Path(out).is_file(), f"--out {out}: is a file; --out must name a folder")
+    checkpoints = Path(out) / CHECKPOINTS
+    _require(
+        not checkpoints.exists() or checkpoints.is_dir(),
+        f"--out {out}: {checkpoints} is not a folder; the lab keeps its runs' checkpoints there "
+        "(move that file, or choose another --out)",
+    )
 
 
 def _finite(value: float) -> bool:
