@@ -72,6 +72,17 @@ def test_state_dict_is_batchnorms_both_ways():
     ndnn.FrozenBatchNorm2d(3, dtype=torch.float64).load_state_dict(legacy)
 
 
+@pytest.mark.parametrize("options", [{"bias": False}, {"affine": False}, {}])
+def test_a_frozen_layer_has_the_keys_of_the_layer_it_was_frozen_from(options):
+    """bias=False (torch 2.13) leaves no bias key, affine=False neither weight nor bias: the
+    frozen layer's checkpoint loads into the model it came from, and back."""
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3, **options))
+    frozen = ndnn.freeze_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3, **options)))
+    assert list(frozen.state_dict()) == list(model.state_dict())
+    frozen.load_state_dict(model.state_dict())
+    model.load_state_dict(frozen.state_dict())
+
+
 def test_tools_that_find_batchnorms_by_isinstance_leave_it_frozen():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), ndnn.FrozenBatchNorm1d(3))
     with torch.no_grad():

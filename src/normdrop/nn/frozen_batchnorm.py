@@ -199,8 +199,12 @@ class _FrozenBatchNorm(torch.nn.Module):
             frozen.weight, frozen.bias = weight, bias
         frozen.momentum, frozen.affine = bn.momentum, bn.affine
         frozen.had_bias = bn.bias is not None
-        if not bn.affine:  # the keys of the layer it came from
-            frozen._non_persistent_buffers_set.update({"weight", "bias"})
+        # the keys of the layer it came from: no weight and bias without affine, no bias with
+        # bias=False (torch 2.13's BatchNorm option)
+        if bn.weight is None:
+            frozen._non_persistent_buffers_set.add("weight")
+        if bn.bias is None:
+            frozen._non_persistent_buffers_set.add("bias")
         frozen.__dict__["_unfrozen_recipe"] = _recipe_of(bn)
         return frozen
 
