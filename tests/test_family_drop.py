@@ -300,6 +300,45 @@ def test_drop_connect_masks_a_parametrized_weight_without_touching_its_parameter
     assert layer.state_dict().keys() == reference.state_dict().keys()
 
 
+@pytest.mark.parametrize("hook", ["prune", "weight_norm (hook-based)"])
+def test_drop_connect_masks_a_weight_that_a_forward_pre_hook_makes(hook):
+    """prune and the old weight_norm recompute .weight in a forward pre-hook, which wrote over
+    the masked weight: the layer ran undropped. The mask now goes on after their hook, their
+    parameters get the gradients, and the layer's weight is theirs again after the call."""
+    import warnings
+
+    import torch.nn.utils.prune
+
+    layer = torch.nn.Linear(6, 4).double()
+    reference = copy.deepcopy(layer)  # before the hook: weight_norm's layers do not deep-copy
+    for module in (layer, reference):
+        if hook == "prune":
+            torch.nn.utils.prune.l1_unstructured(module, "weight", amount=0.5)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # deprecated: parametrizations
+                torch.nn.utils.weight_norm(module)
+    sources = ["weight_orig"] if hook == "prune" else ["weight_g", "weight_v"]
+    x = torch.randn(5, 6, dtype=torch.float64)
+    wrapped = ndnn.DropConnect(layer, p=0.9, generator=_generator(5))
+    out = wrapped(x)
+    reference(x)  # its pre-hook makes its weight from its parameters, with a graph
+    expected = torch.nn.functional.linear(
+        x, _masked_weight(reference.weight, 0.9, 5), reference.bias
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(out, reference(x))  # something was dropped
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for name in sources:
+        torch.testing.assert_close(
+            getattr(layer, name).grad, getattr(reference, name).grad, rtol=1e-12, atol=1e-12
+        )
+    torch.testing.assert_close(layer.weight, reference.weight)  # undropped again
+    wrapped.eval()
+    torch.testing.assert_close(wrapped(x), reference(x))
+
+
 def test_drop_connect_errors():
     with pytest.raises(InputTypeError, match="Linear, Conv1d/2d/3d"):
         ndnn.DropConnect(torch.nn.ReLU())

@@ -352,8 +352,29 @@ class DropConnect(torch.nn.Module):
                 return self.module(*args, **kwargs)
             finally:
                 del chain[-1]
+        if "weight" not in self.module._parameters:
+            return self._drop_after_hooks(args, kwargs)
         weight = F.dropout(self.module.weight, self.p, True, generator=self.generator)
         return functional_call(self.module, {"weight": weight}, args, kwargs)
+
+    def _drop_after_hooks(self, args: tuple, kwargs: dict) -> Tensor:
+        """The weight is no parameter but made by a forward pre-hook before each call
+        (``torch.nn.utils.prune``, the hook-based ``weight_norm``), which would overwrite a
+        weight given to ``functional_call``: the mask goes on in a pre-hook that runs after
+        theirs, and the layer's weight is put back after the call."""
+        made = []
+
+        def drop(module: torch.nn.Module, inputs: tuple) -> None:
+            made.append(module.weight)
+            module.weight = F.dropout(module.weight, self.p, True, generator=self.generator)
+
+        handle = self.module.register_forward_pre_hook(drop)
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            handle.remove()
+            if made:
+                self.module.weight = made[0]
 
 
 class _DropWeight(torch.nn.Module):
