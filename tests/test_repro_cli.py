@@ -148,3 +148,74 @@ def test_python_dash_m_lists():
     )
     assert done.returncode == 0, done.stderr
     assert "santurkar2018" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "label"),
+    [
+        (["--seeds", "3"], ""),
+        (["--seeds", "3", "--scale", "0.01"], "--scale 0.01"),
+        (["--seeds", "7,"], "1 seed(s), fewer than 3"),
+    ],
+)
+def test_a_run_off_the_calibration_says_so_everywhere(argv, label, tmp_path, monkeypatch, capsys):
+    """The criteria were set for --scale 1 and 3 seeds: a quick look is labelled in the
+    verdict line, results.json and the HTML, not reported as a plain PASS."""
+    monkeypatch.setattr(repro, "module", lambda name: _fake_module(True))
+    assert cli_main(["ioffe2015", *argv, "--out", str(tmp_path), "--jobs", "1"]) == 0
+    out = capsys.readouterr().out
+    document = json.loads((tmp_path / "ioffe2015" / "results.json").read_text())
+    html = (tmp_path / "index.html").read_text()
+    assert document["calibrated"] is (label == "")
+    assert document["uncalibrated"] == label
+    if label:
+        assert f"== ioffe2015: PASS (uncalibrated: {label})" in out
+        assert "Uncalibrated run" in html and label in html
+    else:
+        assert "== ioffe2015: PASS\n" in out and "Uncalibrated" not in html
+
+
+def test_a_folder_is_checked_before_training_and_another_run_is_not_replaced(
+    tmp_path, monkeypatch, capsys
+):
+    ran = []
+
+    def module(name):
+        ran.append(name)
+        return _fake_module(True)
+
+    monkeypatch.setattr(repro, "module", module)
+    (tmp_path / "afile").write_text("mine")
+    for out in (tmp_path / "afile" / "sub", tmp_path / "afile"):
+        with pytest.raises(SystemExit) as exited:
+            cli_main(["ioffe2015", "--out", str(out), "--jobs", "1"])
+        assert exited.value.code == 2
+    full = tmp_path / "runs"
+    assert cli_main(["ioffe2015", "--out", str(full), "--jobs", "1"]) == 0
+    before = (full / "ioffe2015" / "results.json").read_text()
+    ran.clear()
+    with pytest.raises(SystemExit) as exited:  # a quick look would wipe out the full run
+        cli_main(["ioffe2015", "--scale", "0.01", "--out", str(full), "--jobs", "1"])
+    assert exited.value.code == 2 and not ran
+    assert "holds a run with scale 1.0, seeds [0, 1, 2], backend reference" in (
+        capsys.readouterr().err
+    )
+    assert (full / "ioffe2015" / "results.json").read_text() == before
+    assert cli_main(["ioffe2015", "--out", str(full), "--jobs", "1"]) == 0  # same settings
+
+
+@pytest.mark.parametrize("text", ["1000000000", f"{2**64},", "0,1,4294967296"])
+def test_seed_counts_and_values_out_of_range_are_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="--seeds"):
+        parse_seeds(text)
+
+
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
+    from normdrop.cli import main
+
+    def interrupted(seeds, scale=1.0, jobs=1):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(repro, "module", lambda name: types.SimpleNamespace(run=interrupted))
+    assert main(["repro", "ioffe2015", "--out", str(tmp_path), "--jobs", "1"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["normdrop repro: interrupted"]

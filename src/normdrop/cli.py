@@ -522,7 +522,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _PASSTHROUGH:
-        return _PASSTHROUGH[argv[0]][0](argv[1:])
+        try:
+            return _PASSTHROUGH[argv[0]][0](argv[1:])
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM where the command turns it into one
+            print(f"normdrop {argv[0]}: interrupted", file=sys.stderr)
+            return 130
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import resource
 import sys
@@ -21,10 +22,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
 from normdrop.backend import BACKENDS, use_backend
+from normdrop.lab.scheduler import interrupt_as_keyboard
 from normdrop.repro.outcome import Criterion, Outcome
 
 __all__ = ["REPRODUCTIONS", "Criterion", "Outcome", "cli_main", "parse_seeds", "run_one"]
@@ -46,6 +49,7 @@ REPRODUCTIONS: dict[str, str] = {
 
 DEFAULT_SEEDS = (0, 1, 2)
 MIN_GATING_SEEDS = 3
+MAX_SEEDS = 1000
 
 
 def module(name: str) -> ModuleType:
@@ -62,8 +66,10 @@ def parse_seeds(text: str) -> list[int]:
     try:
         if "," not in text:
             count = int(text)
-            if count < 1:
-                raise ValueError
+            if not 1 <= count <= MAX_SEEDS:
+                raise argparse.ArgumentTypeError(
+                    f"--seeds: a count must be in [1, {MAX_SEEDS}], got {count}"
+                )
             return list(range(count))
         parts = text.split(",")
         if parts[-1].strip() == "":  # the one trailing comma that marks a list ("7,")
@@ -77,6 +83,10 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds or any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(
             f"--seeds: seeds must be distinct non-negative integers, got {text!r}"
+        )
+    if len(seeds) > MAX_SEEDS or max(seeds) >= 2**32:
+        raise argparse.ArgumentTypeError(
+            f"--seeds: at most {MAX_SEEDS} seeds, each below 2^32, got {text!r}"
         )
     return seeds
 
@@ -112,6 +122,7 @@ def run_one(
             outcome = module(name).run(list(seeds), scale=scale, jobs=jobs)
     finally:
         torch.set_num_threads(previous_threads)
+    outcome.uncalibrated = uncalibrated(scale, len(seeds))
     wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
     outcome.notes.append(
         f"ran in {wall:.1f} s wall, {cpu:.1f} s CPU ({jobs} process(es) x {threads} thread(s))"
@@ -132,6 +143,44 @@ def run_one(
         if not quiet:
             print(f"wrote {path.parent}/ (results.json, plots, index.html)")
     return outcome
+
+
+def uncalibrated(scale: float, seeds: int) -> str:
+    """Why a run's criteria are not the calibrated ones (empty when they are): they were set
+    for ``--scale 1`` and means over ``MIN_GATING_SEEDS`` seeds or more."""
+    reasons = [f"--scale {scale:g}"] if scale != 1.0 else []
+    if seeds < MIN_GATING_SEEDS:
+        reasons.append(f"{seeds} seed(s), fewer than {MIN_GATING_SEEDS}")
+    return ", ".join(reasons)
+
+
+def _check_out(out: Path, names: Sequence[str], run: dict[str, Any]) -> str | None:
+    """Why ``out`` cannot take these reproductions' results, found before any training; None
+    when it can. A folder holding a run with other settings is not replaced (a quick
+    ``--scale`` look would wipe out a full run): same settings, it is the rerun's."""
+    for folder in (out, *(out / name for name in names)):
+        if folder.exists() and not folder.is_dir():
+            return f"--out {out}: {folder} is a file, not a folder"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"--out {out}: cannot create it ({error.strerror or error})"
+    if not os.access(out, os.W_OK | os.X_OK):
+        return f"--out {out}: the folder is not writable"
+    for name in names:
+        path = out / name / "results.json"
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # none (or unreadable): nothing of value is replaced
+        theirs = {key: earlier.get(key) for key in run}
+        if theirs != run:
+            settings = ", ".join(f"{key} {value}" for key, value in theirs.items())
+            return (
+                f"--out {out}: {out / name} holds a run with {settings}; this one would "
+                "replace it: choose another --out, or move that folder"
+            )
+    return None
 
 
 def _cpu_seconds() -> float:
@@ -215,25 +264,32 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--out must be a folder, but {args.out} is a file")
     if args.threads < 1 or args.jobs < 1:
         parser.error(f"--threads and --jobs must be positive, got {args.threads}, {args.jobs}")
-    if len(args.seeds) < MIN_GATING_SEEDS:
-        print(
-            f"note: {len(args.seeds)} seed(s); the criteria gate on means over seeds and were "
-            f"calibrated with {MIN_GATING_SEEDS}, so fewer makes them noisier",
-            file=sys.stderr,
-        )
     names = list(REPRODUCTIONS) if args.name == "all" else [args.name]
+    run = {"scale": args.scale, "seeds": list(args.seeds), "backend": args.backend}
+    problem = _check_out(args.out, names, run)
+    if problem:
+        parser.error(problem)
     verdicts = {}
-    for name in names:
-        outcome = run_one(
-            name, args.seeds, args.out, args.scale, args.threads, args.jobs, backend=args.backend
-        )
-        verdicts[name] = outcome.passed
+    # SIGTERM as Ctrl-C: the worker pool shuts down instead of outliving this process
+    with interrupt_as_keyboard():
+        for name in names:
+            outcome = run_one(
+                name,
+                args.seeds,
+                args.out,
+                args.scale,
+                args.threads,
+                args.jobs,
+                backend=args.backend,
+            )
+            verdicts[name] = outcome
     if len(names) > 1:
         print("\nsummary")
-        for name, passed in verdicts.items():
-            print(f"  {'PASS' if passed else 'FAIL'}  {name}")
+        for name, outcome in verdicts.items():
+            qualifier = f"  (uncalibrated: {outcome.uncalibrated})" if outcome.uncalibrated else ""
+            print(f"  {'PASS' if outcome.passed else 'FAIL'}  {name}{qualifier}")
         print(f"report: {args.out / 'index.html'}")
-    return 0 if all(verdicts.values()) else 1
+    return 0 if all(outcome.passed for outcome in verdicts.values()) else 1
 
 
 def main() -> None:  # python -m normdrop.repro

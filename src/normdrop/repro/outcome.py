@@ -93,6 +93,15 @@ class Outcome:
     measurements: dict[str, Any] = field(default_factory=dict)
     figures: dict[str, Figure] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Why the criteria's thresholds do not apply to this run as calibrated (a --scale other
+    # than 1, fewer seeds than they were calibrated with); empty when they do.
+    uncalibrated: str = ""
+
+    @property
+    def verdict(self) -> str:
+        """``PASS`` or ``FAIL``, qualified when the run is not the calibrated one."""
+        verdict = "PASS" if self.passed else "FAIL"
+        return f"{verdict} (uncalibrated: {self.uncalibrated})" if self.uncalibrated else verdict
 
     @property
     def passed(self) -> bool:

@@ -30,8 +30,10 @@ from normdrop.repro.report import page_html, section_html
 _WIDTH = 100
 
 
-def print_outcome(outcome: Outcome, file: TextIO = sys.stdout) -> None:
-    """The paper's claim and setup, ours, our choices, then one line per criterion."""
+def print_outcome(outcome: Outcome, file: TextIO | None = None) -> None:
+    """The paper's claim and setup, ours, our choices, then one line per criterion (to
+    ``file``, or standard output as it is at the call)."""
+    file = sys.stdout if file is None else file
 
     def say(label: str, text: str) -> None:
         wrapped = textwrap.fill(
@@ -58,8 +60,7 @@ def print_outcome(outcome: Outcome, file: TextIO = sys.stdout) -> None:
             )
     for note in outcome.notes:
         say("note", note)
-    verdict = "PASS" if outcome.passed else "FAIL"
-    print(f"== {outcome.name}: {verdict}", file=file)
+    print(f"== {outcome.name}: {outcome.verdict}", file=file)
 
 
 def jsonable(value: Any) -> Any:
@@ -80,6 +81,8 @@ def results_json(outcome: Outcome, extra: dict[str, Any]) -> dict[str, Any]:
         "name": outcome.name,
         "title": outcome.title,
         "passed": outcome.passed,
+        "calibrated": not outcome.uncalibrated,
+        "uncalibrated": outcome.uncalibrated,
         "criteria": [criterion.to_json() for criterion in outcome.criteria],
         "seeds": list(outcome.seeds),
         "config": outcome.config,

@@ -47,6 +47,12 @@ def section_html(outcome: Outcome, images: Mapping[str, bytes]) -> str:
 <h2>{esc(outcome.name)}: {esc(outcome.title)} {_verdict(outcome.passed)}</h2>
 <p><b>Paper.</b> {esc(outcome.paper)}</p>
 <p><b>Ours (scaled down).</b> {esc(outcome.setup)}</p>
+{
+        f"<p><b>Uncalibrated run</b> ({esc(outcome.uncalibrated)}): the criteria's thresholds were "
+        "set for the full run; these verdicts are indicative only.</p>"
+        if outcome.uncalibrated
+        else ""
+    }
 <p><b>Seeds:</b> {esc(seeds)}</p>
 <p><b>Choices the paper leaves open:</b></p><ul>{choices}</ul>
 <table><tr><th>criterion</th><th>measured</th><th>threshold</th><th>verdict</th>
