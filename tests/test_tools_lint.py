@@ -257,6 +257,46 @@ def test_command_line(tmp_path, capsys):
         cli_main([f"{path}:bad", "--input-shape", "4,x"])
 
 
+NOISY = """
+import sys
+import torch
+print("importing the model file")
+
+
+class Net(torch.nn.Sequential):
+    def forward(self, x):
+        print("forward!")
+        return super().forward(x)
+
+
+def make():
+    print("building")
+    return Net(torch.nn.Linear(4, 4, bias=False), torch.nn.BatchNorm1d(4, momentum=0.9))
+
+
+def quits():
+    sys.exit(1)  # 1 would read as "findings" to a CI gate
+"""
+
+
+def test_command_line_output_is_the_report_alone_and_user_exits_are_errors(tmp_path, capsys):
+    """What the model's code prints goes to standard error (the JSON stays parseable), a
+    sys.exit() in it is a load error (2), not the linter's status, and an example input too
+    large for memory is refused before it is made."""
+    path = tmp_path / "noisy.py"
+    path.write_text(NOISY)
+    assert cli_main([f"{path}:make", "--format", "json", "--fail-on", "never"]) == 0
+    captured = capsys.readouterr()
+    assert [f["rule"] for f in json.loads(captured.out)] == ["batchnorm-momentum"]
+    assert "building" in captured.err and "forward!" in captured.err
+    assert cli_main([f"{path}:quits"]) == 2
+    assert "raised SystemExit: 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        cli_main([f"{path}:make", "--input-shape", f"{2**40},4"])
+    assert exited.value.code == 2
+    assert "too large an example input" in capsys.readouterr().err
+
+
 def test_a_model_file_loads_as_python_would_run_it(tmp_path, monkeypatch):
     """Its neighbours import, and a dataclass with string annotations (which looks its module up
     in sys.modules) works."""

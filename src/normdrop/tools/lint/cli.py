@@ -10,6 +10,7 @@ model could not be loaded or run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -79,7 +80,7 @@ def _user_code(what: str, function: Callable, *args: Any) -> Any:
         return function(*args)
     except (ImportError, SyntaxError):
         raise
-    except Exception as error:
+    except (Exception, SystemExit) as error:  # sys.exit() or argparse in a model file too
         raise InputError(f"{what} raised {type(error).__name__}: {error}") from None
 
 
@@ -103,7 +104,16 @@ def _parse_shape(text: str) -> tuple[int, ...]:
         ) from None
     if not shape or any(size < 1 for size in shape):
         raise argparse.ArgumentTypeError(f"sizes must be positive ints, got {text!r}")
+    if math.prod(shape) > _MAX_EXAMPLE_VALUES:
+        raise argparse.ArgumentTypeError(
+            f"{math.prod(shape):,} values is too large an example input (at most "
+            f"{_MAX_EXAMPLE_VALUES:,}); give a small batch, e.g. 8,3,32,32"
+        )
     return shape
+
+
+# An example input needs a batch, not a data set: 2^28 float32 values are 1 GiB.
+_MAX_EXAMPLE_VALUES = 2**28
 
 
 def _guess_input_shape(model: torch.nn.Module) -> tuple[int, ...]:
@@ -166,6 +176,22 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     0: no finding at or above ``--fail-on``; 1: some; 2: the model could not be loaded or run.
     """
     args = _parser().parse_args(argv)
+    # What the model's code prints goes to standard error, so that standard output holds the
+    # report alone (--format json is for programs to read).
+    with contextlib.redirect_stdout(sys.stderr):
+        findings, model, status = _lint_factory(args)
+    if status is not None:
+        return status
+    print(_report(findings, model, args.format))
+    if args.fail_on == "never":
+        return 0
+    worst = SEVERITIES.index(args.fail_on)
+    return int(any(SEVERITIES.index(f.severity) <= worst for f in findings))
+
+
+def _lint_factory(args: argparse.Namespace) -> tuple[list[Finding], Any, int | None]:
+    """Load, build and lint the model: ``(findings, model, None)``, or an exit status 2 after
+    a one-line error."""
     try:
         made = _load_factory(args.factory)
         if isinstance(made, torch.nn.Module):
@@ -195,9 +221,5 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
             ) from error
     except (InputError, ImportError, OSError, SyntaxError, TypeError) as error:
         print(f"normdrop lint: error: {error}", file=sys.stderr)
-        return 2
-    print(_report(findings, model, args.format))
-    if args.fail_on == "never":
-        return 0
-    worst = SEVERITIES.index(args.fail_on)
-    return int(any(SEVERITIES.index(f.severity) <= worst for f in findings))
+        return [], None, 2
+    return findings, model, None
