@@ -204,6 +204,12 @@ def test_a_folder_is_checked_before_training_and_another_run_is_not_replaced(
     assert cli_main(["ioffe2015", "--out", str(full), "--jobs", "1"]) == 0  # same settings
 
 
+def test_jobs_are_bounded():
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["ioffe2015", "--jobs", "65"])
+    assert exited.value.code == 2
+
+
 @pytest.mark.parametrize("text", ["1000000000", f"{2**64},", "0,1,4294967296"])
 def test_seed_counts_and_values_out_of_range_are_refused(text):
     with pytest.raises(argparse.ArgumentTypeError, match="--seeds"):

@@ -330,7 +330,7 @@ def _add_runs(sub) -> None:
         "--output",
         "-o",
         type=_file_path,
-        help="new file to write (default: standard output); never overwritten",
+        help="new file to write (default: standard output); an existing one only with --force",
     )
     export.add_argument("--force", action="store_true", help="overwrite an existing --output")
     parser.set_defaults(run=_runs)

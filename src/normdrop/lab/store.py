@@ -238,7 +238,7 @@ class RunStore:
         self.connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         # Every check before WAL mode, which rewrites the file's header: a file that is not
         # ours, or is a newer normdrop's, is left byte for byte as it was.
-        self._refuse_foreign()
+        self._refuse_foreign(readonly)
         version = self.connection.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StoreError(
@@ -254,13 +254,13 @@ class RunStore:
         if readonly:
             raise StoreError(f"{self.path}: not a normdrop run database (no schema)")
         with self._write() as db:
-            self._refuse_foreign()  # again: another process may have written it meanwhile
+            self._refuse_foreign(readonly)  # again: another process may have written it
             # executescript would commit the open transaction first; run statement by statement.
             for statement in filter(str.strip, SCHEMA.split(";")):
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    def _refuse_foreign(self) -> None:
+    def _refuse_foreign(self, readonly: bool) -> None:
         """Raise if the file is an SQLite database that is not (and does not start as) ours:
         without a schema version, other tables than ours; with one (ours set it with the
         tables), no ``experiments`` table."""
@@ -269,9 +269,10 @@ class RunStore:
         others = tables - _TABLES
         if (version == 0 and others) or (version != 0 and "experiments" not in tables):
             described = f"other tables ({', '.join(sorted(others))})" if others else "no run tables"
+            refusing = "" if readonly else "; refusing to write a run database into it"
             raise StoreError(
                 f"{self.path}: not a normdrop run database (schema version {version}, "
-                f"{described}); refusing to write a run database into it"
+                f"{described}){refusing}"
             )
 
     @contextmanager

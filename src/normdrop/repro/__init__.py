@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from normdrop._cpus import usable_cpus
 from normdrop.backend import BACKENDS, use_backend
 from normdrop.lab.scheduler import interrupt_as_keyboard
 from normdrop.repro.outcome import Criterion, Outcome
@@ -50,6 +51,7 @@ REPRODUCTIONS: dict[str, str] = {
 DEFAULT_SEEDS = (0, 1, 2)
 MIN_GATING_SEEDS = 3
 MAX_SEEDS = 1000
+MAX_JOBS = 64
 
 
 def module(name: str) -> ModuleType:
@@ -227,9 +229,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--jobs",
         type=int,
-        default=min(2, os.cpu_count() or 1),
-        help="worker processes for independent runs (default: 2, or 1 on a 1-core machine); "
-        "results do not depend on it",
+        default=min(2, usable_cpus()),
+        help="worker processes for independent runs (default: 2, or 1 on a 1-core machine; "
+        f"at most {MAX_JOBS}); results do not depend on it",
     )
     parser.add_argument(
         "--backend",
@@ -264,6 +266,8 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--out must be a folder, but {args.out} is a file")
     if args.threads < 1 or args.jobs < 1:
         parser.error(f"--threads and --jobs must be positive, got {args.threads}, {args.jobs}")
+    if args.jobs > MAX_JOBS:  # each worker is a torch process of about half a GiB
+        parser.error(f"--jobs must be at most {MAX_JOBS}, got {args.jobs}")
     names = list(REPRODUCTIONS) if args.name == "all" else [args.name]
     run = {"scale": args.scale, "seeds": list(args.seeds), "backend": args.backend}
     problem = _check_out(args.out, names, run)

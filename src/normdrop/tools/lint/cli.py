@@ -131,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normdrop lint",
         description="Check a model for BatchNorm and Dropout pitfalls.",
+        epilog="Exit status: 0 no finding at or above --fail-on, 1 some, 2 the model could not "
+        "be loaded or run, 130 interrupted.",
     )
     parser.add_argument(
         "factory",
