@@ -62,8 +62,8 @@ NOT_CALLABLE = 3
         (
             FAILING_MODELS,
             [":small", "--input-shape", "100000,100000,100000"],
-            r"--input-shape 100000,100000,100000: cannot allocate an example input of that size "
-            r"\(4e\+15 bytes\)",
+            r"--input-shape 100000,100000,100000: 1,000,000,000,000,000 values is too large an "
+            r"example input \(at most 268,435,456\)",
         ),
     ],
 )

@@ -86,6 +86,12 @@ def _user_code(what: str, function: Callable, *args: Any) -> Any:
 
 def _example_input(shape: tuple[int, ...]) -> torch.Tensor:
     """Standard normal noise of ``shape``; a shape too large to allocate is the user's input."""
+    if math.prod(shape) > _MAX_EXAMPLE_VALUES:  # refused before torch tries (and overflows)
+        raise InputError(
+            f"--input-shape {','.join(map(str, shape))}: {math.prod(shape):,} values is too "
+            f"large an example input (at most {_MAX_EXAMPLE_VALUES:,}); give a small batch, "
+            "e.g. 8,3,32,32"
+        )
     try:
         return torch.randn(shape, generator=torch.Generator().manual_seed(0))
     except (RuntimeError, MemoryError, OverflowError):
@@ -104,11 +110,6 @@ def _parse_shape(text: str) -> tuple[int, ...]:
         ) from None
     if not shape or any(size < 1 for size in shape):
         raise argparse.ArgumentTypeError(f"sizes must be positive ints, got {text!r}")
-    if math.prod(shape) > _MAX_EXAMPLE_VALUES:
-        raise argparse.ArgumentTypeError(
-            f"{math.prod(shape):,} values is too large an example input (at most "
-            f"{_MAX_EXAMPLE_VALUES:,}); give a small batch, e.g. 8,3,32,32"
-        )
     return shape
 
 
