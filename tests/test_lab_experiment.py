@@ -274,3 +274,22 @@ def test_a_users_folder_under_the_report_name_is_not_overwritten(tmp_path):
     derived = _config(tmp_path, variants=("bn",), seeds=1)
     name = run_lab(derived, progress=False).name
     assert run_lab(derived, progress=False).name == name
+
+
+def test_an_interruption_just_after_a_claim_commits_releases_the_run(tmp_path, monkeypatch):
+    """A worker's SIGTERM can land between the claim's commit and the training: the run goes
+    back to pending, not left 'running' for a dead owner until its heartbeat times out."""
+    import sqlite3
+
+    real = RunStore.claim
+
+    def claim_then_interrupted(self, run_id, owner=None):
+        assert real(self, run_id, owner)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunStore, "claim", claim_then_interrupted)
+    config = _config(tmp_path, variants=("bn",), seeds=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_lab(config, progress=False)
+    with sqlite3.connect(config.db_path) as db:
+        assert [row[0] for row in db.execute("SELECT status FROM runs")] == ["pending"]

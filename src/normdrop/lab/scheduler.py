@@ -61,9 +61,11 @@ def train_stored_run(
     or ``"failed"`` (the error is stored with the run). Interruptions propagate, leaving the
     run ``pending`` with its last epoch's checkpoint."""
     with RunStore(db_path) as store:
-        if not store.claim(run_id):
-            return "busy"
+        # The claim inside the try: an interruption that lands just after it commits still
+        # releases the run (release only touches a run this process holds).
         try:
+            if not store.claim(run_id):
+                return "busy"
             spec = RunSpec.from_dict(json.loads(store.run(run_id)["spec_json"]))
             splits = _splits_for(spec, cache_dir)
 
