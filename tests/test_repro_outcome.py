@@ -72,3 +72,26 @@ def test_results_json_is_standard_json_with_verdicts():
     assert document["criteria"][0]["measured"] == "nan"
     assert document["measurements"] == {"x": ["nan", [1.0, "-inf"]], "3": {"0.1": 2}}
     assert jsonable((1, {2: math.inf})) == [1, {"2": "inf"}]
+
+
+def test_a_sign_on_a_mean_passes_only_when_every_seed_agrees(capsys):
+    """ioffe2017's BN - BRN at batch 4 passed at +0.87 points with one seed at -4.6: with the
+    per-seed values the criterion fails, says so, and keeps them in results.json."""
+    from normdrop.repro.output import print_outcome
+
+    outcome = Outcome("ioffe2017", "t", "p", "s", [], [0, 1, 2], {})
+    leaning = outcome.check("k", "BN - BRN", 0.87, ">", 0.0, seeds=[6.6, -4.6, 0.6])
+    agreeing = outcome.check("j", "BN - BRN", 2.0, ">", 0.0, seeds=[1.0, 3.0, 2.0])
+    plain = outcome.check("i", "no seeds given", 0.87, ">", 0.0)
+    assert not leaning.passed and not leaning.seeds_agree
+    assert agreeing.passed and plain.passed
+    assert not Criterion("n", "nan seed", 1.0, ">", 0.0, "", (1.0, math.nan)).passed
+    print_outcome(outcome)
+    out = capsys.readouterr().out
+    assert (
+        "[FAIL] BN - BRN: measured 0.87, needs > 0 (every seed too: 6.6, -4.6, 0.6, not every"
+        in out
+    )
+    document = results_json(outcome, {})
+    assert document["criteria"][0]["seeds"] == [6.6, -4.6, 0.6]
+    assert document["criteria"][0]["passed"] is False

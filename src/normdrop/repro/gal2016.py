@@ -179,6 +179,7 @@ def _criteria(outcome: Outcome, config: Config, results: list[dict]) -> None:
         f"MC {per_seed(mc, 4)}; deterministic {per_seed(det, 4)}; test error MC "
         f"{per_seed([r['error_mc'] for r in results])}%, deterministic "
         f"{per_seed([r['error_deterministic'] for r in results])}%",
+        seeds=[m - d for m, d in zip(mc, det, strict=True)],
     )  # fmt: skip
     scores = [r["auroc"] for r in results]
     outcome.check(

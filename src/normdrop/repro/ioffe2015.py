@@ -359,6 +359,7 @@ def _criteria(outcome: Outcome, config: Config, runs, algorithm2, high_lr) -> No
         ">",
         0.0,
         f"batch-{config.small_batch} accuracy {per_seed(algorithm2['small_batch'])}",
+        seeds=lead,
     )
     rows, qualifying = [], 0
     for lr in config.high_lrs:

@@ -173,6 +173,8 @@ def _criteria(outcome: Outcome, config: Config, runs: dict) -> None:
         "brn_better_batch_4", "eval error at batch 4, BN - BRN (points)", bn4 - brn4, ">", 0.0,
         f"BN {per_seed([r['eval_error'] for r in runs[4]['bn']])}; BRN "
         f"{per_seed([r['eval_error'] for r in runs[4]['brn']])}",
+        seeds=[b["eval_error"] - r["eval_error"]
+               for b, r in zip(runs[4]["bn"], runs[4]["brn"], strict=True)],
     )  # fmt: skip
     small = [b for b in runs if b <= 4]
     gaps = {

@@ -291,6 +291,7 @@ def _criteria(outcome: Outcome, config: Config, runs: dict) -> None:
         ">",
         0.0,
         f"W={config.narrow}: {per_seed(narrow, 3)}; W={config.wide}: {per_seed(wide, 3)}",
+        seeds=[w - n for w, n in zip(wide, narrow, strict=True)],
     )
     outcome.check(
         "wide_still_shifted", f"ratio(W={config.wide}), dropout -> Linear -> BN", mean(wide),

@@ -2,7 +2,10 @@
 
 A criterion is one number compared with one threshold: ``measured <op> threshold``, with
 ``op`` one of ``<``, ``<=``, ``>``, ``>=`` or ``in`` (a closed interval ``(low, high)``). A NaN
-measurement never passes. Composite claims ("BN is ahead at every checkpoint") are reduced to
+measurement never passes. A criterion on a mean over seeds may also carry the per-seed values
+(``seeds``): it then passes only if every seed passes too, so that a sign ("BN - BRN > 0") is
+not called reproduced when the mean of three seeds leans one way and a seed the other.
+Composite claims ("BN is ahead at every checkpoint") are reduced to
 one number first ("the smallest BN-minus-plain difference over the checkpoints >= 0"), so
 every verdict can be read off ``results.json``.
 """
@@ -35,6 +38,7 @@ class Criterion:
     op: str
     threshold: float | tuple[float, float]
     detail: str = ""
+    seeds: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.op == "in":
@@ -45,7 +49,14 @@ class Criterion:
 
     @property
     def passed(self) -> bool:
-        value = float(self.measured)
+        return all(self._holds(value) for value in (self.measured, *self.seeds))
+
+    @property
+    def seeds_agree(self) -> bool:
+        return all(self._holds(value) for value in self.seeds)
+
+    def _holds(self, value: float) -> bool:
+        value = float(value)
         if math.isnan(value):
             return False
         if self.op == "in":
@@ -69,6 +80,7 @@ class Criterion:
             "threshold": threshold,
             "passed": self.passed,
             "detail": self.detail,
+            "seeds": [_json_number(value) for value in self.seeds],
         }
 
 
@@ -115,9 +127,12 @@ class Outcome:
         op: str,
         threshold: float | tuple[float, float],
         detail: str = "",
+        seeds: Sequence[float] = (),
     ) -> Criterion:
-        """Add a criterion and return it."""
-        criterion = Criterion(key, claim, float(measured), op, threshold, detail)
+        """Add a criterion and return it; ``seeds``: the per-seed values of ``measured``, each
+        of which must pass too."""
+        seeds = tuple(float(value) for value in seeds)
+        criterion = Criterion(key, claim, float(measured), op, threshold, detail, seeds)
         self.criteria.append(criterion)
         return criterion
 

@@ -49,9 +49,14 @@ def print_outcome(outcome: Outcome, file: TextIO | None = None) -> None:
         say("choice", choice)
     for criterion in outcome.criteria:
         verdict = "PASS" if criterion.passed else "FAIL"
+        every = ""
+        if criterion.seeds:
+            values = ", ".join(f"{value:.4g}" for value in criterion.seeds)
+            agree = "" if criterion.seeds_agree else ", not every seed does"
+            every = f" (every seed too: {values}{agree})"
         print(
             f"  [{verdict}] {criterion.claim}: measured {criterion.measured:.4g}, "
-            f"needs {criterion.threshold_text()}",
+            f"needs {criterion.threshold_text()}{every}",
             file=file,
         )
         if criterion.detail:

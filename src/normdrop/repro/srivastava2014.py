@@ -352,6 +352,7 @@ def _criteria(outcome: Outcome, config: Config, parts: dict) -> None:
         ">",
         0.0,
         f"dropout {per_seed(zero['dropout'], 3)}; plain {per_seed(zero['plain'], 3)}",
+        seeds=[d - p for d, p in zip(zero["dropout"], zero["plain"], strict=True)],
     )
 
 
