@@ -313,6 +313,10 @@ def _criteria(outcome: Outcome, config: Config, runs, algorithm2, high_lr) -> No
         0.0,
         f"smallest at step {steps[early[worst]]}; final accuracy BN "
         f"{mean_curve['bn'][-1]:.2f}%, plain {mean_curve['plain'][-1]:.2f}% (not gated)",
+        seeds=[
+            min(bn["accuracy"][i] - plain["accuracy"][i] for i in early)
+            for bn, plain in zip(runs["bn"], runs["plain"], strict=True)
+        ],
     )
     late = [i for i, s in enumerate(steps) if s >= config.drift_from]
     drift = {

@@ -311,6 +311,7 @@ def _criteria(outcome: Outcome, config: Config, parts: dict) -> None:
         test_err[1.0] - test_err[best],
         ">",
         0.0,
+        seeds=[s[1.0][1] - s[best][1] for s in parts["sweep"]],
     )
     outcome.check(
         "keep_0.1_underfits",

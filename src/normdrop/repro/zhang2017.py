@@ -229,6 +229,7 @@ def _criteria(outcome: Outcome, config: Config, fits: dict, seed_runs: dict) -> 
         mean([r["test"][-1] for r in fits[f"corrupt_{f:g}"]]) for f in config.corruptions
     ]
     rises = [b - a for a, b in itertools.pairwise(by_fraction)]
+    per_seed_curves = zip(*(fits[f"corrupt_{f:g}"] for f in config.corruptions), strict=True)
     outcome.check(
         "test_falls_with_corruption",
         "largest change of mean test accuracy from one corruption level to the next (points)",
@@ -236,6 +237,10 @@ def _criteria(outcome: Outcome, config: Config, fits: dict, seed_runs: dict) -> 
         "<",
         0.0,
         ", ".join(f"{f:g}: {a:.1f}%" for f, a in zip(config.corruptions, by_fraction, strict=True)),
+        seeds=[
+            max(b["test"][-1] - a["test"][-1] for a, b in itertools.pairwise(curve))
+            for curve in per_seed_curves
+        ],
     )
     plain, regular_seed = seed_runs["plain"], seed_runs["bn_dropout"]
     for key, words, records in (("seed_plain_memorizes", "plain SimpleNet", plain),
