@@ -68,6 +68,15 @@ def _require(condition: bool, message: str) -> None:
         raise InputError(message)
 
 
+# Seeds the lab takes: numpy's generators accept [0, 2^32).
+SEED_LIMIT = 2**32
+
+
+def check_seed(option: str, value: int) -> None:
+    """``option`` (``--split-seed``, ``--data seed: option seed``...) is a seed the lab takes."""
+    _require(0 <= value < SEED_LIMIT, f"{option} must be an integer in [0, 2^32), got {value}")
+
+
 def check_step_settings(batch_size: int, lr: float, momentum: float) -> None:
     """The settings every training step needs (``lab``, ``tune``, ``seed``): batches of at
     least 2 (BatchNorm skips a batch of one: with 1 nothing would train), a positive learning
@@ -163,10 +172,7 @@ class TrainSettings:
 
         _require(self.target != "", "--target must name a column (CSV, Parquet) or array (NPZ)")
         _require(self.epochs >= 1, f"--epochs must be a positive integer, got {self.epochs}")
-        _require(
-            0 <= self.split_seed < 2**32,
-            f"--split-seed must be an integer in [0, 2^32), got {self.split_seed}",
-        )
+        check_seed("--split-seed", self.split_seed)
         _require(
             self.optimizer in OPTIMIZERS,
             f"--optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}",

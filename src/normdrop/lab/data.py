@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from normdrop.errors import InputError
+from normdrop.lab.config import check_seed
 from normdrop.lab.downloads import RemoteFile, fetch, sha256_of
 from normdrop.lab.formats import read_cifar10, read_idx
 from normdrop.lab.userdata import FILE_SUFFIXES, read_user_file
@@ -148,9 +149,7 @@ _MAX_GENERATED_BYTES = 2 * 2**30
 def _check_generated(name: str, options: dict) -> None:
     """Refuse seeds outside [0, 2^32) (numpy's range, as for ``--split-seed``) and data too large
     to hold, before any generator runs."""
-    seed = options["seed"]
-    if not 0 <= seed < 2**32:
-        raise InputError(f"--data {name}: option seed must be an integer in [0, 2^32), got {seed}")
+    check_seed(f"--data {name}: option seed", options["seed"])
     samples, features = options["samples"], options["features"]
     _check_size(
         name,

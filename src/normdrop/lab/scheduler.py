@@ -240,6 +240,9 @@ def interrupt_as_keyboard() -> _Interrupts:
 
 
 class _Interrupts:
+    """``seen``: whether an interruption arrived (set by the handlers, or by code that caught
+    a KeyboardInterrupt they did not raise)."""
+
     def __init__(self, handle: bool) -> None:
         self.handle, self.seen = handle, False
 

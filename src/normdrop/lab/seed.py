@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from normdrop.errors import InputError
-from normdrop.lab.config import check_step_settings
+from normdrop.lab.config import check_seed, check_step_settings
 from normdrop.nn import BatchNorm1d, Dropout
 
 SEED_SAMPLES = 100
@@ -176,12 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             _parser().error(f"{option} must be a positive integer, got {value}")
     try:
         check_step_settings(args.batch_size, args.lr, args.momentum)
+        check_seed("--seed", args.seed)
     except InputError as error:
         _parser().error(str(error))
     if not 0.0 <= args.dropout < 1.0:
         _parser().error(f"--dropout must be in [0, 1), got {args.dropout}")
-    if not 0 <= args.seed < 2**32:  # the lab's seed range (numpy's)
-        _parser().error(f"--seed must be an integer in [0, 2^32), got {args.seed}")
     common = dict(
         epochs=args.epochs,
         lr=args.lr,

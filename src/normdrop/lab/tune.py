@@ -41,6 +41,7 @@ from normdrop.lab.config import (
     check_out_folder,
     check_path_options,
     check_report_folder,
+    check_seed,
     slug,
 )
 from normdrop.lab.experiment import (
@@ -115,8 +116,7 @@ class TuneConfig:
         for option, value in (("--trials", self.trials), ("--seeds", self.seeds)):
             if value < 1:
                 raise InputError(f"{option} must be a positive integer, got {value}")
-        if not 0 <= self.tune_seed < 2**32:
-            raise InputError(f"--tune-seed must be an integer in [0, 2^32), got {self.tune_seed}")
+        check_seed("--tune-seed", self.tune_seed)
         unknown = set(self.ranges) - set(PARAMETERS)
         if unknown:
             raise InputError(
@@ -206,37 +206,35 @@ class _QuietAfterInterrupt(logging.Filter):
     The command line then says in one line that it was interrupted, so those lines are noise.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, interrupts) -> None:
         super().__init__()
-        self.interrupted = False
-        self.interrupts = None  # the run's interrupt_as_keyboard(): its seen counts too
+        self.interrupts = interrupts  # the run's interrupt_as_keyboard()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        seen = self.interrupts is not None and self.interrupts.seen
-        return not (self.interrupted or seen)
+        return not self.interrupts.seen
 
 
 @contextmanager
-def _quiet_after_interrupt() -> Iterator[_QuietAfterInterrupt]:
-    quiet = _QuietAfterInterrupt()
+def _quiet_after_interrupt(interrupts) -> Iterator[None]:
+    quiet = _QuietAfterInterrupt(interrupts)
     # The logger of optuna.study._optimize, which logs failed trials; a filter on a logger
     # sees only the records logged there, so it goes on that one.
     logger = logging.getLogger("optuna.study._optimize")
     logger.addFilter(quiet)
     try:
-        yield quiet
+        yield
     finally:
         logger.removeFilter(quiet)
 
 
-def _objective(config: TuneConfig, splits, tick, quiet: _QuietAfterInterrupt):
+def _objective(config: TuneConfig, splits, tick, interrupts):
     import optuna
 
     def objective(trial) -> float:
         try:
             return run_trial(trial)
         except KeyboardInterrupt:
-            quiet.interrupted = True
+            interrupts.seen = True  # also one that no handler of ours raised
             raise
 
     def run_trial(trial) -> float:
@@ -373,15 +371,14 @@ def run_tune(config: TuneConfig, *, progress: bool = True) -> TuneResult:
 
     # SIGTERM as Ctrl-C: optuna marks the trial in flight failed (a rerun replaces it) rather
     # than the process dying with the trial left running.
-    with bar, _quiet_after_interrupt() as quiet, interrupt_as_keyboard() as interrupts:
-        quiet.interrupts = interrupts
+    with bar, interrupt_as_keyboard() as interrupts, _quiet_after_interrupt(interrupts):
         if done < config.trials:
             # Another process running the same study counts too: stop at --trials finished
             # (n_trials alone counts this process's trials only: two would run twice as many).
             enough = optuna.study.MaxTrialsCallback(config.trials, states=finished)
             try:
                 study.optimize(
-                    _objective(config, splits, lambda: bar.advance(task), quiet),
+                    _objective(config, splits, lambda: bar.advance(task), interrupts),
                     n_trials=config.trials - done,
                     callbacks=[trial_done, enough],
                 )

@@ -28,6 +28,7 @@ import torch
 
 from normdrop._cpus import usable_cpus
 from normdrop.backend import BACKENDS, use_backend
+from normdrop.lab.config import SEED_LIMIT
 from normdrop.lab.scheduler import interrupt_as_keyboard
 from normdrop.repro.outcome import Criterion, Outcome
 
@@ -86,7 +87,7 @@ def parse_seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"--seeds: seeds must be distinct non-negative integers, got {text!r}"
         )
-    if len(seeds) > MAX_SEEDS or max(seeds) >= 2**32:
+    if len(seeds) > MAX_SEEDS or max(seeds) >= SEED_LIMIT:
         raise argparse.ArgumentTypeError(
             f"--seeds: at most {MAX_SEEDS} seeds, each below 2^32, got {text!r}"
         )
@@ -262,8 +263,6 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         )
     if not 0.0 < args.scale <= 10.0:
         parser.error(f"--scale must be in (0, 10], got {args.scale}")
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out must be a folder, but {args.out} is a file")
     if args.threads < 1 or args.jobs < 1:
         parser.error(f"--threads and --jobs must be positive, got {args.threads}, {args.jobs}")
     if args.jobs > MAX_JOBS:  # each worker is a torch process of about half a GiB
@@ -290,8 +289,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     if len(names) > 1:
         print("\nsummary")
         for name, outcome in verdicts.items():
-            qualifier = f"  (uncalibrated: {outcome.uncalibrated})" if outcome.uncalibrated else ""
-            print(f"  {'PASS' if outcome.passed else 'FAIL'}  {name}{qualifier}")
+            print(f"  {outcome.verdict}  {name}{outcome.qualifier}")
         print(f"report: {args.out / 'index.html'}")
     return 0 if all(outcome.passed for outcome in verdicts.values()) else 1
 
