@@ -92,6 +92,9 @@ def test_a_sign_on_a_mean_passes_only_when_every_seed_agrees(capsys):
         "[FAIL] BN - BRN: measured 0.87, needs > 0 (every seed too: 6.6, -4.6, 0.6, not every"
         in out
     )
+    from normdrop.repro.report import section_html
+
+    assert "6.6, -4.6, 0.6, not every seed does" in section_html(outcome, {})
     document = results_json(outcome, {})
     assert document["criteria"][0]["seeds"] == [6.6, -4.6, 0.6]
     assert document["criteria"][0]["passed"] is False

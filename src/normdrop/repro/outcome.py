@@ -49,11 +49,19 @@ class Criterion:
 
     @property
     def passed(self) -> bool:
-        return all(self._holds(value) for value in (self.measured, *self.seeds))
+        return self._holds(self.measured) and self.seeds_agree
 
     @property
     def seeds_agree(self) -> bool:
         return all(self._holds(value) for value in self.seeds)
+
+    def seeds_text(self) -> str:
+        """What the per-seed values add to the threshold: ``" (every seed too: a, b, c)"``."""
+        if not self.seeds:
+            return ""
+        values = ", ".join(f"{value:.4g}" for value in self.seeds)
+        agree = "" if self.seeds_agree else ", not every seed does"
+        return f" (every seed too: {values}{agree})"
 
     def _holds(self, value: float) -> bool:
         value = float(value)
@@ -111,9 +119,12 @@ class Outcome:
 
     @property
     def verdict(self) -> str:
-        """``PASS`` or ``FAIL``, qualified when the run is not the calibrated one."""
-        verdict = "PASS" if self.passed else "FAIL"
-        return f"{verdict} (uncalibrated: {self.uncalibrated})" if self.uncalibrated else verdict
+        return "PASS" if self.passed else "FAIL"
+
+    @property
+    def qualifier(self) -> str:
+        """What follows the verdict of a run off the calibration: ``" (uncalibrated: ...)"``."""
+        return f" (uncalibrated: {self.uncalibrated})" if self.uncalibrated else ""
 
     @property
     def passed(self) -> bool:

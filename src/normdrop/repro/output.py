@@ -49,14 +49,9 @@ def print_outcome(outcome: Outcome, file: TextIO | None = None) -> None:
         say("choice", choice)
     for criterion in outcome.criteria:
         verdict = "PASS" if criterion.passed else "FAIL"
-        every = ""
-        if criterion.seeds:
-            values = ", ".join(f"{value:.4g}" for value in criterion.seeds)
-            agree = "" if criterion.seeds_agree else ", not every seed does"
-            every = f" (every seed too: {values}{agree})"
         print(
             f"  [{verdict}] {criterion.claim}: measured {criterion.measured:.4g}, "
-            f"needs {criterion.threshold_text()}{every}",
+            f"needs {criterion.threshold_text()}{criterion.seeds_text()}",
             file=file,
         )
         if criterion.detail:
@@ -65,7 +60,7 @@ def print_outcome(outcome: Outcome, file: TextIO | None = None) -> None:
             )
     for note in outcome.notes:
         say("note", note)
-    print(f"== {outcome.name}: {outcome.verdict}", file=file)
+    print(f"== {outcome.name}: {outcome.verdict}{outcome.qualifier}", file=file)
 
 
 def jsonable(value: Any) -> Any:

@@ -31,7 +31,8 @@ def section_html(outcome: Outcome, images: Mapping[str, bytes]) -> str:
     """One reproduction as an HTML ``<section>``: setup, choices, criteria, embedded plots."""
     esc = html.escape
     rows = "\n".join(
-        f"<tr><td>{esc(c.claim)}</td><td>{c.measured:.4g}</td><td>{esc(c.threshold_text())}"
+        f"<tr><td>{esc(c.claim)}</td><td>{c.measured:.4g}</td>"
+        f"<td>{esc(c.threshold_text() + c.seeds_text())}"
         f"</td><td>{_verdict(c.passed)}</td><td>{esc(c.detail)}</td></tr>"
         for c in outcome.criteria
     )
@@ -43,16 +44,17 @@ def section_html(outcome: Outcome, images: Mapping[str, bytes]) -> str:
         for name, png in images.items()
     )
     seeds = ", ".join(str(s) for s in outcome.seeds)
+    uncalibrated = (
+        f"<p><b>Uncalibrated run</b> ({esc(outcome.uncalibrated)}): the criteria's thresholds "
+        "were set for the full run; these verdicts are indicative only.</p>"
+        if outcome.uncalibrated
+        else ""
+    )
     return f"""<section id="{esc(outcome.name)}">
 <h2>{esc(outcome.name)}: {esc(outcome.title)} {_verdict(outcome.passed)}</h2>
 <p><b>Paper.</b> {esc(outcome.paper)}</p>
 <p><b>Ours (scaled down).</b> {esc(outcome.setup)}</p>
-{
-        f"<p><b>Uncalibrated run</b> ({esc(outcome.uncalibrated)}): the criteria's thresholds were "
-        "set for the full run; these verdicts are indicative only.</p>"
-        if outcome.uncalibrated
-        else ""
-    }
+{uncalibrated}
 <p><b>Seeds:</b> {esc(seeds)}</p>
 <p><b>Choices the paper leaves open:</b></p><ul>{choices}</ul>
 <table><tr><th>criterion</th><th>measured</th><th>threshold</th><th>verdict</th>
