@@ -250,22 +250,15 @@ def _tensors(value: Any) -> Iterator[Tensor]:
             yield from _tensors(item)
 
 
-def _dropout_call(func: Any, args: tuple, kwargs: dict) -> tuple[float, bool]:
-    """``(p, training)`` of a call to one of ``_DROPOUT_FUNCTIONS``."""
-    if func in _ATENS:
+def _dropout_call(func: Any, args: tuple, kwargs: dict) -> tuple[float, bool, bool]:
+    """``(p, training, inplace)`` of a call to one of ``_DROPOUT_FUNCTIONS``."""
+    if func in _ATENS:  # never in place: torch.dropout_ and the like are other functions
         named = dict(zip(("input", "p", "train"), args, strict=False)) | kwargs
-        return float(named.get("p", 0.0)), bool(named.get("train", False))
+        return float(named.get("p", 0.0)), bool(named.get("train", False)), False
     bound = inspect.signature(func).bind(*args, **kwargs)
     bound.apply_defaults()
-    return float(bound.arguments["p"]), bool(bound.arguments["training"])
-
-
-def _in_place(func: Any, args: tuple, kwargs: dict) -> bool:
-    """Was a call to one of ``_DROPOUT_FUNCTIONS`` asked to work in place?"""
-    if func in _ATENS:
-        return False  # torch.dropout_ and the like are other functions
-    bound = inspect.signature(func).bind(*args, **kwargs)
-    return bool(bound.arguments.get("inplace", False))
+    arguments = bound.arguments
+    return float(arguments["p"]), bool(arguments["training"]), bool(arguments["inplace"])
 
 
 class _DropoutTags(TorchFunctionMode):
@@ -315,17 +308,13 @@ class _DropoutTags(TorchFunctionMode):
         output = func(*args, **kwargs)
         tags = frozenset() if func in _NORMALIZING_FUNCTIONS else self.of((args, kwargs))
         if func in _DROPOUT_FUNCTIONS and self.on_dropout is not None:
-            p, training = _dropout_call(func, args, kwargs)
+            p, training, in_place = _dropout_call(func, args, kwargs)
             own, caller = self.on_dropout(func, p, training)
-            returned_input = bool(args) and output is args[0]
-            if (own or caller is not None) and isinstance(output, Tensor) and returned_input:
-                if _in_place(func, args, kwargs):
-                    caller = None  # a result kept in its input: nothing to assign
-                else:
+            if isinstance(output, Tensor) and (own or caller is not None):
+                if not training and args and output is args[0]:
                     output = output.view_as(output)  # returned its input: as for layers
-            if caller is not None:
-                self.watch_dropout(output, caller, f"{func.__module__}.{func.__name__}")
-            if own and isinstance(output, Tensor):
+                if caller is not None and not in_place:  # in place: nothing to assign
+                    self.watch_dropout(output, caller, f"{func.__module__}.{func.__name__}")
                 tags |= own
         if tags:
             for tensor in _tensors(output):
@@ -382,22 +371,21 @@ class _Recorder:
         self.stack.pop()
         if isinstance(module, _BATCHNORM):
             self.dropout_tags.paused -= 1
+        dropout = isinstance(output, Tensor) and is_dropout_layer(module)
+        if dropout and args and output is args[0]:
+            # eval mode returns the input: a view of it stands for the layer's output, so that
+            # the input's other users stay clean of its tag and its use
+            output = output.view_as(output)
         if isinstance(output, Tensor) and isinstance(module, _NORMALIZERS):
             # a BatchNormAct with p > 0 normalizes, then drops out: its output is dropout's
             fused_dropout = isinstance(module, _BatchNormAct) and module.p > 0
             self.dropout_tags.tag(output, frozenset({path}) if fused_dropout else frozenset())
         elif isinstance(output, Tensor) and _is_unit_dropout(module):
-            if args and output is args[0]:  # eval mode returns the input: tag a view instead
-                output = output.view_as(output)
             self.dropout_tags.tag(output, self.dropout_tags.of(args) | {path})
         elif isinstance(output, Tensor) and isinstance(module, _BIASED_LAYERS):
             self.producers[id(output)] = (path, module, output, output._version)
             self.dropout_tags.uses[id(output)] = 0
-        # an in-place layer's result is its input, which needs no assigning
-        in_place = getattr(module, "inplace", False)
-        if isinstance(output, Tensor) and is_dropout_layer(module) and not in_place:
-            if args and output is args[0]:
-                output = output.view_as(output)
+        if dropout and not getattr(module, "inplace", False):  # in place: nothing to assign
             self.dropout_tags.watch_dropout(output, path, type(module).__name__)
         return output
 
