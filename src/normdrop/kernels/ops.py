@@ -834,11 +834,8 @@ class _BatchNormActFunction(torch.autograd.Function):
         # The identity's gradients do not depend on the bias's value: as torch's BatchNorm,
         # it may then change in place before the backward. The other activations recompute
         # their input from it, so autograd's version check guards it.
-        if activation == "identity":
-            ctx.save_for_backward(input, weight)
-            ctx.bias = bias
-        else:
-            ctx.save_for_backward(input, weight, bias)
+        ctx.save_for_backward(input, weight, None if activation == "identity" else bias)
+        ctx.bias = bias
         ctx.stats, ctx.plan, ctx.seed = stats, plan, seed
         ctx.config = (training, eps, activation, negative_slope, p, 0)
         # the kernels write the input gradient in the input's memory order; ATen's may differ
@@ -847,8 +844,8 @@ class _BatchNormActFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight, *saved_bias = ctx.saved_tensors
-        bias = saved_bias[0] if saved_bias else ctx.bias
+        input, weight, saved_bias = ctx.saved_tensors
+        bias = ctx.bias if saved_bias is None else saved_bias
         stats = ctx.stats
         if torch.is_grad_enabled() or under_transform(grad_output):  # see _grads
             mean, invstd = torch.from_numpy(stats[0]), torch.from_numpy(stats[1])

@@ -258,7 +258,7 @@ def run_lab(config: LabConfig, *, progress: bool = True, kind: str = "lab") -> E
     with RunStore(config.db_path) as store, interrupt_as_keyboard():
         if config.name:
             _check_name_is_this_experiments(store, config, kind)
-        check_report_folder(config.out, name, ours=name in store.experiment_names())
+        check_report_folder(config.out, name, ours=store.has_experiment(name))
         experiment_id = store.add_experiment(name, kind, config.to_dict(), config.command())
         run_ids = store.add_runs(experiment_id, config.run_specs(splits.fingerprint))
         bar = _EpochProgress(store, run_ids, config.settings.epochs, name, progress)

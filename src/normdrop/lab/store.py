@@ -449,8 +449,8 @@ class RunStore:
             raise StoreError(f"{self.path}: no experiment named {name!r}")
         return rows[0]
 
-    def experiment_names(self) -> set[str]:
-        return {row["name"] for row in self._rows("SELECT name FROM experiments")}
+    def has_experiment(self, name: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM experiments WHERE name = ?", (name,)))
 
     def experiments(self) -> list[dict]:
         return self._rows("SELECT * FROM experiments ORDER BY id")

@@ -113,10 +113,7 @@ def _label_number(value: object, text: str) -> int | Fraction | None:
         pass
     if _as_float(text) is None:  # also keeps "1e999" a name, not a 1000-digit integer
         return None
-    try:  # "1.0", "2e3", and whole numbers written so beyond 2^53, read exactly too
-        return Fraction(text)
-    except ValueError:  # a spelling float() reads and Fraction does not
-        return Fraction(float(text))
+    return Fraction(text)  # "1.0", "2e3", whole numbers written so beyond 2^53: exactly
 
 
 # The spellings of a number in a file: Python's float() also takes "1_000", non-ASCII digits and
